@@ -1,0 +1,208 @@
+//! The runtime's error type.
+
+use std::fmt;
+
+/// A boxed error from user code (a handler, a decoder, an event-id function).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with this crate's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where a record sits in Kafka: topic, partition and offset.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Coordinates {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The offset.
+    pub offset: i64,
+}
+
+impl fmt::Display for Coordinates {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}@{}", self.topic, self.partition, self.offset)
+    }
+}
+
+/// Everything that can stop the runtime. Every variant names the problem and, where there is
+/// one, the fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is incomplete or contradictory.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// The database could not be reached when the runtime started.
+    #[error(
+        "cannot connect to the database at {url}: {source}; check the database URL and that the server is running"
+    )]
+    DatabaseUnreachable {
+        /// The database URL with any password removed.
+        url: String,
+        /// What the driver said.
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// A database operation failed.
+    #[error("database error while {context}: {source}")]
+    Database {
+        /// What the runtime was doing.
+        context: &'static str,
+        /// What the driver said.
+        #[source]
+        source: sqlx::Error,
+    },
+
+    /// The runtime's tables are missing or older than this version of the runtime.
+    #[error(
+        "the database schema `{schema}` is at migration version {applied} but this runtime needs version {required}; run the `migrate` command (or `consumer_runtime::migrate`) first"
+    )]
+    SchemaBehind {
+        /// The schema (PostgreSQL) or table prefix (SQLite) of the runtime's tables.
+        schema: String,
+        /// The newest migration applied, or `none`.
+        applied: String,
+        /// The newest migration this runtime ships.
+        required: i64,
+    },
+
+    /// Applying the runtime's migrations failed.
+    #[error("applying the runtime's migrations to schema `{schema}` failed: {source}")]
+    Migrate {
+        /// The schema being migrated.
+        schema: String,
+        /// What the migrator said.
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+
+    /// The Kafka brokers could not be reached.
+    #[error(
+        "cannot reach the Kafka brokers at {brokers}: {detail}; check the bootstrap servers and that the brokers are running"
+    )]
+    BrokerUnreachable {
+        /// The bootstrap servers that were tried.
+        brokers: String,
+        /// What librdkafka said.
+        detail: String,
+    },
+
+    /// A subscribed topic does not exist.
+    #[error(
+        "topic `{topic}` does not exist on the brokers at {brokers}; create it or fix the topic name"
+    )]
+    UnknownTopic {
+        /// The missing topic.
+        topic: String,
+        /// The bootstrap servers.
+        brokers: String,
+    },
+
+    /// A Kafka client operation failed.
+    #[error("Kafka error while {context}: {source}")]
+    Kafka {
+        /// What the runtime was doing.
+        context: &'static str,
+        /// What librdkafka said.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+
+    /// A record could not be processed and the runtime stopped its partition rather than skip
+    /// it. The stored offset still points at (or before) this record, so nothing is lost: fix
+    /// the cause (or the handler) and start the consumer again.
+    #[error(
+        "record {at} failed permanently ({kind}): {reason}; the partition stopped before this record and its stored offset was not advanced past it"
+    )]
+    RecordFailed {
+        /// Where the record is.
+        at: Coordinates,
+        /// What kind of failure it was.
+        kind: FailureKind,
+        /// The error, as text.
+        reason: String,
+    },
+
+    /// A handler panicked or a runtime task died unexpectedly.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Why a record failed permanently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The payload could not be decoded into the handler's event type.
+    Undecodable,
+    /// The record carries no usable event id under the configured strategy.
+    MissingEventId,
+    /// The handler rejected the record.
+    Rejected,
+    /// The handler asked for retries more often than the retry policy allows.
+    RetriesExhausted,
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FailureKind::Undecodable => "undecodable payload",
+            FailureKind::MissingEventId => "no event id",
+            FailureKind::Rejected => "rejected by the handler",
+            FailureKind::RetriesExhausted => "retries exhausted",
+        })
+    }
+}
+
+impl Error {
+    pub(crate) fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+        move |source| Error::Database { context, source }
+    }
+
+    pub(crate) fn kafka(context: &'static str) -> impl FnOnce(rdkafka::error::KafkaError) -> Error {
+        move |source| Error::Kafka { context, source }
+    }
+}
+
+/// Removes the password from a URL such as `postgres://user:secret@host/db`, so it can be shown
+/// in logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme_end + 3],
+                    &userinfo[..colon],
+                    &rest[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redact_url_hides_password_only() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/x?sslmode=disable"),
+            "postgres://app:***@db:5432/x?sslmode=disable"
+        );
+        assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(redact_url("sqlite://data.db"), "sqlite://data.db");
+    }
+}

@@ -1,0 +1,66 @@
+//! Effectively-once Kafka consumers on a SQL database.
+//!
+//! Implement [`Handler`]; the runtime consumes Kafka topics and runs the handler for every
+//! record inside a database transaction that also claims the record's event id in a dedup
+//! ledger (`processed`) and advances the partition's stored offset (`consumer_offsets`). The
+//! handler's writes, the ledger row and the offset commit together or not at all, and every
+//! partition assignment resumes from the offset stored in the database, under a fresh epoch
+//! that fences any older owner.
+//!
+//! ```no_run
+//! use consumer_runtime::{Context, Handler, HandlerError, Runtime};
+//! use sqlx::Postgres;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct PaymentCaptured { account: String, cents: i64 }
+//!
+//! struct Balances;
+//!
+//! #[async_trait::async_trait]
+//! impl Handler for Balances {
+//!     type Event = PaymentCaptured;
+//!
+//!     async fn handle(&self, ctx: &mut Context<'_, Postgres>, e: PaymentCaptured) -> Result<(), HandlerError> {
+//!         sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2")
+//!             .bind(e.cents)
+//!             .bind(&e.account)
+//!             .execute(&mut *ctx.tx)
+//!             .await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # async fn run() -> Result<(), consumer_runtime::Error> {
+//! let pool = consumer_runtime::connect::<Postgres>("postgres://localhost/app", 8).await?;
+//! consumer_runtime::migrate(&pool, "consumer_runtime").await?;
+//! Runtime::builder(Balances)
+//!     .pool(pool)
+//!     .brokers("localhost:9092")
+//!     .group("balances")
+//!     .topic("payments")
+//!     .build()?
+//!     .run()
+//!     .await
+//! # }
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod event_id;
+pub mod handler;
+pub mod runtime;
+pub mod store;
+pub mod unit;
+mod util;
+
+pub use config::{Assignor, Guarantee, OffsetReset, RetryPolicy};
+pub use error::{BoxError, Coordinates, Error, FailureKind, Result};
+pub use event_id::EventId;
+pub use handler::{Context, Decode, Handler, HandlerError, Raw, Record, ResultExt};
+pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats};
+pub use store::{Backend, Claim, PartitionKey, StoredOffset, check_schema, connect, migrate};
+pub use unit::{BatchError, BatchOutcome, PartitionWriter, WriterConfig};
+
+pub use async_trait::async_trait;
+pub use rdkafka;
+pub use sqlx;

@@ -1,0 +1,206 @@
+//! PostgreSQL: the runtime's tables live in their own schema (default `consumer_runtime`).
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::{PgConnection, Pool, Postgres, Row};
+
+use super::{Backend, Claim, PartitionKey, Queries, StoredOffset, Templates, substitute};
+use crate::error::{Error, Result};
+use crate::util::check_identifier;
+
+static MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/postgres");
+
+const TEMPLATES: Templates = Templates {
+    claim: r#"INSERT INTO {s}consumer_offsets AS o (consumer_group, topic, partition, next_offset, epoch, owner, updated_at)
+VALUES ($1, $2, $3, NULL, 1, $4, now())
+ON CONFLICT (consumer_group, topic, partition)
+DO UPDATE SET epoch = o.epoch + 1, owner = EXCLUDED.owner, updated_at = now()
+RETURNING epoch, next_offset"#,
+    reclaim: r#"UPDATE {s}consumer_offsets SET epoch = epoch + 1, owner = $4, updated_at = now()
+WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND (owner IS NULL OR owner = $4)
+RETURNING epoch, next_offset"#,
+    advance: r#"UPDATE {s}consumer_offsets SET next_offset = $6, updated_at = now()
+WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND epoch = $4 AND next_offset IS NOT DISTINCT FROM $5"#,
+    claim_events: r#"INSERT INTO {s}processed (consumer_group, event_id, topic, partition, "offset")
+SELECT $1, e.id, $2, $3, e.off FROM unnest($4::text[], $5::bigint[]) AS e(id, off)
+ON CONFLICT DO NOTHING
+RETURNING "offset""#,
+    set_offset: r#"INSERT INTO {s}consumer_offsets AS o (consumer_group, topic, partition, next_offset, epoch, owner, updated_at)
+VALUES ($1, $2, $3, $4, 1, NULL, now())
+ON CONFLICT (consumer_group, topic, partition)
+DO UPDATE SET next_offset = EXCLUDED.next_offset, epoch = o.epoch + 1, owner = NULL, updated_at = now()
+RETURNING epoch, next_offset"#,
+    offsets: r#"SELECT topic, partition, next_offset, epoch, owner FROM {s}consumer_offsets
+WHERE consumer_group = $1 ORDER BY topic, partition"#,
+    applied_version: r#"SELECT max(version) FROM {s}_migrations WHERE success"#,
+};
+
+fn claim_from(row: sqlx::postgres::PgRow) -> Result<Claim, sqlx::Error> {
+    Ok(Claim {
+        epoch: row.try_get(0)?,
+        next_offset: row.try_get(1)?,
+    })
+}
+
+#[async_trait]
+impl Backend for Postgres {
+    fn queries(schema: &str) -> Result<Queries> {
+        check_identifier("schema", schema)?;
+        Ok(Queries::build(schema, &format!("{schema}."), &TEMPLATES))
+    }
+
+    fn migrator(schema: &str) -> Result<Migrator> {
+        check_identifier("schema", schema)?;
+        let mut m = substitute(
+            &MIGRATIONS,
+            &format!("{schema}."),
+            format!("{schema}._migrations"),
+        );
+        m.create_schema(schema.to_owned());
+        Ok(m)
+    }
+
+    async fn run_migrations(pool: &Pool<Self>, schema: &str) -> Result<()> {
+        Self::migrator(schema)?
+            .run(pool)
+            .await
+            .map_err(|source| Error::Migrate {
+                schema: schema.to_owned(),
+                source,
+            })
+    }
+
+    async fn open_pool(url: &str, max_connections: u32) -> Result<Pool<Self>, sqlx::Error> {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await
+    }
+
+    fn max_writers(pool: &Pool<Self>) -> usize {
+        pool.options().get_max_connections() as usize
+    }
+
+    async fn applied_version(pool: &Pool<Self>, q: &Queries) -> Result<Option<i64>> {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(format!("{}._migrations", q.schema))
+            .fetch_one(pool)
+            .await
+            .map_err(Error::db("reading the runtime's schema version"))?;
+        if !exists {
+            return Ok(None);
+        }
+        sqlx::query_scalar(q.applied_version.clone())
+            .fetch_one(pool)
+            .await
+            .map_err(Error::db("reading the runtime's schema version"))
+    }
+
+    async fn claim(
+        pool: &Pool<Self>,
+        q: &Queries,
+        key: &PartitionKey,
+        owner: &str,
+    ) -> Result<Claim, sqlx::Error> {
+        let row = sqlx::query(q.claim.clone())
+            .bind(&key.group)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .bind(owner)
+            .fetch_one(pool)
+            .await?;
+        claim_from(row)
+    }
+
+    async fn reclaim(
+        pool: &Pool<Self>,
+        q: &Queries,
+        key: &PartitionKey,
+        owner: &str,
+    ) -> Result<Option<Claim>, sqlx::Error> {
+        let row = sqlx::query(q.reclaim.clone())
+            .bind(&key.group)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .bind(owner)
+            .fetch_optional(pool)
+            .await?;
+        row.map(claim_from).transpose()
+    }
+
+    async fn advance(
+        conn: &mut PgConnection,
+        q: &Queries,
+        key: &PartitionKey,
+        epoch: i64,
+        expected: Option<i64>,
+        next: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(q.advance.clone())
+            .bind(&key.group)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .bind(epoch)
+            .bind(expected)
+            .bind(next)
+            .execute(conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim_events(
+        conn: &mut PgConnection,
+        q: &Queries,
+        key: &PartitionKey,
+        ids: &[&str],
+        offsets: &[i64],
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        let mut claimed: Vec<i64> = sqlx::query_scalar(q.claim_events.clone())
+            .bind(&key.group)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .bind(ids)
+            .bind(offsets)
+            .fetch_all(conn)
+            .await?;
+        claimed.sort_unstable();
+        Ok(claimed)
+    }
+
+    async fn set_offset(
+        conn: &mut PgConnection,
+        q: &Queries,
+        key: &PartitionKey,
+        next_offset: i64,
+    ) -> Result<Claim, sqlx::Error> {
+        let row = sqlx::query(q.set_offset.clone())
+            .bind(&key.group)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .bind(next_offset)
+            .fetch_one(conn)
+            .await?;
+        claim_from(row)
+    }
+
+    async fn offsets(pool: &Pool<Self>, q: &Queries, group: &str) -> Result<Vec<StoredOffset>> {
+        let rows = sqlx::query(q.offsets.clone())
+            .bind(group)
+            .fetch_all(pool)
+            .await
+            .map_err(Error::db("reading stored offsets"))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredOffset {
+                    topic: r.try_get(0)?,
+                    partition: r.try_get(1)?,
+                    next_offset: r.try_get(2)?,
+                    epoch: r.try_get(3)?,
+                    owner: r.try_get(4)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Error::db("reading stored offsets"))
+    }
+}

@@ -1,0 +1,219 @@
+//! SQLite: the runtime's tables carry a prefix (default `consumer_runtime_`) in the same
+//! database file as the application's tables, so that one SQLite transaction covers both.
+//! SQLite has one writer at a time: the runtime opens it in WAL mode with a busy timeout and
+//! runs at most one transaction at a time.
+
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::{Pool, Row, Sqlite, SqliteConnection};
+
+use super::{Backend, Claim, PartitionKey, Queries, StoredOffset, Templates, substitute};
+use crate::error::{Error, Result};
+use crate::util::check_identifier;
+
+static MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+const TEMPLATES: Templates = Templates {
+    claim: r#"INSERT INTO {s}consumer_offsets AS o (consumer_group, topic, partition, next_offset, epoch, owner, updated_at)
+VALUES ($1, $2, $3, NULL, 1, $4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+ON CONFLICT (consumer_group, topic, partition)
+DO UPDATE SET epoch = o.epoch + 1, owner = EXCLUDED.owner, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+RETURNING epoch, next_offset"#,
+    reclaim: r#"UPDATE {s}consumer_offsets SET epoch = epoch + 1, owner = $4, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND (owner IS NULL OR owner = $4)
+RETURNING epoch, next_offset"#,
+    advance: r#"UPDATE {s}consumer_offsets SET next_offset = $6, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND epoch = $4 AND next_offset IS $5"#,
+    claim_events: r#"INSERT INTO {s}processed (consumer_group, event_id, topic, partition, "offset")
+SELECT $1, e.value ->> 0, $2, $3, e.value ->> 1 FROM json_each($4) AS e WHERE true
+ON CONFLICT DO NOTHING
+RETURNING "offset""#,
+    set_offset: r#"INSERT INTO {s}consumer_offsets AS o (consumer_group, topic, partition, next_offset, epoch, owner, updated_at)
+VALUES ($1, $2, $3, $4, 1, NULL, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+ON CONFLICT (consumer_group, topic, partition)
+DO UPDATE SET next_offset = EXCLUDED.next_offset, epoch = o.epoch + 1, owner = NULL, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+RETURNING epoch, next_offset"#,
+    offsets: r#"SELECT topic, partition, next_offset, epoch, owner FROM {s}consumer_offsets
+WHERE consumer_group = $1 ORDER BY topic, partition"#,
+    applied_version: r#"SELECT max(version) FROM {s}_migrations WHERE success"#,
+};
+
+fn claim_from(row: sqlx::sqlite::SqliteRow) -> Result<Claim, sqlx::Error> {
+    Ok(Claim {
+        epoch: row.try_get(0)?,
+        next_offset: row.try_get(1)?,
+    })
+}
+
+#[async_trait]
+impl Backend for Sqlite {
+    fn queries(schema: &str) -> Result<Queries> {
+        check_identifier("schema", schema)?;
+        Ok(Queries::build(schema, &format!("{schema}_"), &TEMPLATES))
+    }
+
+    fn migrator(schema: &str) -> Result<Migrator> {
+        check_identifier("schema", schema)?;
+        Ok(substitute(
+            &MIGRATIONS,
+            &format!("{schema}_"),
+            format!("{schema}__migrations"),
+        ))
+    }
+
+    async fn run_migrations(pool: &Pool<Self>, schema: &str) -> Result<()> {
+        Self::migrator(schema)?
+            .run(pool)
+            .await
+            .map_err(|source| Error::Migrate {
+                schema: schema.to_owned(),
+                source,
+            })
+    }
+
+    async fn open_pool(url: &str, max_connections: u32) -> Result<Pool<Self>, sqlx::Error> {
+        use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+        // WAL lets readers run beside the one writer; the busy timeout makes a writer wait for
+        // the lock instead of failing with "database is locked".
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(std::time::Duration::from_secs(30));
+        sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(options)
+            .await
+    }
+
+    fn max_writers(_pool: &Pool<Self>) -> usize {
+        1
+    }
+
+    async fn applied_version(pool: &Pool<Self>, q: &Queries) -> Result<Option<i64>> {
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1)",
+        )
+        .bind(format!("{}__migrations", q.schema))
+        .fetch_one(pool)
+        .await
+        .map_err(Error::db("reading the runtime's schema version"))?;
+        if !exists {
+            return Ok(None);
+        }
+        sqlx::query_scalar(q.applied_version.clone())
+            .fetch_one(pool)
+            .await
+            .map_err(Error::db("reading the runtime's schema version"))
+    }
+
+    async fn claim(
+        pool: &Pool<Self>,
+        q: &Queries,
+        key: &PartitionKey,
+        owner: &str,
+    ) -> Result<Claim, sqlx::Error> {
+        let row = sqlx::query(q.claim.clone())
+            .bind(&key.group)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .bind(owner)
+            .fetch_one(pool)
+            .await?;
+        claim_from(row)
+    }
+
+    async fn reclaim(
+        pool: &Pool<Self>,
+        q: &Queries,
+        key: &PartitionKey,
+        owner: &str,
+    ) -> Result<Option<Claim>, sqlx::Error> {
+        let row = sqlx::query(q.reclaim.clone())
+            .bind(&key.group)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .bind(owner)
+            .fetch_optional(pool)
+            .await?;
+        row.map(claim_from).transpose()
+    }
+
+    async fn advance(
+        conn: &mut SqliteConnection,
+        q: &Queries,
+        key: &PartitionKey,
+        epoch: i64,
+        expected: Option<i64>,
+        next: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(q.advance.clone())
+            .bind(&key.group)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .bind(epoch)
+            .bind(expected)
+            .bind(next)
+            .execute(conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn claim_events(
+        conn: &mut SqliteConnection,
+        q: &Queries,
+        key: &PartitionKey,
+        ids: &[&str],
+        offsets: &[i64],
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        let pairs: Vec<(&str, i64)> = ids.iter().copied().zip(offsets.iter().copied()).collect();
+        let pairs = serde_json::to_string(&pairs).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let mut claimed: Vec<i64> = sqlx::query_scalar(q.claim_events.clone())
+            .bind(&key.group)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .bind(pairs)
+            .fetch_all(conn)
+            .await?;
+        claimed.sort_unstable();
+        Ok(claimed)
+    }
+
+    async fn set_offset(
+        conn: &mut SqliteConnection,
+        q: &Queries,
+        key: &PartitionKey,
+        next_offset: i64,
+    ) -> Result<Claim, sqlx::Error> {
+        let row = sqlx::query(q.set_offset.clone())
+            .bind(&key.group)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .bind(next_offset)
+            .fetch_one(conn)
+            .await?;
+        claim_from(row)
+    }
+
+    async fn offsets(pool: &Pool<Self>, q: &Queries, group: &str) -> Result<Vec<StoredOffset>> {
+        let rows = sqlx::query(q.offsets.clone())
+            .bind(group)
+            .fetch_all(pool)
+            .await
+            .map_err(Error::db("reading stored offsets"))?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredOffset {
+                    topic: r.try_get(0)?,
+                    partition: r.try_get(1)?,
+                    next_offset: r.try_get(2)?,
+                    epoch: r.try_get(3)?,
+                    owner: r.try_get(4)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Error::db("reading stored offsets"))
+    }
+}

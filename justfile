@@ -1,0 +1,22 @@
+# Tasks for developers. Every recipe is a plain cargo/psql command: `just` is optional.
+
+# PostgreSQL the tests use (override with DATABASE_URL).
+export DATABASE_URL := env_var_or_default("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
+
+# Run the whole test suite (needs PostgreSQL; Kafka is mocked in-process).
+test:
+    cargo test --workspace
+
+# Formatting and lints, as CI checks them.
+lint:
+    cargo fmt --all --check
+    cargo clippy --all-targets -- -D warnings
+
+# Start the local PostgreSQL cluster if it is down (Debian's pg_ctlcluster).
+pg-up:
+    pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | head -n1) main start || true
+    pg_isready -h 127.0.0.1 -p 5432
+
+# A rough throughput figure for batch size 500 and 1.
+throughput:
+    cargo test --release --test runtime rough_throughput -- --ignored --nocapture
