@@ -557,3 +557,80 @@ async fn rough_throughput() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_gracefully() {
+    let pool = pg_pool().await;
+    let kafka = Kafka::new();
+    let topic = rand_name("sigterm");
+    let group = rand_name("g");
+    kafka.create_topic(&topic, 2);
+    let (records, ids) = events_with_duplicates(&topic, 100, 2, 0);
+    kafka.produce(&topic, &records);
+    let rt = runtime(&kafka, &pool, Counter::new(&group), &topic)
+        .group(&group)
+        .handle_signals(true)
+        .build()
+        .unwrap();
+    let task = tokio::spawn(rt.run());
+    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+    // The runtime installed its SIGTERM handler at startup, so this does not kill the test.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let result = tokio::time::timeout(WAIT, task)
+        .await
+        .expect("SIGTERM must stop the runtime");
+    result.unwrap().expect("a graceful shutdown returns Ok");
+    assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
+}
+
+#[tokio::test]
+async fn event_id_from_the_event_or_the_coordinates() {
+    let pool = pg_pool().await;
+    let group = rand_name("g");
+    let key = PartitionKey {
+        group: group.clone(),
+        topic: rand_name("ids"),
+        partition: 0,
+    };
+    let q = <Postgres as Backend>::queries(SCHEMA).unwrap();
+    // Payloads are {"id": …}; offsets 0 and 2 carry the same business id.
+    let batch: Vec<_> = ["x", "y", "x"]
+        .iter()
+        .enumerate()
+        .map(|(o, id)| message(&key.topic, 0, o as i64, &format!("{group}-{id}")))
+        .collect();
+    let strategies: [(consumer_runtime::EventId<serde_json::Value>, usize); 2] = [
+        (
+            consumer_runtime::EventId::from_event(|e: &serde_json::Value| {
+                e["id"].as_str().map(|s| format!("biz:{s}"))
+            }),
+            2,
+        ),
+        (consumer_runtime::EventId::coordinates(), 3),
+    ];
+    for (i, (strategy, applied)) in strategies.into_iter().enumerate() {
+        let group = format!("{group}_{i}");
+        let key = PartitionKey {
+            group: group.clone(),
+            ..key.clone()
+        };
+        let config = Arc::new(WriterConfig {
+            handler: Arc::new(Counter::new(&group)),
+            pool: pool.clone(),
+            queries: q.clone(),
+            guarantee: Guarantee::EffectivelyOnce,
+            event_id: strategy,
+        });
+        let claim = Postgres::claim(&pool, &q, &key, "me").await.unwrap();
+        let mut writer = PartitionWriter::new(config, key.clone(), claim);
+        match writer.write(&batch).await.unwrap() {
+            BatchOutcome::Committed { applied: a, .. } => assert_eq!(a, applied, "strategy {i}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ledger_rows(&pool, &group).await, applied as i64);
+    }
+}
