@@ -279,17 +279,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
     ) -> Result<BatchOutcome, BatchError> {
         let cfg = &*self.config;
         let mut tx = cfg.pool.begin().await.map_err(db_error)?;
-        let owned = DB::advance(
-            &mut tx,
-            &cfg.queries,
-            &self.key,
-            self.epoch,
-            self.position,
-            next,
-        )
-        .await
-        .map_err(db_error)?;
-        if !owned {
+        if !self.fence(&mut tx, next).await? {
             tx.rollback().await.map_err(db_error)?;
             return Ok(BatchOutcome::Fenced);
         }
@@ -337,22 +327,9 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         }
         tx.commit().await.map_err(db_error)?;
         // A crash here re-applies the batch: that is this guarantee's contract.
-        let mut tx = cfg.pool.begin().await.map_err(db_error)?;
-        let owned = DB::advance(
-            &mut tx,
-            &cfg.queries,
-            &self.key,
-            self.epoch,
-            self.position,
-            next,
-        )
-        .await
-        .map_err(db_error)?;
-        if !owned {
-            tx.rollback().await.map_err(db_error)?;
+        if !self.advance_alone(next).await? {
             return Ok(BatchOutcome::Fenced);
         }
-        tx.commit().await.map_err(db_error)?;
         Ok(BatchOutcome::Committed {
             applied: prepared.len(),
             duplicates: 0,
@@ -367,22 +344,9 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         next: i64,
     ) -> Result<BatchOutcome, BatchError> {
         let cfg = &*self.config;
-        let mut tx = cfg.pool.begin().await.map_err(db_error)?;
-        let owned = DB::advance(
-            &mut tx,
-            &cfg.queries,
-            &self.key,
-            self.epoch,
-            self.position,
-            next,
-        )
-        .await
-        .map_err(db_error)?;
-        if !owned {
-            tx.rollback().await.map_err(db_error)?;
+        if !self.advance_alone(next).await? {
             return Ok(BatchOutcome::Fenced);
         }
-        tx.commit().await.map_err(db_error)?;
         // The offset has moved: from here on a crash or a failure loses the batch.
         let result = async {
             let mut tx = cfg.pool.begin().await.map_err(db_error)?;
@@ -411,6 +375,32 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
             lost,
             next_offset: next,
         })
+    }
+
+    /// The fence: moves the stored offset to `next` if this writer still owns the partition.
+    async fn fence(&self, conn: &mut DB::Connection, next: i64) -> Result<bool, BatchError> {
+        let cfg = &*self.config;
+        DB::advance(
+            conn,
+            &cfg.queries,
+            &self.key,
+            self.epoch,
+            self.position,
+            next,
+        )
+        .await
+        .map_err(db_error)
+    }
+
+    /// The fence in a transaction of its own (at-most-once and at-least-once).
+    async fn advance_alone(&self, next: i64) -> Result<bool, BatchError> {
+        let mut tx = self.config.pool.begin().await.map_err(db_error)?;
+        if !self.fence(&mut tx, next).await? {
+            tx.rollback().await.map_err(db_error)?;
+            return Ok(false);
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(true)
     }
 
     async fn handle(
