@@ -218,6 +218,9 @@ impl Kafka {
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("session.timeout.ms", "6000")
+            // The same assignor as the runtime's default: the crashed runtime may still be a
+            // member, and the mock broker aborts on a group whose members disagree.
+            .set("partition.assignment.strategy", "cooperative-sticky")
             .create()
             .expect("consumer");
         consumer.subscribe(&[topic]).unwrap();
