@@ -288,25 +288,47 @@ fn message(topic: &str, partition: i32, offset: i64, id: &str) -> OwnedMessage {
 }
 
 fn writer_config(pool: &Pool<Postgres>, handler: Counter) -> Arc<WriterConfig<Counter, Postgres>> {
+    writer_config_with(pool, handler, Default::default())
+}
+
+fn writer_config_with(
+    pool: &Pool<Postgres>,
+    handler: Counter,
+    event_id: consumer_runtime::EventId<serde_json::Value>,
+) -> Arc<WriterConfig<Counter, Postgres>> {
     Arc::new(WriterConfig {
         handler: Arc::new(handler),
         pool: pool.clone(),
         queries: <Postgres as Backend>::queries(SCHEMA).unwrap(),
         guarantee: Guarantee::EffectivelyOnce,
-        event_id: Default::default(),
+        event_id,
     })
 }
 
-#[tokio::test]
-async fn stale_epoch_cannot_commit_and_leaves_nothing_visible() {
+/// The set-up of a unit-of-work test: a pool, a fresh group, partition 0 of a fresh topic, and
+/// the runtime's SQL.
+async fn unit_setup(
+    topic_prefix: &str,
+) -> (
+    Pool<Postgres>,
+    String,
+    PartitionKey,
+    consumer_runtime::store::Queries,
+) {
     let pool = pg_pool().await;
     let group = rand_name("g");
     let key = PartitionKey {
         group: group.clone(),
-        topic: rand_name("fence"),
+        topic: rand_name(topic_prefix),
         partition: 0,
     };
     let q = <Postgres as Backend>::queries(SCHEMA).unwrap();
+    (pool, group, key, q)
+}
+
+#[tokio::test]
+async fn stale_epoch_cannot_commit_and_leaves_nothing_visible() {
+    let (pool, group, key, q) = unit_setup("fence").await;
     let config = writer_config(&pool, Counter::new(&group));
 
     let old = Postgres::claim(&pool, &q, &key, "zombie").await.unwrap();
@@ -346,14 +368,7 @@ async fn stale_epoch_cannot_commit_and_leaves_nothing_visible() {
 
 #[tokio::test]
 async fn handler_error_rolls_back_the_whole_batch() {
-    let pool = pg_pool().await;
-    let group = rand_name("g");
-    let key = PartitionKey {
-        group: group.clone(),
-        topic: rand_name("rollback"),
-        partition: 0,
-    };
-    let q = <Postgres as Backend>::queries(SCHEMA).unwrap();
+    let (pool, group, key, q) = unit_setup("rollback").await;
     for reject in [false, true] {
         let mut handler = Counter::new(&group);
         handler.fail_on = Some((format!("{group}-3"), reject));
@@ -387,14 +402,7 @@ async fn handler_error_rolls_back_the_whole_batch() {
 
 #[tokio::test]
 async fn duplicate_ids_within_one_batch_run_the_handler_once() {
-    let pool = pg_pool().await;
-    let group = rand_name("g");
-    let key = PartitionKey {
-        group: group.clone(),
-        topic: rand_name("inbatch"),
-        partition: 0,
-    };
-    let q = <Postgres as Backend>::queries(SCHEMA).unwrap();
+    let (pool, group, key, q) = unit_setup("inbatch").await;
     let claim = Postgres::claim(&pool, &q, &key, "me").await.unwrap();
     let mut writer = PartitionWriter::new(
         writer_config(&pool, Counter::new(&group)),
@@ -589,14 +597,7 @@ async fn sigterm_shuts_down_gracefully() {
 
 #[tokio::test]
 async fn event_id_from_the_event_or_the_coordinates() {
-    let pool = pg_pool().await;
-    let group = rand_name("g");
-    let key = PartitionKey {
-        group: group.clone(),
-        topic: rand_name("ids"),
-        partition: 0,
-    };
-    let q = <Postgres as Backend>::queries(SCHEMA).unwrap();
+    let (pool, group, key, q) = unit_setup("ids").await;
     // Payloads are {"id": …}; offsets 0 and 2 carry the same business id.
     let batch: Vec<_> = ["x", "y", "x"]
         .iter()
@@ -618,13 +619,7 @@ async fn event_id_from_the_event_or_the_coordinates() {
             group: group.clone(),
             ..key.clone()
         };
-        let config = Arc::new(WriterConfig {
-            handler: Arc::new(Counter::new(&group)),
-            pool: pool.clone(),
-            queries: q.clone(),
-            guarantee: Guarantee::EffectivelyOnce,
-            event_id: strategy,
-        });
+        let config = writer_config_with(&pool, Counter::new(&group), strategy);
         let claim = Postgres::claim(&pool, &q, &key, "me").await.unwrap();
         let mut writer = PartitionWriter::new(config, key.clone(), claim);
         match writer.write(&batch).await.unwrap() {
