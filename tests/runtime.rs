@@ -1,6 +1,9 @@
-//! The core promise, against a real PostgreSQL and librdkafka's mock cluster: every event's
+//! The core promise, against real databases and librdkafka's mock cluster: every event's
 //! non-idempotent effect is applied exactly once across producer duplicates, crashes,
 //! rebalances, fencing, handler errors and rewinds.
+//!
+//! One suite, run against both backends: each behaviour is a generic function over
+//! [`TestDb`], instantiated at the end of this file as `postgres::<name>` and `sqlite::<name>`.
 
 mod support;
 
@@ -10,21 +13,21 @@ use std::time::Duration;
 
 use consumer_runtime::rdkafka::Timestamp;
 use consumer_runtime::rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
-use consumer_runtime::sqlx::{Pool, Postgres};
+use consumer_runtime::sqlx::{Pool, Postgres, Sqlite};
 use consumer_runtime::{
-    Assignor, Backend, BatchError, BatchOutcome, Error, Guarantee, PartitionKey, PartitionWriter,
-    Runtime, WriterConfig,
+    Assignor, BatchError, BatchOutcome, Error, Guarantee, PartitionKey, PartitionWriter, Runtime,
+    WriterConfig,
 };
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn runtime(
+fn runtime<DB: TestDb>(
     kafka: &Kafka,
-    pool: &Pool<Postgres>,
+    pool: &Pool<DB>,
     handler: Counter,
     topic: &str,
-) -> consumer_runtime::RuntimeBuilder<Counter, Postgres> {
+) -> consumer_runtime::RuntimeBuilder<Counter, DB> {
     Runtime::builder(handler)
         .pool(pool.clone())
         .brokers(kafka.bootstrap.clone())
@@ -35,7 +38,12 @@ fn runtime(
 }
 
 /// Waits until the stored offsets of `group` reach the end of every partition.
-async fn wait_caught_up(pool: &Pool<Postgres>, group: &str, topic: &str, ends: &HashMap<i32, i64>) {
+async fn wait_caught_up<DB: TestDb>(
+    pool: &Pool<DB>,
+    group: &str,
+    topic: &str,
+    ends: &HashMap<i32, i64>,
+) {
     wait_until(
         WAIT,
         "stored offsets to reach the end of the topic",
@@ -56,8 +64,8 @@ fn ends_of(records: &[(i32, String, String)]) -> HashMap<i32, i64> {
     ends
 }
 
-async fn consume_all_once(batch_size: usize) {
-    let pool = pg_pool().await;
+async fn consume_all_once<DB: TestDb>(batch_size: usize) {
+    let pool = DB::pool().await;
     let kafka = Kafka::new();
     let topic = rand_name("dups");
     let group = rand_name("g");
@@ -87,19 +95,16 @@ async fn consume_all_once(batch_size: usize) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn producer_duplicates_are_applied_once() {
-    consume_all_once(500).await;
+async fn producer_duplicates_are_applied_once<DB: TestDb>() {
+    consume_all_once::<DB>(500).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn producer_duplicates_are_applied_once_with_batch_size_one() {
-    consume_all_once(1).await;
+async fn producer_duplicates_are_applied_once_with_batch_size_one<DB: TestDb>() {
+    consume_all_once::<DB>(1).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn crash_mid_stream_resumes_from_database_offset_and_ignores_kafka_offsets() {
-    let pool = pg_pool().await;
+async fn crash_mid_stream_resumes_from_database_offset_and_ignores_kafka_offsets<DB: TestDb>() {
+    let pool = DB::pool().await;
     let kafka = Kafka::new();
     let topic = rand_name("crash");
     let group = rand_name("g");
@@ -142,8 +147,8 @@ async fn crash_mid_stream_resumes_from_database_offset_and_ignores_kafka_offsets
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
 }
 
-async fn second_instance_joins_mid_stream(assignor: Assignor) {
-    let pool = pg_pool().await;
+async fn second_instance_joins_mid_stream<DB: TestDb>(assignor: Assignor) {
+    let pool = DB::pool().await;
     let kafka = Kafka::new();
     let topic = rand_name("rebalance");
     let group = rand_name("g");
@@ -151,9 +156,11 @@ async fn second_instance_joins_mid_stream(assignor: Assignor) {
     let (records, ids) = events_with_duplicates(&topic, 2000, 4, 100);
     kafka.produce(&topic, &records);
 
-    // Slow enough (about 7 s of work) that the second instance joins while work remains.
-    let a = Counter::new(&group).with_delay(Duration::from_millis(15));
-    let b = Counter::new(&group).with_delay(Duration::from_millis(15));
+    // Slow enough (about 7 s of work) that the second instance joins while work remains; with
+    // a single writer (SQLite) the records are handled one batch at a time.
+    let delay = Duration::from_millis(15) / (4 / DB::WRITERS);
+    let a = Counter::new(&group).with_delay(delay);
+    let b = Counter::new(&group).with_delay(delay);
     let build = |c: &Counter| {
         runtime(&kafka, &pool, c.clone(), &topic)
             .group(&group)
@@ -181,19 +188,16 @@ async fn second_instance_joins_mid_stream(assignor: Assignor) {
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rebalance_with_range_assignor_applies_each_event_once() {
-    second_instance_joins_mid_stream(Assignor::Range).await;
+async fn rebalance_with_range_assignor_applies_each_event_once<DB: TestDb>() {
+    second_instance_joins_mid_stream::<DB>(Assignor::Range).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rebalance_with_cooperative_sticky_assignor_applies_each_event_once() {
-    second_instance_joins_mid_stream(Assignor::CooperativeSticky).await;
+async fn rebalance_with_cooperative_sticky_assignor_applies_each_event_once<DB: TestDb>() {
+    second_instance_joins_mid_stream::<DB>(Assignor::CooperativeSticky).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn rewinding_stored_offsets_reapplies_nothing() {
-    let pool = pg_pool().await;
+async fn rewinding_stored_offsets_reapplies_nothing<DB: TestDb>() {
+    let pool = DB::pool().await;
     let kafka = Kafka::new();
     let topic = rand_name("rewind");
     let group = rand_name("g");
@@ -215,17 +219,9 @@ async fn rewinding_stored_offsets_reapplies_nothing() {
 
     // Rewind every partition to 0 while the consumer runs: it is fenced, reloads, re-reads
     // the whole topic, and the ledger skips every record.
-    let q = <Postgres as Backend>::queries(SCHEMA).unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    for p in 0..3 {
-        let key = PartitionKey {
-            group: group.clone(),
-            topic: topic.clone(),
-            partition: p,
-        };
-        Postgres::set_offset(&mut tx, &q, &key, 0).await.unwrap();
-    }
-    tx.commit().await.unwrap();
+    consumer_runtime::set_offsets(&pool, SCHEMA, &group, &topic, &[(0, 0), (1, 0), (2, 0)])
+        .await
+        .unwrap();
     wait_until(WAIT, "the rewound topic to be read again", || async {
         stats.duplicates.load(std::sync::atomic::Ordering::Relaxed) >= 30 + records.len() as u64
     })
@@ -238,9 +234,8 @@ async fn rewinding_stored_offsets_reapplies_nothing() {
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_groups_each_apply_every_event_once() {
-    let pool = pg_pool().await;
+async fn two_groups_each_apply_every_event_once<DB: TestDb>() {
+    let pool = DB::pool().await;
     let kafka = Kafka::new();
     let topic = rand_name("groups");
     kafka.create_topic(&topic, 2);
@@ -287,19 +282,19 @@ fn message(topic: &str, partition: i32, offset: i64, id: &str) -> OwnedMessage {
     )
 }
 
-fn writer_config(pool: &Pool<Postgres>, handler: Counter) -> Arc<WriterConfig<Counter, Postgres>> {
+fn writer_config<DB: TestDb>(pool: &Pool<DB>, handler: Counter) -> Arc<WriterConfig<Counter, DB>> {
     writer_config_with(pool, handler, Default::default())
 }
 
-fn writer_config_with(
-    pool: &Pool<Postgres>,
+fn writer_config_with<DB: TestDb>(
+    pool: &Pool<DB>,
     handler: Counter,
     event_id: consumer_runtime::EventId<serde_json::Value>,
-) -> Arc<WriterConfig<Counter, Postgres>> {
+) -> Arc<WriterConfig<Counter, DB>> {
     Arc::new(WriterConfig {
         handler: Arc::new(handler),
         pool: pool.clone(),
-        queries: <Postgres as Backend>::queries(SCHEMA).unwrap(),
+        queries: DB::queries(SCHEMA).unwrap(),
         guarantee: Guarantee::EffectivelyOnce,
         event_id,
     })
@@ -307,33 +302,32 @@ fn writer_config_with(
 
 /// The set-up of a unit-of-work test: a pool, a fresh group, partition 0 of a fresh topic, and
 /// the runtime's SQL.
-async fn unit_setup(
+async fn unit_setup<DB: TestDb>(
     topic_prefix: &str,
 ) -> (
-    Pool<Postgres>,
+    Pool<DB>,
     String,
     PartitionKey,
     consumer_runtime::store::Queries,
 ) {
-    let pool = pg_pool().await;
+    let pool = DB::pool().await;
     let group = rand_name("g");
     let key = PartitionKey {
         group: group.clone(),
         topic: rand_name(topic_prefix),
         partition: 0,
     };
-    let q = <Postgres as Backend>::queries(SCHEMA).unwrap();
+    let q = DB::queries(SCHEMA).unwrap();
     (pool, group, key, q)
 }
 
-#[tokio::test]
-async fn stale_epoch_cannot_commit_and_leaves_nothing_visible() {
-    let (pool, group, key, q) = unit_setup("fence").await;
+async fn stale_epoch_cannot_commit_and_leaves_nothing_visible<DB: TestDb>() {
+    let (pool, group, key, q) = unit_setup::<DB>("fence").await;
     let config = writer_config(&pool, Counter::new(&group));
 
-    let old = Postgres::claim(&pool, &q, &key, "zombie").await.unwrap();
+    let old = DB::claim(&pool, &q, &key, "zombie").await.unwrap();
     let mut zombie = PartitionWriter::new(config.clone(), key.clone(), old);
-    let new = Postgres::claim(&pool, &q, &key, "owner").await.unwrap();
+    let new = DB::claim(&pool, &q, &key, "owner").await.unwrap();
     assert!(new.epoch > old.epoch);
 
     let batch: Vec<_> = (0..5)
@@ -366,13 +360,12 @@ async fn stale_epoch_cannot_commit_and_leaves_nothing_visible() {
     );
 }
 
-#[tokio::test]
-async fn handler_error_rolls_back_the_whole_batch() {
-    let (pool, group, key, q) = unit_setup("rollback").await;
+async fn handler_error_rolls_back_the_whole_batch<DB: TestDb>() {
+    let (pool, group, key, q) = unit_setup::<DB>("rollback").await;
     for reject in [false, true] {
         let mut handler = Counter::new(&group);
         handler.fail_on = Some((format!("{group}-3"), reject));
-        let claim = Postgres::claim(&pool, &q, &key, "me").await.unwrap();
+        let claim = DB::claim(&pool, &q, &key, "me").await.unwrap();
         let mut writer = PartitionWriter::new(writer_config(&pool, handler), key.clone(), claim);
         let batch: Vec<_> = (0..6)
             .map(|o| message(&key.topic, 0, o, &format!("{group}-{o}")))
@@ -393,17 +386,14 @@ async fn handler_error_rolls_back_the_whole_batch() {
             "ledger rows are visible"
         );
         assert_eq!(writer.position(), None);
-        let offsets = consumer_runtime::store::Backend::offsets(&pool, &q, &group)
-            .await
-            .unwrap();
+        let offsets = DB::offsets(&pool, &q, &group).await.unwrap();
         assert_eq!(offsets[0].next_offset, None, "the offset moved");
     }
 }
 
-#[tokio::test]
-async fn duplicate_ids_within_one_batch_run_the_handler_once() {
-    let (pool, group, key, q) = unit_setup("inbatch").await;
-    let claim = Postgres::claim(&pool, &q, &key, "me").await.unwrap();
+async fn duplicate_ids_within_one_batch_run_the_handler_once<DB: TestDb>() {
+    let (pool, group, key, q) = unit_setup::<DB>("inbatch").await;
+    let claim = DB::claim(&pool, &q, &key, "me").await.unwrap();
     let mut writer = PartitionWriter::new(
         writer_config(&pool, Counter::new(&group)),
         key.clone(),
@@ -434,9 +424,8 @@ async fn duplicate_ids_within_one_batch_run_the_handler_once() {
 
 // ---- Errors a user can act on ---------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_topic_is_a_clear_error() {
-    let pool = pg_pool().await;
+async fn unknown_topic_is_a_clear_error<DB: TestDb>() {
+    let pool = DB::pool().await;
     let kafka = Kafka::new();
     let rt = runtime(&kafka, &pool, Counter::new("x"), "no_such_topic")
         .group(rand_name("g"))
@@ -453,9 +442,8 @@ async fn unknown_topic_is_a_clear_error() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreachable_broker_is_a_clear_error() {
-    let pool = pg_pool().await;
+async fn unreachable_broker_is_a_clear_error<DB: TestDb>() {
+    let pool = DB::pool().await;
     let rt = Runtime::builder(Counter::new("x"))
         .pool(pool)
         .brokers("127.0.0.1:1")
@@ -483,9 +471,18 @@ async fn unreachable_database_is_a_clear_error_without_the_password() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn schema_behind_the_migrations_is_refused() {
-    let pool = pg_pool().await;
+#[tokio::test]
+async fn unopenable_sqlite_file_is_a_clear_error() {
+    let err = consumer_runtime::connect::<Sqlite>("sqlite:///no/such/directory/app.db", 1)
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::DatabaseUnreachable { .. }), "{text}");
+    assert!(text.contains("/no/such/directory/app.db"), "{text}");
+}
+
+async fn schema_behind_the_migrations_is_refused<DB: TestDb>() {
+    let pool = DB::pool().await;
     let kafka = Kafka::new();
     let schema = rand_name("unmigrated");
     let rt = runtime(&kafka, &pool, Counter::new("x"), "t")
@@ -498,9 +495,8 @@ async fn schema_behind_the_migrations_is_refused() {
     assert!(err.to_string().contains("migrate"), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejected_record_stops_the_partition_without_advancing_past_it() {
-    let pool = pg_pool().await;
+async fn rejected_record_stops_the_partition_without_advancing_past_it<DB: TestDb>() {
+    let pool = DB::pool().await;
     let kafka = Kafka::new();
     let topic = rand_name("reject");
     let group = rand_name("g");
@@ -532,13 +528,11 @@ async fn rejected_record_stops_the_partition_without_advancing_past_it() {
     assert_eq!(ledger_rows(&pool, &group).await, 3);
 }
 
-// ---- A rough throughput figure (the benchmark program measures it properly) ----------------
+// ---- A rough throughput figure ---------------------------------------------------------------
 
-/// Run with `cargo test --release --test runtime rough_throughput -- --ignored --nocapture`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check; run it by hand"]
-async fn rough_throughput() {
-    let pool = pg_pool().await;
+async fn rough_throughput<DB: TestDb>() {
+    let pool = DB::pool().await;
     let kafka = Kafka::new();
     let topic = rand_name("tput");
     kafka.create_topic(&topic, 8);
@@ -568,6 +562,7 @@ async fn rough_throughput() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_shuts_down_gracefully() {
+    // Once per process: the signal reaches every runtime in it. The backend does not matter.
     let pool = pg_pool().await;
     let kafka = Kafka::new();
     let topic = rand_name("sigterm");
@@ -595,9 +590,8 @@ async fn sigterm_shuts_down_gracefully() {
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
 }
 
-#[tokio::test]
-async fn event_id_from_the_event_or_the_coordinates() {
-    let (pool, group, key, q) = unit_setup("ids").await;
+async fn event_id_from_the_event_or_the_coordinates<DB: TestDb>() {
+    let (pool, group, key, q) = unit_setup::<DB>("ids").await;
     // Payloads are {"id": …}; offsets 0 and 2 carry the same business id.
     let batch: Vec<_> = ["x", "y", "x"]
         .iter()
@@ -620,7 +614,7 @@ async fn event_id_from_the_event_or_the_coordinates() {
             ..key.clone()
         };
         let config = writer_config_with(&pool, Counter::new(&group), strategy);
-        let claim = Postgres::claim(&pool, &q, &key, "me").await.unwrap();
+        let claim = DB::claim(&pool, &q, &key, "me").await.unwrap();
         let mut writer = PartitionWriter::new(config, key.clone(), claim);
         match writer.write(&batch).await.unwrap() {
             BatchOutcome::Committed { applied: a, .. } => assert_eq!(a, applied, "strategy {i}"),
@@ -628,4 +622,199 @@ async fn event_id_from_the_event_or_the_coordinates() {
         }
         assert_eq!(ledger_rows(&pool, &group).await, applied as i64);
     }
+}
+
+// ---- The three guarantees under the same crashes --------------------------------------------
+
+/// Where a crash test interrupts the first run.
+#[derive(Clone, Copy, Debug)]
+enum Crash {
+    /// The handler of offset `STALL_AT` has written its effect and never returns; the runtime
+    /// is dropped with that batch in flight.
+    MidBatch,
+    /// Every commit that moves the stored offset past `STALL_AT` fails; the runtime is dropped
+    /// as soon as it has seen that failure, before any retry: whatever the guarantee committed
+    /// before its offset commit stays committed.
+    BeforeOffsetCommit,
+}
+
+const CRASH_EVENTS: usize = 100;
+const STALL_AT: usize = 45;
+
+/// Runs `CRASH_EVENTS` events on one partition (batches of 10) under `guarantee`, crashes the
+/// runtime as `crash` says, restarts it normally, waits until the topic is consumed, and
+/// returns how often each event's effect was applied, with the event ids in offset order.
+async fn crash_and_restart<DB: TestDb>(
+    guarantee: Guarantee,
+    crash: Crash,
+) -> (HashMap<String, i64>, Vec<String>) {
+    let pool = DB::pool().await;
+    let kafka = Kafka::new();
+    let topic = rand_name("guarantee");
+    let group = rand_name("g");
+    kafka.create_topic(&topic, 1);
+    let (records, ids) = events_with_duplicates(&topic, CRASH_EVENTS, 1, 0);
+    kafka.produce(&topic, &records);
+    let build = |handler: Counter| {
+        runtime(&kafka, &pool, handler, &topic)
+            .group(&group)
+            .guarantee(guarantee)
+            .batch_size(10)
+            // No retry happens before the test drops the runtime.
+            .retry_policy(consumer_runtime::RetryPolicy {
+                initial_delay: Duration::from_secs(3600),
+                max_delay: Duration::from_secs(3600),
+                max_attempts: None,
+            })
+            .build()
+            .unwrap()
+    };
+
+    let mut handler = Counter::new(&group);
+    match crash {
+        Crash::MidBatch => handler.stall_on = Some(ids[STALL_AT].clone()),
+        Crash::BeforeOffsetCommit => DB::set_crash_point(&pool, &group, STALL_AT as i64).await,
+    }
+    let rt = build(handler.clone());
+    let stats = rt.stats();
+    let task = tokio::spawn(rt.run());
+    match crash {
+        Crash::MidBatch => {
+            wait_until(WAIT, "the handler to stall", || async {
+                handler.stalled.load(std::sync::atomic::Ordering::SeqCst)
+            })
+            .await
+        }
+        Crash::BeforeOffsetCommit => {
+            wait_until(WAIT, "the offset commit to fail", || async {
+                stats.retries.load(std::sync::atomic::Ordering::SeqCst) > 0
+            })
+            .await
+        }
+    }
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    DB::clear_crash_point(&pool, &group).await;
+
+    let rt = build(Counter::new(&group));
+    let stop = rt.shutdown_handle();
+    let task = tokio::spawn(rt.run());
+    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+    stop.shutdown();
+    task.await.unwrap().unwrap();
+    (effect_counts(&pool, &group).await, ids)
+}
+
+/// The ids applied more than once and the ids never applied.
+fn doubled_and_lost(counts: &HashMap<String, i64>, ids: &[String]) -> (Vec<usize>, Vec<usize>) {
+    let doubled = (0..ids.len())
+        .filter(|&i| counts.get(&ids[i]).copied().unwrap_or(0) > 1)
+        .collect();
+    let lost = (0..ids.len())
+        .filter(|&i| !counts.contains_key(&ids[i]))
+        .collect();
+    (doubled, lost)
+}
+
+async fn effectively_once_neither_loses_nor_duplicates_under_a_crash<DB: TestDb>() {
+    for crash in [Crash::MidBatch, Crash::BeforeOffsetCommit] {
+        let (counts, ids) = crash_and_restart::<DB>(Guarantee::EffectivelyOnce, crash).await;
+        let (doubled, lost) = doubled_and_lost(&counts, &ids);
+        assert!(
+            doubled.is_empty() && lost.is_empty(),
+            "{crash:?}: doubled {doubled:?}, lost {lost:?}"
+        );
+        assert_exactly_once(&counts, &ids);
+    }
+}
+
+async fn at_least_once_loses_nothing_and_duplicates_the_batch_cut_off_before_its_offset<
+    DB: TestDb,
+>() {
+    // Mid-batch, the effects roll back with the batch: nothing lost, nothing doubled.
+    let (counts, ids) = crash_and_restart::<DB>(Guarantee::AtLeastOnce, Crash::MidBatch).await;
+    assert_exactly_once(&counts, &ids);
+
+    // Between the effects' commit and the offset's, the batch is applied again on restart.
+    let (counts, ids) =
+        crash_and_restart::<DB>(Guarantee::AtLeastOnce, Crash::BeforeOffsetCommit).await;
+    let (doubled, lost) = doubled_and_lost(&counts, &ids);
+    assert!(lost.is_empty(), "at-least-once lost {lost:?}");
+    assert!(
+        doubled.contains(&STALL_AT) && doubled.len() <= 10,
+        "the batch holding offset {STALL_AT} must be applied twice, and nothing else: {doubled:?}"
+    );
+    assert!(counts.values().all(|&c| c <= 2), "{counts:?}");
+}
+
+async fn at_most_once_never_duplicates_and_loses_the_batch_cut_off_after_its_offset<DB: TestDb>() {
+    // Mid-batch, the offset had already moved past the batch: its records are lost.
+    let (counts, ids) = crash_and_restart::<DB>(Guarantee::AtMostOnce, Crash::MidBatch).await;
+    let (doubled, lost) = doubled_and_lost(&counts, &ids);
+    assert!(doubled.is_empty(), "at-most-once applied {doubled:?} twice");
+    assert!(
+        lost.contains(&STALL_AT) && lost.len() <= 10,
+        "the batch holding offset {STALL_AT} must be lost, and nothing else: {lost:?}"
+    );
+    assert!(
+        lost.windows(2).all(|w| w[1] == w[0] + 1),
+        "the lost records are one batch: {lost:?}"
+    );
+
+    // Before the offset commit nothing of the batch had run: nothing lost, nothing doubled.
+    let (counts, ids) =
+        crash_and_restart::<DB>(Guarantee::AtMostOnce, Crash::BeforeOffsetCommit).await;
+    assert_exactly_once(&counts, &ids);
+}
+
+// ---- The suite, once per backend ------------------------------------------------------------
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name::<super::Postgres>().await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name::<super::Sqlite>().await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    producer_duplicates_are_applied_once,
+    producer_duplicates_are_applied_once_with_batch_size_one,
+    crash_mid_stream_resumes_from_database_offset_and_ignores_kafka_offsets,
+    rebalance_with_range_assignor_applies_each_event_once,
+    rebalance_with_cooperative_sticky_assignor_applies_each_event_once,
+    rewinding_stored_offsets_reapplies_nothing,
+    two_groups_each_apply_every_event_once,
+    stale_epoch_cannot_commit_and_leaves_nothing_visible,
+    handler_error_rolls_back_the_whole_batch,
+    duplicate_ids_within_one_batch_run_the_handler_once,
+    event_id_from_the_event_or_the_coordinates,
+    unknown_topic_is_a_clear_error,
+    unreachable_broker_is_a_clear_error,
+    schema_behind_the_migrations_is_refused,
+    rejected_record_stops_the_partition_without_advancing_past_it,
+    effectively_once_neither_loses_nor_duplicates_under_a_crash,
+    at_least_once_loses_nothing_and_duplicates_the_batch_cut_off_before_its_offset,
+    at_most_once_never_duplicates_and_loses_the_batch_cut_off_after_its_offset,
+);
+
+/// A rough throughput figure on PostgreSQL (the benchmark program measures it properly). Run
+/// with `cargo test --release --test runtime rough_throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check; run it by hand"]
+async fn rough_throughput_postgres() {
+    rough_throughput::<Postgres>().await;
 }

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use consumer_runtime::rdkafka::config::ClientConfig;
@@ -16,8 +16,8 @@ use consumer_runtime::rdkafka::producer::{
     BaseProducer, BaseRecord, DefaultProducerContext, Producer,
 };
 use consumer_runtime::rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use consumer_runtime::sqlx::{self, Pool, Postgres, Row};
-use consumer_runtime::{Context, Handler, HandlerError};
+use consumer_runtime::sqlx::{self, Pool, Postgres, Row, Sqlite};
+use consumer_runtime::{Backend, Context, Handler, HandlerError};
 
 pub const SCHEMA: &str = "consumer_runtime";
 
@@ -49,7 +49,167 @@ pub fn rand_name(prefix: &str) -> String {
     format!("{prefix}_{:012x}", h.finish() & 0xffff_ffff_ffff)
 }
 
-/// A PostgreSQL pool with the runtime's migrations applied and the test effects table.
+/// A database the behaviour suite runs against: each test gets a pool with the runtime's
+/// migrations applied, the `test_effects` table, and the crash-point trigger.
+#[consumer_runtime::async_trait]
+pub trait TestDb: Backend {
+    /// A short name for messages.
+    const NAME: &'static str;
+
+    /// How many batches can commit at once (SQLite: one writer), to size slow test workloads.
+    const WRITERS: u32;
+
+    /// A ready pool (PostgreSQL: the shared test database; SQLite: a fresh file).
+    async fn pool() -> Pool<Self>;
+
+    /// The non-idempotent test effect: `count = count + 1` for (group, event id).
+    async fn apply_effect(
+        conn: &mut Self::Connection,
+        group: &str,
+        event_id: &str,
+    ) -> Result<(), sqlx::Error>;
+
+    /// How often each event id's effect was applied for `group`.
+    async fn effect_counts(pool: &Pool<Self>, group: &str) -> HashMap<String, i64>;
+
+    /// Rows of the dedup ledger for `group`.
+    async fn ledger_rows(pool: &Pool<Self>, group: &str) -> i64;
+
+    /// From now on, every commit that would move `group`'s stored offset past `after_offset`
+    /// fails (a database error raised by a trigger), until [`TestDb::clear_crash_point`].
+    async fn set_crash_point(pool: &Pool<Self>, group: &str, after_offset: i64);
+
+    /// Removes `group`'s crash point.
+    async fn clear_crash_point(pool: &Pool<Self>, group: &str);
+}
+
+const EFFECT_SQL: &str =
+    "INSERT INTO test_effects (consumer_group, event_id, count) VALUES ($1, $2, 1)
+     ON CONFLICT (consumer_group, event_id) DO UPDATE SET count = test_effects.count + 1";
+const EFFECTS_TABLE: &str = "CREATE TABLE IF NOT EXISTS test_effects (
+     consumer_group TEXT NOT NULL,
+     event_id TEXT NOT NULL,
+     count INTEGER NOT NULL,
+     PRIMARY KEY (consumer_group, event_id))";
+const CRASH_TABLE: &str = "CREATE TABLE IF NOT EXISTS test_crash_points (
+     consumer_group TEXT PRIMARY KEY,
+     after_offset BIGINT NOT NULL)";
+
+/// The test methods that are the same SQL on both databases.
+macro_rules! impl_test_db {
+    ($db:ty, $name:literal, $writers:literal, $ledger:literal, $pool:path) => {
+        #[consumer_runtime::async_trait]
+        impl TestDb for $db {
+            const NAME: &'static str = $name;
+            const WRITERS: u32 = $writers;
+
+            async fn pool() -> Pool<$db> {
+                $pool().await
+            }
+
+            async fn apply_effect(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                group: &str,
+                event_id: &str,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(EFFECT_SQL)
+                    .bind(group)
+                    .bind(event_id)
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            }
+
+            async fn effect_counts(pool: &Pool<Self>, group: &str) -> HashMap<String, i64> {
+                sqlx::query("SELECT event_id, count FROM test_effects WHERE consumer_group = $1")
+                    .bind(group)
+                    .fetch_all(pool)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| (r.get::<String, _>(0), r.get::<i32, _>(1) as i64))
+                    .collect()
+            }
+
+            async fn ledger_rows(pool: &Pool<Self>, group: &str) -> i64 {
+                sqlx::query_scalar(concat!(
+                    "SELECT count(*) FROM ",
+                    $ledger,
+                    " WHERE consumer_group = $1"
+                ))
+                .bind(group)
+                .fetch_one(pool)
+                .await
+                .unwrap()
+            }
+
+            async fn set_crash_point(pool: &Pool<Self>, group: &str, after_offset: i64) {
+                sqlx::query(
+                    "INSERT INTO test_crash_points (consumer_group, after_offset) VALUES ($1, $2)",
+                )
+                .bind(group)
+                .bind(after_offset)
+                .execute(pool)
+                .await
+                .unwrap();
+            }
+
+            async fn clear_crash_point(pool: &Pool<Self>, group: &str) {
+                sqlx::query("DELETE FROM test_crash_points WHERE consumer_group = $1")
+                    .bind(group)
+                    .execute(pool)
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+}
+
+impl_test_db!(
+    Postgres,
+    "PostgreSQL",
+    4,
+    "consumer_runtime.processed",
+    pg_pool
+);
+impl_test_db!(
+    Sqlite,
+    "SQLite",
+    1,
+    "consumer_runtime_processed",
+    sqlite_pool
+);
+
+/// A fresh SQLite file with the runtime's migrations applied, the test effects table and the
+/// crash-point trigger.
+pub async fn sqlite_pool() -> Pool<Sqlite> {
+    init_tracing();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("sqlite");
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}", dir.join(rand_name("t") + ".db").display());
+    let pool = consumer_runtime::connect::<Sqlite>(&url, 8)
+        .await
+        .expect("open the SQLite file");
+    consumer_runtime::migrate(&pool, SCHEMA)
+        .await
+        .expect("migrate");
+    for sql in [
+        EFFECTS_TABLE,
+        CRASH_TABLE,
+        "CREATE TRIGGER test_fail_offset_commit
+             BEFORE UPDATE OF next_offset ON consumer_runtime_consumer_offsets FOR EACH ROW
+             WHEN EXISTS (SELECT 1 FROM test_crash_points c
+                          WHERE c.consumer_group = NEW.consumer_group
+                            AND NEW.next_offset > c.after_offset)
+             BEGIN SELECT RAISE(ABORT, 'test crash point: the offset commit fails'); END",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    pool
+}
+
+/// A PostgreSQL pool with the runtime's migrations applied, the test effects table and the
+/// crash-point trigger.
 pub async fn pg_pool() -> Pool<Postgres> {
     init_tracing();
     let pool = consumer_runtime::connect::<Postgres>(&database_url(), 10)
@@ -59,56 +219,55 @@ pub async fn pg_pool() -> Pool<Postgres> {
         .await
         .expect("migrate");
     let mut tx = pool.begin().await.unwrap();
+    // Tests set up concurrently; DDL on the shared database is serialised.
     sqlx::query("SELECT pg_advisory_xact_lock(4242)")
         .execute(&mut *tx)
         .await
         .unwrap();
-    sqlx::query(
-        "CREATE TABLE IF NOT EXISTS test_effects (
-            consumer_group TEXT NOT NULL,
-            event_id TEXT NOT NULL,
-            count INTEGER NOT NULL,
-            PRIMARY KEY (consumer_group, event_id))",
-    )
-    .execute(&mut *tx)
-    .await
-    .unwrap();
+    for sql in [
+        EFFECTS_TABLE,
+        CRASH_TABLE,
+        r#"CREATE OR REPLACE FUNCTION test_fail_offset_commit() RETURNS trigger
+           LANGUAGE plpgsql AS $$
+           BEGIN
+             IF EXISTS (SELECT 1 FROM test_crash_points c
+                        WHERE c.consumer_group = NEW.consumer_group
+                          AND NEW.next_offset > c.after_offset) THEN
+               RAISE EXCEPTION 'test crash point: the offset commit fails';
+             END IF;
+             RETURN NEW;
+           END $$"#,
+        "CREATE OR REPLACE TRIGGER test_fail_offset_commit
+         BEFORE UPDATE OF next_offset ON consumer_runtime.consumer_offsets
+         FOR EACH ROW EXECUTE FUNCTION test_fail_offset_commit()",
+    ] {
+        sqlx::query(sql).execute(&mut *tx).await.unwrap();
+    }
     tx.commit().await.unwrap();
     pool
 }
 
 /// How often each event id's effect was applied for `group`.
-pub async fn effect_counts(pool: &Pool<Postgres>, group: &str) -> HashMap<String, i64> {
-    sqlx::query("SELECT event_id, count FROM test_effects WHERE consumer_group = $1")
-        .bind(group)
-        .fetch_all(pool)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| (r.get::<String, _>(0), r.get::<i32, _>(1) as i64))
-        .collect()
+pub async fn effect_counts<DB: TestDb>(pool: &Pool<DB>, group: &str) -> HashMap<String, i64> {
+    DB::effect_counts(pool, group).await
 }
 
-pub async fn ledger_rows(pool: &Pool<Postgres>, group: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM consumer_runtime.processed WHERE consumer_group = $1")
-        .bind(group)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+/// Rows of the dedup ledger for `group`.
+pub async fn ledger_rows<DB: TestDb>(pool: &Pool<DB>, group: &str) -> i64 {
+    DB::ledger_rows(pool, group).await
 }
 
 /// Stored `next_offset` per (topic, partition) for `group`.
-pub async fn stored_offsets(pool: &Pool<Postgres>, group: &str) -> HashMap<(String, i32), i64> {
-    consumer_runtime::store::Backend::offsets(
-        pool,
-        &<Postgres as consumer_runtime::Backend>::queries(SCHEMA).unwrap(),
-        group,
-    )
-    .await
-    .unwrap()
-    .into_iter()
-    .filter_map(|o| Some(((o.topic, o.partition), o.next_offset?)))
-    .collect()
+pub async fn stored_offsets<DB: Backend>(
+    pool: &Pool<DB>,
+    group: &str,
+) -> HashMap<(String, i32), i64> {
+    DB::offsets(pool, &DB::queries(SCHEMA).unwrap(), group)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|o| Some(((o.topic, o.partition), o.next_offset?)))
+        .collect()
 }
 
 /// Asserts that every expected event id was applied exactly once, and nothing else was.
@@ -282,7 +441,7 @@ pub fn events_with_duplicates(
     (records, ids)
 }
 
-/// The non-idempotent test effect: `count = count + 1` per (group, event id). An optional
+/// The test handler: applies the non-idempotent effect ([`TestDb::apply_effect`]). An optional
 /// per-record delay makes runs long enough to interrupt, and `applied` counts handler calls.
 #[derive(Clone)]
 pub struct Counter {
@@ -291,6 +450,10 @@ pub struct Counter {
     pub applied: Arc<AtomicU64>,
     /// Event ids whose handler returns an error (`reject` or `retry`).
     pub fail_on: Option<(String, bool)>,
+    /// The event id whose handler writes its effect and then never returns.
+    pub stall_on: Option<String>,
+    /// Set once the handler stalls.
+    pub stalled: Arc<AtomicBool>,
 }
 
 impl Counter {
@@ -300,6 +463,8 @@ impl Counter {
             delay: Duration::ZERO,
             applied: Arc::new(AtomicU64::new(0)),
             fail_on: None,
+            stall_on: None,
+            stalled: Arc::new(AtomicBool::new(false)),
         }
     }
     pub fn with_delay(mut self, d: Duration) -> Self {
@@ -311,43 +476,35 @@ impl Counter {
     }
 }
 
-macro_rules! impl_counter {
-    ($db:ty) => {
-        #[consumer_runtime::async_trait]
-        impl Handler<$db> for Counter {
-            type Event = serde_json::Value;
+#[consumer_runtime::async_trait]
+impl<DB: TestDb> Handler<DB> for Counter {
+    type Event = serde_json::Value;
 
-            async fn handle(
-                &self,
-                ctx: &mut Context<'_, $db>,
-                _event: serde_json::Value,
-            ) -> Result<(), HandlerError> {
-                if !self.delay.is_zero() {
-                    tokio::time::sleep(self.delay).await;
-                }
-                sqlx::query(
-                    "INSERT INTO test_effects (consumer_group, event_id, count) VALUES ($1, $2, 1)
-                     ON CONFLICT (consumer_group, event_id) DO UPDATE SET count = test_effects.count + 1",
-                )
-                .bind(&self.group)
-                .bind(ctx.record.event_id())
-                .execute(&mut *ctx.tx)
-                .await?;
-                if let Some((id, reject)) = &self.fail_on {
-                    if id == ctx.record.event_id() {
-                        return Err(if *reject {
-                            HandlerError::reject(format!("test rejects {id}"))
-                        } else {
-                            HandlerError::retry(format!("test fails {id}"))
-                        });
-                    }
-                }
-                self.applied.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            }
+    async fn handle(
+        &self,
+        ctx: &mut Context<'_, DB>,
+        _event: serde_json::Value,
+    ) -> Result<(), HandlerError> {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
         }
-    };
+        DB::apply_effect(&mut *ctx.tx, &self.group, ctx.record.event_id()).await?;
+        let id = ctx.record.event_id();
+        if let Some((fail, reject)) = &self.fail_on
+            && fail == id
+        {
+            return Err(if *reject {
+                HandlerError::reject(format!("test rejects {id}"))
+            } else {
+                HandlerError::retry(format!("test fails {id}"))
+            });
+        }
+        if self.stall_on.as_deref() == Some(id) {
+            // The effect is written but not committed: the test now drops the runtime.
+            self.stalled.store(true, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        self.applied.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
 }
-
-impl_counter!(Postgres);
-impl_counter!(consumer_runtime::sqlx::Sqlite);

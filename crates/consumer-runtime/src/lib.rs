@@ -58,7 +58,9 @@ pub use error::{BoxError, Coordinates, Error, FailureKind, Result};
 pub use event_id::EventId;
 pub use handler::{Context, Decode, Handler, HandlerError, Raw, Record, ResultExt};
 pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats};
-pub use store::{Backend, Claim, PartitionKey, StoredOffset, check_schema, connect, migrate};
+pub use store::{
+    Backend, Claim, PartitionKey, StoredOffset, check_schema, connect, migrate, set_offsets,
+};
 pub use unit::{BatchError, BatchOutcome, PartitionWriter, WriterConfig};
 
 pub use async_trait::async_trait;

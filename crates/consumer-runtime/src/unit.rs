@@ -278,7 +278,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         next: i64,
     ) -> Result<BatchOutcome, BatchError> {
         let cfg = &*self.config;
-        let mut tx = cfg.pool.begin().await.map_err(db_error)?;
+        let mut tx = DB::begin(&cfg.pool).await.map_err(db_error)?;
         if !self.fence(&mut tx, next).await? {
             tx.rollback().await.map_err(db_error)?;
             return Ok(BatchOutcome::Fenced);
@@ -321,7 +321,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         next: i64,
     ) -> Result<BatchOutcome, BatchError> {
         let cfg = &*self.config;
-        let mut tx = cfg.pool.begin().await.map_err(db_error)?;
+        let mut tx = DB::begin(&cfg.pool).await.map_err(db_error)?;
         for p in prepared.iter_mut() {
             self.handle(&mut tx, p).await?;
         }
@@ -349,7 +349,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         }
         // The offset has moved: from here on a crash or a failure loses the batch.
         let result = async {
-            let mut tx = cfg.pool.begin().await.map_err(db_error)?;
+            let mut tx = DB::begin(&cfg.pool).await.map_err(db_error)?;
             for p in prepared.iter_mut() {
                 self.handle(&mut tx, p).await?;
             }
@@ -394,7 +394,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
 
     /// The fence in a transaction of its own (at-most-once and at-least-once).
     async fn advance_alone(&self, next: i64) -> Result<bool, BatchError> {
-        let mut tx = self.config.pool.begin().await.map_err(db_error)?;
+        let mut tx = DB::begin(&self.config.pool).await.map_err(db_error)?;
         if !self.fence(&mut tx, next).await? {
             tx.rollback().await.map_err(db_error)?;
             return Ok(false);

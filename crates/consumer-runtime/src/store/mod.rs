@@ -4,12 +4,124 @@
 //! methods are the building blocks of the unit of work in [`crate::unit`]; they are public for
 //! tests and tools, and hidden from the documentation.
 
+/// Implements [`Backend`] for a database: the dialect-specific methods are given, the rest
+/// (which differ only in their SQL, kept in [`Queries`]) are the same for every database.
+macro_rules! impl_backend {
+    ($db:ty, $row:ty; $($specific:tt)*) => {
+        fn claim_from(row: $row) -> Result<Claim, sqlx::Error> {
+            use sqlx::Row as _;
+            Ok(Claim {
+                epoch: row.try_get(0)?,
+                next_offset: row.try_get(1)?,
+            })
+        }
+
+        #[async_trait::async_trait]
+        impl Backend for $db {
+            $($specific)*
+
+            async fn claim(
+                pool: &Pool<Self>,
+                q: &Queries,
+                key: &PartitionKey,
+                owner: &str,
+            ) -> Result<Claim, sqlx::Error> {
+                let row = sqlx::query(q.claim.clone())
+                    .bind(&key.group)
+                    .bind(&key.topic)
+                    .bind(key.partition)
+                    .bind(owner)
+                    .fetch_one(pool)
+                    .await?;
+                claim_from(row)
+            }
+
+            async fn reclaim(
+                pool: &Pool<Self>,
+                q: &Queries,
+                key: &PartitionKey,
+                owner: &str,
+            ) -> Result<Option<Claim>, sqlx::Error> {
+                let row = sqlx::query(q.reclaim.clone())
+                    .bind(&key.group)
+                    .bind(&key.topic)
+                    .bind(key.partition)
+                    .bind(owner)
+                    .fetch_optional(pool)
+                    .await?;
+                row.map(claim_from).transpose()
+            }
+
+            async fn advance(
+                conn: &mut Self::Connection,
+                q: &Queries,
+                key: &PartitionKey,
+                epoch: i64,
+                expected: Option<i64>,
+                next: i64,
+            ) -> Result<bool, sqlx::Error> {
+                let done = sqlx::query(q.advance.clone())
+                    .bind(&key.group)
+                    .bind(&key.topic)
+                    .bind(key.partition)
+                    .bind(epoch)
+                    .bind(expected)
+                    .bind(next)
+                    .execute(conn)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn set_offset(
+                conn: &mut Self::Connection,
+                q: &Queries,
+                key: &PartitionKey,
+                next_offset: i64,
+            ) -> Result<Claim, sqlx::Error> {
+                let row = sqlx::query(q.set_offset.clone())
+                    .bind(&key.group)
+                    .bind(&key.topic)
+                    .bind(key.partition)
+                    .bind(next_offset)
+                    .fetch_one(conn)
+                    .await?;
+                claim_from(row)
+            }
+
+            async fn offsets(
+                pool: &Pool<Self>,
+                q: &Queries,
+                group: &str,
+            ) -> Result<Vec<StoredOffset>> {
+                use sqlx::Row as _;
+                let rows = sqlx::query(q.offsets.clone())
+                    .bind(group)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(Error::db("reading stored offsets"))?;
+                rows.into_iter()
+                    .map(|r| {
+                        Ok(StoredOffset {
+                            topic: r.try_get(0)?,
+                            partition: r.try_get(1)?,
+                            next_offset: r.try_get(2)?,
+                            epoch: r.try_get(3)?,
+                            owner: r.try_get(4)?,
+                        })
+                    })
+                    .collect::<Result<_, sqlx::Error>>()
+                    .map_err(Error::db("reading stored offsets"))
+            }
+        }
+    };
+}
+
 mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
-use sqlx::Pool;
 use sqlx::migrate::Migrator;
+use sqlx::{Pool, Transaction};
 
 use crate::error::{Error, Result};
 
@@ -117,6 +229,12 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     #[doc(hidden)]
     async fn open_pool(url: &str, max_connections: u32) -> Result<Pool<Self>, sqlx::Error>;
 
+    /// Begins a transaction that will write (SQLite: `BEGIN IMMEDIATE`, which takes the write
+    /// lock up front, waiting for it under the busy timeout, so that a transaction that read
+    /// first can never fail to upgrade to a writer).
+    #[doc(hidden)]
+    async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error>;
+
     /// How many transactions may be open at once on `pool` (SQLite: one writer).
     #[doc(hidden)]
     fn max_writers(pool: &Pool<Self>) -> usize;
@@ -192,6 +310,42 @@ pub async fn connect<DB: Backend>(url: &str, max_connections: u32) -> Result<Poo
             url: crate::error::redact_url(url),
             source,
         })
+}
+
+/// Moves a group's stored offsets for `topic` to `positions` (partition, next offset) in one
+/// transaction, bumping each partition's epoch and clearing its owner: a consumer that is
+/// running is fenced, reloads the new position and continues from it without a restart.
+/// Records before the new position that were already processed are skipped by the ledger, so
+/// moving offsets backwards re-applies nothing. Returns the new claims, in the given order.
+pub async fn set_offsets<DB: Backend>(
+    pool: &Pool<DB>,
+    schema: &str,
+    group: &str,
+    topic: &str,
+    positions: &[(i32, i64)],
+) -> Result<Vec<Claim>> {
+    let q = DB::queries(schema)?;
+    let context = "moving stored offsets";
+    let mut tx = DB::begin(pool).await.map_err(Error::db(context))?;
+    let mut claims = Vec::with_capacity(positions.len());
+    for &(partition, next_offset) in positions {
+        if next_offset < 0 {
+            return Err(Error::Config(format!(
+                "offset {next_offset} for {topic}/{partition} is negative; offsets start at 0"
+            )));
+        }
+        let key = PartitionKey {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            partition,
+        };
+        let claim = DB::set_offset(&mut tx, &q, &key, next_offset)
+            .await
+            .map_err(Error::db(context))?;
+        claims.push(claim);
+    }
+    tx.commit().await.map_err(Error::db(context))?;
+    Ok(claims)
 }
 
 /// The newest migration version this runtime ships for `DB`.

@@ -1,8 +1,7 @@
 //! PostgreSQL: the runtime's tables live in their own schema (default `consumer_runtime`).
 
-use async_trait::async_trait;
 use sqlx::migrate::Migrator;
-use sqlx::{PgConnection, Pool, Postgres, Row};
+use sqlx::{PgConnection, Pool, Postgres, Transaction};
 
 use super::{Backend, Claim, PartitionKey, Queries, StoredOffset, Templates, substitute};
 use crate::error::{Error, Result};
@@ -35,15 +34,9 @@ WHERE consumer_group = $1 ORDER BY topic, partition"#,
     applied_version: r#"SELECT max(version) FROM {s}_migrations WHERE success"#,
 };
 
-fn claim_from(row: sqlx::postgres::PgRow) -> Result<Claim, sqlx::Error> {
-    Ok(Claim {
-        epoch: row.try_get(0)?,
-        next_offset: row.try_get(1)?,
-    })
-}
+impl_backend! {
+    Postgres, sqlx::postgres::PgRow;
 
-#[async_trait]
-impl Backend for Postgres {
     fn queries(schema: &str) -> Result<Queries> {
         check_identifier("schema", schema)?;
         Ok(Queries::build(schema, &format!("{schema}."), &TEMPLATES))
@@ -78,6 +71,10 @@ impl Backend for Postgres {
             .await
     }
 
+    async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
+        pool.begin().await
+    }
+
     fn max_writers(pool: &Pool<Self>) -> usize {
         pool.options().get_max_connections() as usize
     }
@@ -97,58 +94,6 @@ impl Backend for Postgres {
             .map_err(Error::db("reading the runtime's schema version"))
     }
 
-    async fn claim(
-        pool: &Pool<Self>,
-        q: &Queries,
-        key: &PartitionKey,
-        owner: &str,
-    ) -> Result<Claim, sqlx::Error> {
-        let row = sqlx::query(q.claim.clone())
-            .bind(&key.group)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .bind(owner)
-            .fetch_one(pool)
-            .await?;
-        claim_from(row)
-    }
-
-    async fn reclaim(
-        pool: &Pool<Self>,
-        q: &Queries,
-        key: &PartitionKey,
-        owner: &str,
-    ) -> Result<Option<Claim>, sqlx::Error> {
-        let row = sqlx::query(q.reclaim.clone())
-            .bind(&key.group)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .bind(owner)
-            .fetch_optional(pool)
-            .await?;
-        row.map(claim_from).transpose()
-    }
-
-    async fn advance(
-        conn: &mut PgConnection,
-        q: &Queries,
-        key: &PartitionKey,
-        epoch: i64,
-        expected: Option<i64>,
-        next: i64,
-    ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(q.advance.clone())
-            .bind(&key.group)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .bind(epoch)
-            .bind(expected)
-            .bind(next)
-            .execute(conn)
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
     async fn claim_events(
         conn: &mut PgConnection,
         q: &Queries,
@@ -166,41 +111,5 @@ impl Backend for Postgres {
             .await?;
         claimed.sort_unstable();
         Ok(claimed)
-    }
-
-    async fn set_offset(
-        conn: &mut PgConnection,
-        q: &Queries,
-        key: &PartitionKey,
-        next_offset: i64,
-    ) -> Result<Claim, sqlx::Error> {
-        let row = sqlx::query(q.set_offset.clone())
-            .bind(&key.group)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .bind(next_offset)
-            .fetch_one(conn)
-            .await?;
-        claim_from(row)
-    }
-
-    async fn offsets(pool: &Pool<Self>, q: &Queries, group: &str) -> Result<Vec<StoredOffset>> {
-        let rows = sqlx::query(q.offsets.clone())
-            .bind(group)
-            .fetch_all(pool)
-            .await
-            .map_err(Error::db("reading stored offsets"))?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(StoredOffset {
-                    topic: r.try_get(0)?,
-                    partition: r.try_get(1)?,
-                    next_offset: r.try_get(2)?,
-                    epoch: r.try_get(3)?,
-                    owner: r.try_get(4)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Error::db("reading stored offsets"))
     }
 }

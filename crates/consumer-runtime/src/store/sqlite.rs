@@ -5,9 +5,8 @@
 
 use std::str::FromStr;
 
-use async_trait::async_trait;
 use sqlx::migrate::Migrator;
-use sqlx::{Pool, Row, Sqlite, SqliteConnection};
+use sqlx::{Pool, Sqlite, SqliteConnection, Transaction};
 
 use super::{Backend, Claim, PartitionKey, Queries, StoredOffset, Templates, substitute};
 use crate::error::{Error, Result};
@@ -40,15 +39,9 @@ WHERE consumer_group = $1 ORDER BY topic, partition"#,
     applied_version: r#"SELECT max(version) FROM {s}_migrations WHERE success"#,
 };
 
-fn claim_from(row: sqlx::sqlite::SqliteRow) -> Result<Claim, sqlx::Error> {
-    Ok(Claim {
-        epoch: row.try_get(0)?,
-        next_offset: row.try_get(1)?,
-    })
-}
+impl_backend! {
+    Sqlite, sqlx::sqlite::SqliteRow;
 
-#[async_trait]
-impl Backend for Sqlite {
     fn queries(schema: &str) -> Result<Queries> {
         check_identifier("schema", schema)?;
         Ok(Queries::build(schema, &format!("{schema}_"), &TEMPLATES))
@@ -88,6 +81,10 @@ impl Backend for Sqlite {
             .await
     }
 
+    async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
+        pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
     fn max_writers(_pool: &Pool<Self>) -> usize {
         1
     }
@@ -109,58 +106,6 @@ impl Backend for Sqlite {
             .map_err(Error::db("reading the runtime's schema version"))
     }
 
-    async fn claim(
-        pool: &Pool<Self>,
-        q: &Queries,
-        key: &PartitionKey,
-        owner: &str,
-    ) -> Result<Claim, sqlx::Error> {
-        let row = sqlx::query(q.claim.clone())
-            .bind(&key.group)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .bind(owner)
-            .fetch_one(pool)
-            .await?;
-        claim_from(row)
-    }
-
-    async fn reclaim(
-        pool: &Pool<Self>,
-        q: &Queries,
-        key: &PartitionKey,
-        owner: &str,
-    ) -> Result<Option<Claim>, sqlx::Error> {
-        let row = sqlx::query(q.reclaim.clone())
-            .bind(&key.group)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .bind(owner)
-            .fetch_optional(pool)
-            .await?;
-        row.map(claim_from).transpose()
-    }
-
-    async fn advance(
-        conn: &mut SqliteConnection,
-        q: &Queries,
-        key: &PartitionKey,
-        epoch: i64,
-        expected: Option<i64>,
-        next: i64,
-    ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(q.advance.clone())
-            .bind(&key.group)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .bind(epoch)
-            .bind(expected)
-            .bind(next)
-            .execute(conn)
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
     async fn claim_events(
         conn: &mut SqliteConnection,
         q: &Queries,
@@ -179,41 +124,5 @@ impl Backend for Sqlite {
             .await?;
         claimed.sort_unstable();
         Ok(claimed)
-    }
-
-    async fn set_offset(
-        conn: &mut SqliteConnection,
-        q: &Queries,
-        key: &PartitionKey,
-        next_offset: i64,
-    ) -> Result<Claim, sqlx::Error> {
-        let row = sqlx::query(q.set_offset.clone())
-            .bind(&key.group)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .bind(next_offset)
-            .fetch_one(conn)
-            .await?;
-        claim_from(row)
-    }
-
-    async fn offsets(pool: &Pool<Self>, q: &Queries, group: &str) -> Result<Vec<StoredOffset>> {
-        let rows = sqlx::query(q.offsets.clone())
-            .bind(group)
-            .fetch_all(pool)
-            .await
-            .map_err(Error::db("reading stored offsets"))?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(StoredOffset {
-                    topic: r.try_get(0)?,
-                    partition: r.try_get(1)?,
-                    next_offset: r.try_get(2)?,
-                    epoch: r.try_get(3)?,
-                    owner: r.try_get(4)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Error::db("reading stored offsets"))
     }
 }
