@@ -264,6 +264,39 @@ async fn two_groups_each_apply_every_event_once<DB: TestDb>() {
     assert_exactly_once(&effect_counts(&pool, &g2).await, &ids);
 }
 
+/// Eight partitions, small batches, a requested concurrency of eight: on PostgreSQL batches
+/// commit in parallel; on SQLite the runtime serialises them on its one writer. Either way no
+/// batch fails on a lock (no retry at all) and every event is applied once.
+async fn many_partitions_commit_without_lock_errors<DB: TestDb>() {
+    let pool = DB::pool().await;
+    let kafka = Kafka::new();
+    let topic = rand_name("writers");
+    let group = rand_name("g");
+    kafka.create_topic(&topic, 8);
+    let (records, ids) = events_with_duplicates(&topic, 1600, 8, 80);
+    kafka.produce(&topic, &records);
+    let rt = runtime(&kafka, &pool, Counter::new(&group), &topic)
+        .group(&group)
+        .batch_size(5)
+        .concurrency(8)
+        .build()
+        .unwrap();
+    let stats = rt.stats();
+    let stop = rt.shutdown_handle();
+    let task = tokio::spawn(rt.run());
+    // Readers beside the writers, as an application's queries would be.
+    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+    stop.shutdown();
+    task.await.unwrap().unwrap();
+    assert_eq!(
+        stats.retries.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "a batch failed and was retried on {}",
+        DB::KIND
+    );
+    assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
+}
+
 // ---- The unit of work on its own: fencing and rollback -------------------------------------
 
 fn message(topic: &str, partition: i32, offset: i64, id: &str) -> OwnedMessage {
@@ -798,6 +831,7 @@ suite!(
     rebalance_with_cooperative_sticky_assignor_applies_each_event_once,
     rewinding_stored_offsets_reapplies_nothing,
     two_groups_each_apply_every_event_once,
+    many_partitions_commit_without_lock_errors,
     stale_epoch_cannot_commit_and_leaves_nothing_visible,
     handler_error_rolls_back_the_whole_batch,
     duplicate_ids_within_one_batch_run_the_handler_once,

@@ -53,9 +53,6 @@ pub fn rand_name(prefix: &str) -> String {
 /// migrations applied, the `test_effects` table, and the crash-point trigger.
 #[consumer_runtime::async_trait]
 pub trait TestDb: Backend {
-    /// A short name for messages.
-    const NAME: &'static str;
-
     /// How many batches can commit at once (SQLite: one writer), to size slow test workloads.
     const WRITERS: u32;
 
@@ -97,10 +94,9 @@ const CRASH_TABLE: &str = "CREATE TABLE IF NOT EXISTS test_crash_points (
 
 /// The test methods that are the same SQL on both databases.
 macro_rules! impl_test_db {
-    ($db:ty, $name:literal, $writers:literal, $ledger:literal, $pool:path) => {
+    ($db:ty, $writers:literal, $ledger:literal, $pool:path) => {
         #[consumer_runtime::async_trait]
         impl TestDb for $db {
-            const NAME: &'static str = $name;
             const WRITERS: u32 = $writers;
 
             async fn pool() -> Pool<$db> {
@@ -165,20 +161,8 @@ macro_rules! impl_test_db {
     };
 }
 
-impl_test_db!(
-    Postgres,
-    "PostgreSQL",
-    4,
-    "consumer_runtime.processed",
-    pg_pool
-);
-impl_test_db!(
-    Sqlite,
-    "SQLite",
-    1,
-    "consumer_runtime_processed",
-    sqlite_pool
-);
+impl_test_db!(Postgres, 4, "consumer_runtime.processed", pg_pool);
+impl_test_db!(Sqlite, 1, "consumer_runtime_processed", sqlite_pool);
 
 /// A fresh SQLite file with the runtime's migrations applied, the test effects table and the
 /// crash-point trigger.

@@ -59,7 +59,8 @@ pub use event_id::EventId;
 pub use handler::{Context, Decode, Handler, HandlerError, Raw, Record, ResultExt};
 pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats};
 pub use store::{
-    Backend, Claim, PartitionKey, StoredOffset, check_schema, connect, migrate, set_offsets,
+    Backend, Claim, DatabaseKind, PartitionKey, StoredOffset, check_schema, connect, migrate,
+    set_offsets,
 };
 pub use unit::{BatchError, BatchOutcome, PartitionWriter, WriterConfig};
 

@@ -209,9 +209,57 @@ mod sealed {
     impl Sealed for sqlx::Sqlite {}
 }
 
+/// Which database a URL names; the runtime picks its backend by the URL's scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DatabaseKind {
+    /// `postgres://…` or `postgresql://…`.
+    Postgres,
+    /// `sqlite://…` or `sqlite:…` (a file; `sqlite::memory:` is refused, see
+    /// [`DatabaseKind::from_url`]).
+    Sqlite,
+}
+
+impl DatabaseKind {
+    /// The database a URL names, by its scheme.
+    ///
+    /// An in-memory SQLite database is refused: its ledger and offsets would vanish with the
+    /// process, so a restart would re-apply everything.
+    pub fn from_url(url: &str) -> Result<DatabaseKind> {
+        let scheme = url.split_once(':').map(|(s, _)| s.to_ascii_lowercase());
+        match scheme.as_deref() {
+            Some("postgres" | "postgresql") => Ok(DatabaseKind::Postgres),
+            Some("sqlite") if url.contains(":memory:") || url.contains("mode=memory") => {
+                Err(Error::Config(format!(
+                    "the database URL `{url}` is an in-memory SQLite database, which forgets the \
+                     ledger and offsets when the process exits; use a file, e.g. sqlite://app.db"
+                )))
+            }
+            Some("sqlite") => Ok(DatabaseKind::Sqlite),
+            _ => Err(Error::Config(format!(
+                "the database URL `{}` names no supported database; use postgres://user@host/db \
+                 (PostgreSQL) or sqlite://path/to/file.db (SQLite)",
+                crate::error::redact_url(url)
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for DatabaseKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DatabaseKind::Postgres => "PostgreSQL",
+            DatabaseKind::Sqlite => "SQLite",
+        })
+    }
+}
+
 /// A database the runtime can keep its ledger and offsets in: PostgreSQL or SQLite.
 #[async_trait]
 pub trait Backend: sqlx::Database + sealed::Sealed {
+    /// Which database this is.
+    const KIND: DatabaseKind;
+
     /// The runtime's SQL for the schema (PostgreSQL) or table prefix (SQLite) `schema`.
     #[doc(hidden)]
     fn queries(schema: &str) -> Result<Queries>;
@@ -302,8 +350,18 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
 }
 
 /// Opens a connection pool for `url` (`postgres://…` for [`sqlx::Postgres`], `sqlite://…` for
-/// [`sqlx::Sqlite`]) with at most `max_connections` connections, and checks that it connects.
+/// [`sqlx::Sqlite`]; a SQLite file is created if missing) with at most `max_connections`
+/// connections, and checks that it connects.
 pub async fn connect<DB: Backend>(url: &str, max_connections: u32) -> Result<Pool<DB>> {
+    let kind = DatabaseKind::from_url(url)?;
+    if kind != DB::KIND {
+        return Err(Error::Config(format!(
+            "the database URL `{}` is {kind}, but this consumer is built for {}; pass a {} URL",
+            crate::error::redact_url(url),
+            DB::KIND,
+            DB::KIND
+        )));
+    }
     DB::open_pool(url, max_connections)
         .await
         .map_err(|source| Error::DatabaseUnreachable {
@@ -395,4 +453,48 @@ fn substitute(base: &Migrator, prefix: &str, table: String) -> Migrator {
     let mut migrator = Migrator::with_migrations(migrations);
     migrator.dangerous_set_table_name(table);
     migrator
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_scheme_picks_the_database() {
+        for (url, kind) in [
+            ("postgres://u@h/db", DatabaseKind::Postgres),
+            ("postgresql://u:p@h:5432/db", DatabaseKind::Postgres),
+            ("sqlite://app.db", DatabaseKind::Sqlite),
+            ("sqlite:///var/lib/app.db", DatabaseKind::Sqlite),
+            ("SQLITE:app.db", DatabaseKind::Sqlite),
+        ] {
+            assert_eq!(DatabaseKind::from_url(url).unwrap(), kind, "{url}");
+        }
+    }
+
+    #[test]
+    fn unsupported_and_in_memory_urls_are_refused_with_the_fix() {
+        let err = DatabaseKind::from_url("mysql://u:secret@h/db").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("postgres://") && text.contains("sqlite://"),
+            "{text}"
+        );
+        assert!(!text.contains("secret"), "{text}");
+        let err = DatabaseKind::from_url("sqlite::memory:").unwrap_err();
+        assert!(err.to_string().contains("use a file"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_url_for_the_other_database_is_refused_before_connecting() {
+        let err = connect::<sqlx::Postgres>("sqlite://app.db", 1)
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, Error::Config(_)), "{text}");
+        assert!(
+            text.contains("is SQLite") && text.contains("built for PostgreSQL"),
+            "{text}"
+        );
+    }
 }

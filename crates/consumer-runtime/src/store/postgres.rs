@@ -3,7 +3,9 @@
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, Pool, Postgres, Transaction};
 
-use super::{Backend, Claim, PartitionKey, Queries, StoredOffset, Templates, substitute};
+use super::{
+    Backend, Claim, DatabaseKind, PartitionKey, Queries, StoredOffset, Templates, substitute,
+};
 use crate::error::{Error, Result};
 use crate::util::check_identifier;
 
@@ -36,6 +38,8 @@ WHERE consumer_group = $1 ORDER BY topic, partition"#,
 
 impl_backend! {
     Postgres, sqlx::postgres::PgRow;
+
+    const KIND: DatabaseKind = DatabaseKind::Postgres;
 
     fn queries(schema: &str) -> Result<Queries> {
         check_identifier("schema", schema)?;

@@ -8,7 +8,9 @@ use std::str::FromStr;
 use sqlx::migrate::Migrator;
 use sqlx::{Pool, Sqlite, SqliteConnection, Transaction};
 
-use super::{Backend, Claim, PartitionKey, Queries, StoredOffset, Templates, substitute};
+use super::{
+    Backend, Claim, DatabaseKind, PartitionKey, Queries, StoredOffset, Templates, substitute,
+};
 use crate::error::{Error, Result};
 use crate::util::check_identifier;
 
@@ -41,6 +43,8 @@ WHERE consumer_group = $1 ORDER BY topic, partition"#,
 
 impl_backend! {
     Sqlite, sqlx::sqlite::SqliteRow;
+
+    const KIND: DatabaseKind = DatabaseKind::Sqlite;
 
     fn queries(schema: &str) -> Result<Queries> {
         check_identifier("schema", schema)?;
