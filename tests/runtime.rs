@@ -44,8 +44,18 @@ async fn wait_caught_up<DB: TestDb>(
     topic: &str,
     ends: &HashMap<i32, i64>,
 ) {
+    wait_caught_up_within(WAIT, pool, group, topic, ends).await;
+}
+
+async fn wait_caught_up_within<DB: TestDb>(
+    timeout: Duration,
+    pool: &Pool<DB>,
+    group: &str,
+    topic: &str,
+    ends: &HashMap<i32, i64>,
+) {
     wait_until(
-        WAIT,
+        timeout,
         "stored offsets to reach the end of the topic",
         || async {
             let stored = stored_offsets(pool, group).await;
@@ -569,25 +579,39 @@ async fn rough_throughput<DB: TestDb>() {
     let kafka = Kafka::new();
     let topic = rand_name("tput");
     kafka.create_topic(&topic, 8);
-    let n = 20_000;
+    let n = 50_000;
     let (records, _) = events_with_duplicates(&topic, n, 8, 0);
     kafka.produce(&topic, &records);
-    for batch_size in [500, 1] {
+    println!("{} {n} messages, 8 partitions", DB::KIND);
+    for (guarantee, batch_size) in [
+        (Guarantee::AtMostOnce, 500),
+        (Guarantee::AtLeastOnce, 500),
+        (Guarantee::EffectivelyOnce, 500),
+        (Guarantee::EffectivelyOnce, 1),
+    ] {
         let group = rand_name("g");
         let rt = runtime(&kafka, &pool, Counter::new(&group), &topic)
             .group(&group)
+            .guarantee(guarantee)
             .batch_size(batch_size)
             .build()
             .unwrap();
         let stop = rt.shutdown_handle();
-        let start = std::time::Instant::now();
         let task = tokio::spawn(rt.run());
-        wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+        // The clock starts at the first commit: the group join (about 3 s on the mock broker)
+        // is not throughput.
+        wait_until(WAIT, "the first commit", || async {
+            !stored_offsets(&pool, &group).await.is_empty()
+        })
+        .await;
+        let start = std::time::Instant::now();
+        let ends = ends_of(&records);
+        wait_caught_up_within(Duration::from_secs(600), &pool, &group, &topic, &ends).await;
         let secs = start.elapsed().as_secs_f64();
         stop.shutdown();
         task.await.unwrap().unwrap();
         println!(
-            "batch_size={batch_size} messages={n} seconds={secs:.2} msgs_per_s={:.0}",
+            "guarantee={guarantee} batch_size={batch_size} seconds={secs:.2} msgs_per_s={:.0}",
             n as f64 / secs
         );
     }
@@ -851,4 +875,12 @@ suite!(
 #[ignore = "a measurement, not a check; run it by hand"]
 async fn rough_throughput_postgres() {
     rough_throughput::<Postgres>().await;
+}
+
+/// The same on SQLite: `cargo test --release --test runtime rough_throughput_sqlite -- --ignored
+/// --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check; run it by hand"]
+async fn rough_throughput_sqlite() {
+    rough_throughput::<Sqlite>().await;
 }

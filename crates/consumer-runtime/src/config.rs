@@ -2,22 +2,39 @@
 
 use std::time::Duration;
 
-/// The delivery guarantee, as in the table of the same name in the README.
+/// The delivery guarantee: what a crash, a retry or a producer duplicate can do to your
+/// effects. The README's "Choosing a guarantee" compares them with measured costs.
+///
+/// | mode | per batch | a crash can | a producer duplicate is |
+/// |---|---|---|---|
+/// | `AtMostOnce` | offset transaction, then handler transaction | lose the batch in flight | applied again |
+/// | `AtLeastOnce` | handler transaction, then offset transaction | apply the batch in flight again | applied again |
+/// | `EffectivelyOnce` | one transaction: ledger + handler + offset | neither | skipped |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Guarantee {
-    /// The stored offset is advanced in its own transaction *before* the handler runs; the
-    /// handler then runs without a ledger. A crash between the two loses the batch; nothing is
-    /// ever applied twice by the runtime. For logs, metrics and samples where loss is acceptable.
+    /// The stored offset is advanced in a transaction of its own *before* the handler runs, and
+    /// the handler's transaction follows; there is no ledger. A crash, or a handler failure,
+    /// after the first commit loses the batch (its records are counted in `Stats::lost` and
+    /// logged); a crash never makes the runtime apply a record twice. Producer-side
+    /// duplicates are different records to this mode and are applied again.
+    ///
+    /// Pick it for logs, metrics and samples, where a gap is acceptable and a double count is
+    /// not worth a ledger row.
     AtMostOnce,
     /// The handler's transaction commits first, then the offset advances in a second
-    /// transaction; no ledger. A crash between the two re-applies the batch on restart, and
-    /// producer-side duplicates are applied again. Nothing is lost. For effects that are
-    /// naturally idempotent (upserts, version checks).
+    /// transaction; there is no ledger. Nothing is ever lost. A crash between the two commits
+    /// re-applies the batch in flight on restart, a failed offset commit re-applies it on
+    /// retry, and producer-side duplicates are applied again.
+    ///
+    /// Pick it for most business events whose effects are idempotent by construction (upserts
+    /// of the latest state, version-checked updates), when you would rather not keep a ledger.
     AtLeastOnce,
-    /// The ledger claim, the handler's effects and the offset advance commit in one transaction.
-    /// Nothing is lost and nothing is applied twice, across crashes, rebalances, producer
-    /// retries and replays. The default; for payments, inventory and anything that counts.
+    /// The ledger claim, the handler's effects and the offset advance commit in one
+    /// transaction. Nothing is lost and nothing is applied twice, across crashes, rebalances,
+    /// zombie consumers, producer retries and replays.
+    ///
+    /// The default. Pick it for payments, inventory, anything that counts or charges.
     #[default]
     EffectivelyOnce,
 }
