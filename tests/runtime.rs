@@ -512,6 +512,8 @@ async fn unreachable_database_is_a_clear_error_without_the_password() {
         text.contains("127.0.0.1:1") && !text.contains("hunter2"),
         "{text}"
     );
+    // The cause, not the pool's "timed out".
+    assert!(text.contains("refused"), "{text}");
 }
 
 #[tokio::test]

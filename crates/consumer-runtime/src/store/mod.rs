@@ -88,6 +88,24 @@ macro_rules! impl_backend {
                 claim_from(row)
             }
 
+            async fn clear_ledger(
+                conn: &mut Self::Connection,
+                q: &Queries,
+                key: &PartitionKey,
+                from: i64,
+                to: i64,
+            ) -> Result<u64, sqlx::Error> {
+                let done = sqlx::query(q.clear_ledger.clone())
+                    .bind(&key.group)
+                    .bind(&key.topic)
+                    .bind(key.partition)
+                    .bind(from)
+                    .bind(to)
+                    .execute(conn)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
             async fn offsets(
                 pool: &Pool<Self>,
                 q: &Queries,
@@ -107,6 +125,7 @@ macro_rules! impl_backend {
                             next_offset: r.try_get(2)?,
                             epoch: r.try_get(3)?,
                             owner: r.try_get(4)?,
+                            updated_at: r.try_get(5)?,
                         })
                     })
                     .collect::<Result<_, sqlx::Error>>()
@@ -159,6 +178,8 @@ pub struct StoredOffset {
     pub epoch: i64,
     /// The instance that last claimed the partition.
     pub owner: Option<String>,
+    /// When the row last changed (a commit, a claim or a replay), UTC, RFC 3339.
+    pub updated_at: String,
 }
 
 /// The runtime's SQL, with the schema (or table prefix) spliced in once.
@@ -173,6 +194,8 @@ pub struct Queries {
     pub(crate) set_offset: sqlx::SqlStr,
     pub(crate) offsets: sqlx::SqlStr,
     pub(crate) applied_version: sqlx::SqlStr,
+    pub(crate) ledger_known: sqlx::SqlStr,
+    pub(crate) clear_ledger: sqlx::SqlStr,
 }
 
 impl Queries {
@@ -187,11 +210,17 @@ impl Queries {
             set_offset: q(templates.set_offset),
             offsets: q(templates.offsets),
             applied_version: q(templates.applied_version),
+            ledger_known: q(templates.ledger_known),
+            clear_ledger: q(CLEAR_LEDGER),
         }
     }
 }
 
 use sqlx::SqlSafeStr as _;
+
+/// Removes a partition's ledger rows for offsets in `[$4, $5)` (replay `--rebuild`).
+const CLEAR_LEDGER: &str = r#"DELETE FROM {s}processed
+WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND "offset" >= $4 AND "offset" < $5"#;
 
 struct Templates {
     claim: &'static str,
@@ -201,6 +230,7 @@ struct Templates {
     set_offset: &'static str,
     offsets: &'static str,
     applied_version: &'static str,
+    ledger_known: &'static str,
 }
 
 mod sealed {
@@ -347,6 +377,26 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
     /// The stored offsets of a group.
     #[doc(hidden)]
     async fn offsets(pool: &Pool<Self>, q: &Queries, group: &str) -> Result<Vec<StoredOffset>>;
+
+    /// Which of `ids` the ledger of `group` holds (in no particular order).
+    #[doc(hidden)]
+    async fn ledger_known(
+        pool: &Pool<Self>,
+        q: &Queries,
+        group: &str,
+        ids: &[&str],
+    ) -> Result<Vec<String>, sqlx::Error>;
+
+    /// Deletes a partition's ledger rows whose first record lies in `[from, to)`; returns how
+    /// many.
+    #[doc(hidden)]
+    async fn clear_ledger(
+        conn: &mut Self::Connection,
+        q: &Queries,
+        key: &PartitionKey,
+        from: i64,
+        to: i64,
+    ) -> Result<u64, sqlx::Error>;
 }
 
 /// Opens a connection pool for `url` (`postgres://…` for [`sqlx::Postgres`], `sqlite://…` for

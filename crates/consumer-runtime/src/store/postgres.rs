@@ -31,9 +31,11 @@ VALUES ($1, $2, $3, $4, 1, NULL, now())
 ON CONFLICT (consumer_group, topic, partition)
 DO UPDATE SET next_offset = EXCLUDED.next_offset, epoch = o.epoch + 1, owner = NULL, updated_at = now()
 RETURNING epoch, next_offset"#,
-    offsets: r#"SELECT topic, partition, next_offset, epoch, owner FROM {s}consumer_offsets
+    offsets: r#"SELECT topic, partition, next_offset, epoch, owner,
+    to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') FROM {s}consumer_offsets
 WHERE consumer_group = $1 ORDER BY topic, partition"#,
     applied_version: r#"SELECT max(version) FROM {s}_migrations WHERE success"#,
+    ledger_known: r#"SELECT event_id FROM {s}processed WHERE consumer_group = $1 AND event_id = ANY($2)"#,
 };
 
 impl_backend! {
@@ -68,10 +70,18 @@ impl_backend! {
     }
 
     async fn open_pool(url: &str, max_connections: u32) -> Result<Pool<Self>, sqlx::Error> {
+        use sqlx::ConnectOptions as _;
+        let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+        // One direct connection first: a pool hides the cause ("connection refused", "password
+        // authentication failed") behind "pool timed out".
+        let probe = tokio::time::timeout(std::time::Duration::from_secs(10), options.connect())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        sqlx::Connection::close(probe).await?;
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect(url)
+            .connect_with(options)
             .await
     }
 
@@ -96,6 +106,19 @@ impl_backend! {
             .fetch_one(pool)
             .await
             .map_err(Error::db("reading the runtime's schema version"))
+    }
+
+    async fn ledger_known(
+        pool: &Pool<Self>,
+        q: &Queries,
+        group: &str,
+        ids: &[&str],
+    ) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(q.ledger_known.clone())
+            .bind(group)
+            .bind(ids)
+            .fetch_all(pool)
+            .await
     }
 
     async fn claim_events(

@@ -36,9 +36,11 @@ VALUES ($1, $2, $3, $4, 1, NULL, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 ON CONFLICT (consumer_group, topic, partition)
 DO UPDATE SET next_offset = EXCLUDED.next_offset, epoch = o.epoch + 1, owner = NULL, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
 RETURNING epoch, next_offset"#,
-    offsets: r#"SELECT topic, partition, next_offset, epoch, owner FROM {s}consumer_offsets
+    offsets: r#"SELECT topic, partition, next_offset, epoch, owner, updated_at FROM {s}consumer_offsets
 WHERE consumer_group = $1 ORDER BY topic, partition"#,
     applied_version: r#"SELECT max(version) FROM {s}_migrations WHERE success"#,
+    ledger_known: r#"SELECT event_id FROM {s}processed
+WHERE consumer_group = $1 AND event_id IN (SELECT value FROM json_each($2))"#,
 };
 
 impl_backend! {
@@ -108,6 +110,20 @@ impl_backend! {
             .fetch_one(pool)
             .await
             .map_err(Error::db("reading the runtime's schema version"))
+    }
+
+    async fn ledger_known(
+        pool: &Pool<Self>,
+        q: &Queries,
+        group: &str,
+        ids: &[&str],
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let ids = serde_json::to_string(ids).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        sqlx::query_scalar(q.ledger_known.clone())
+            .bind(group)
+            .bind(ids)
+            .fetch_all(pool)
+            .await
     }
 
     async fn claim_events(
