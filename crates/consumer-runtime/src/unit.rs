@@ -146,6 +146,38 @@ pub(crate) fn is_infrastructure(e: &(dyn std::error::Error + 'static)) -> bool {
     }
 }
 
+/// Decodes a record and works out its event id under `strategy`: the rules of the unit of work,
+/// shared with the replay dry run ([`crate::replay`]) so that both agree on every id.
+pub(crate) fn identify<E: Decode>(
+    strategy: &EventId<E>,
+    message: &OwnedMessage,
+) -> Result<(E, String), (FailureKind, BoxError)> {
+    let event = E::decode(message.payload()).map_err(|e| (FailureKind::Undecodable, e))?;
+    let missing = |why: String| (FailureKind::MissingEventId, BoxError::from(why));
+    let id = match strategy {
+        EventId::Header(name) => {
+            let raw = header(message, name)
+                .ok_or_else(|| missing(format!("the record has no `{name}` header")))?;
+            let id = std::str::from_utf8(raw)
+                .map_err(|_| missing(format!("the `{name}` header is not valid UTF-8")))?;
+            id.to_owned()
+        }
+        EventId::FromEvent(f) => f(&event).ok_or_else(|| {
+            missing("the event-id function returned no id for this event".to_owned())
+        })?,
+        EventId::Coordinates => format!(
+            "{}/{}/{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        ),
+    };
+    if id.is_empty() {
+        return Err(missing("the event id is empty".to_owned()));
+    }
+    Ok((event, id))
+}
+
 struct Prepared<'m, E> {
     message: &'m OwnedMessage,
     event: Option<E>,
@@ -202,39 +234,14 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
     ) -> Result<Vec<Prepared<'m, H::Event>>, BatchError> {
         let mut out = Vec::with_capacity(batch.len());
         for message in batch {
-            let at = || self.coordinates(message.offset());
-            let event =
-                H::Event::decode(message.payload()).map_err(|source| BatchError::Permanent {
-                    at: at(),
-                    kind: FailureKind::Undecodable,
-                    source,
+            let (event, id) =
+                identify(&self.config.event_id, message).map_err(|(kind, source)| {
+                    BatchError::Permanent {
+                        at: self.coordinates(message.offset()),
+                        kind,
+                        source,
+                    }
                 })?;
-            let missing = |why: String| BatchError::Permanent {
-                at: at(),
-                kind: FailureKind::MissingEventId,
-                source: why.into(),
-            };
-            let id = match &self.config.event_id {
-                EventId::Header(name) => {
-                    let raw = header(message, name)
-                        .ok_or_else(|| missing(format!("the record has no `{name}` header")))?;
-                    let id = std::str::from_utf8(raw)
-                        .map_err(|_| missing(format!("the `{name}` header is not valid UTF-8")))?;
-                    id.to_owned()
-                }
-                EventId::FromEvent(f) => f(&event).ok_or_else(|| {
-                    missing("the event-id function returned no id for this event".to_owned())
-                })?,
-                EventId::Coordinates => format!(
-                    "{}/{}/{}",
-                    message.topic(),
-                    message.partition(),
-                    message.offset()
-                ),
-            };
-            if id.is_empty() {
-                return Err(missing("the event id is empty".to_owned()));
-            }
             out.push(Prepared {
                 message,
                 event: Some(event),
