@@ -44,10 +44,13 @@
 //! # }
 //! ```
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod event_id;
 pub mod handler;
+pub mod replay;
 pub mod runtime;
 pub mod store;
 pub mod unit;
@@ -57,6 +60,7 @@ pub use config::{Assignor, Guarantee, OffsetReset, RetryPolicy};
 pub use error::{BoxError, Coordinates, Error, FailureKind, Result};
 pub use event_id::EventId;
 pub use handler::{Context, Decode, Handler, HandlerError, Raw, Record, ResultExt};
+pub use replay::{PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress, ReplayRequest, replay};
 pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats};
 pub use store::{
     Backend, Claim, DatabaseKind, PartitionKey, StoredOffset, check_schema, connect, migrate,

@@ -1,0 +1,483 @@
+//! The command line: clap's definitions of the subcommands and their flags, and the parsers of
+//! the values that are not plain strings (durations, event-id strategies, `-X` properties).
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::builder::{PossibleValuesParser, TypedValueParser as _};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Assignor, Guarantee, OffsetReset};
+use crate::replay::ReplayFrom;
+
+/// The whole command line. The program's name and description are set at run time from the
+/// [`App`](super::App).
+#[derive(Debug, Parser)]
+#[command(
+    name = "consumer",
+    subcommand_required = true,
+    arg_required_else_help = true,
+    disable_version_flag = true,
+    max_term_width = 100
+)]
+pub(super) struct Cli {
+    #[command(flatten)]
+    pub(super) global: GlobalArgs,
+    #[command(subcommand)]
+    pub(super) command: Command,
+}
+
+/// Options every subcommand takes (before or after the subcommand's name).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Connection, configuration and logging (every command)")]
+pub(super) struct GlobalArgs {
+    /// The database with the runtime's tables and the application's:
+    /// postgres://user:password@host/db or sqlite://path/to/file.db. Required by every command.
+    /// The password is never printed. [env: DATABASE_URL] [config: database_url]
+    #[arg(long, global = true, value_name = "URL")]
+    pub(super) database_url: Option<String>,
+
+    /// Kafka's bootstrap servers, host:port[,host:port...]. Required by run, status and replay.
+    /// [env: KAFKA_BROKERS] [config: brokers]
+    #[arg(long, short = 'b', global = true, value_name = "HOST:PORT")]
+    pub(super) brokers: Option<String>,
+
+    /// The schema (PostgreSQL) or table prefix (SQLite) of the runtime's tables. [default:
+    /// consumer_runtime] [env: CONSUMER_RUNTIME_SCHEMA] [config: schema]
+    #[arg(long, global = true, value_name = "NAME")]
+    pub(super) schema: Option<String>,
+
+    /// A TOML file of settings. Its keys are the long flag names with underscores (database_url,
+    /// brokers, group, topics = [...], batch_size, batch_wait, ...) plus a [kafka] table of
+    /// librdkafka properties; unknown keys are errors. Flags win over environment variables,
+    /// which win over the file, which wins over the defaults. [env: CONSUMER_CONFIG]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(super) config: Option<PathBuf>,
+
+    /// A librdkafka property passed through unchanged, as kcat does (repeatable), e.g.
+    /// -X security.protocol=SASL_SSL -X sasl.mechanism=PLAIN. Wins over the [kafka] table of
+    /// the config file. Values of keys containing password, secret or sasl are never printed.
+    #[arg(
+        short = 'X',
+        global = true,
+        value_name = "KEY=VALUE",
+        action = clap::ArgAction::Append
+    )]
+    pub(super) kafka: Vec<String>,
+
+    /// The log level (error, warn, info, debug, trace) or a tracing filter such as
+    /// info,consumer_runtime=debug. Logs go to stderr. RUST_LOG, when set, wins over this flag.
+    /// [default: info] [config: log_level]
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub(super) log_level: Option<String>,
+}
+
+/// The subcommands. (`dead-letters` will join them.)
+#[derive(Debug, Subcommand)]
+pub(super) enum Command {
+    /// Consume the topics and run the handler for every record, until SIGINT or SIGTERM
+    /// (graceful: in-flight batches finish, the consumer leaves its group).
+    ///
+    /// Checks first that the database schema is up to date (see `migrate`).
+    Run(RunArgs),
+    /// Apply the runtime's migrations (to --schema), then the application's own.
+    ///
+    /// Safe to run repeatedly and concurrently; already-applied migrations are skipped.
+    Migrate,
+    /// Show a consumer group's stored offsets, or move one (`offsets set`).
+    ///
+    /// The offsets in the database are the source of truth: the consumer resumes from them on
+    /// every partition assignment, never from Kafka's committed offsets.
+    Offsets(OffsetsArgs),
+    /// Show each partition's stored offset, the broker's high watermark and the lag between
+    /// them.
+    Status(StatusArgs),
+    /// Rewind a consumer group's stored offsets so that running consumers re-read a range;
+    /// already-processed records are skipped by the dedup ledger.
+    ///
+    /// Running consumers are fenced (the partitions' epochs are bumped), reload the new
+    /// position and continue from it without a restart.
+    Replay(ReplayArgs),
+}
+
+/// `run`'s flags.
+#[derive(Debug, Args)]
+pub(super) struct RunArgs {
+    /// The consumer group. Dedup is scoped per group. Required. [env: CONSUMER_GROUP] [config:
+    /// group]
+    #[arg(long, short = 'g', value_name = "GROUP")]
+    pub(super) group: Option<String>,
+
+    /// A topic to consume (repeatable, or comma-separated). Required. [env: KAFKA_TOPICS,
+    /// comma-separated] [config: topics = ["a", "b"]]
+    #[arg(
+        long = "topic",
+        short = 't',
+        value_name = "TOPIC",
+        value_delimiter = ','
+    )]
+    pub(super) topics: Vec<String>,
+
+    /// The most records in one batch (one transaction) of a partition; 1 gives one transaction
+    /// per record. [default: 500] [config: batch_size]
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub(super) batch_size: Option<usize>,
+
+    /// How long a partition's batch may wait to fill after its first record, e.g. 20ms, 1s,
+    /// 500us. [default: 20ms] [config: batch_wait]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(super) batch_wait: Option<Duration>,
+
+    /// The most transactions open at once (the database pool holds this many connections plus
+    /// two). SQLite always writes one at a time. [default: 8] [config: concurrency]
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub(super) concurrency: Option<usize>,
+
+    /// The delivery guarantee. at-most-once can lose the batch in flight on a crash;
+    /// at-least-once can apply it twice; effectively-once does neither. [default:
+    /// effectively-once] [config: guarantee]
+    #[arg(long, value_name = "GUARANTEE", value_parser = guarantee_parser())]
+    pub(super) guarantee: Option<Guarantee>,
+
+    /// Where each record's event id (its key in the dedup ledger) comes from: header:NAME, or
+    /// coordinates (topic/partition/offset, which cannot catch producer duplicates). [default:
+    /// the program's own strategy, else header:event-id] [config: event_id]
+    #[arg(long, value_name = "header:NAME|coordinates")]
+    pub(super) event_id: Option<EventIdArg>,
+
+    /// Where a partition starts when the database holds no offset for it yet. [default:
+    /// earliest] [config: offset_reset]
+    #[arg(long, value_name = "WHERE", value_parser = offset_reset_parser())]
+    pub(super) offset_reset: Option<OffsetReset>,
+
+    /// The consumer group's partition assignment strategy. [default: cooperative-sticky]
+    /// [config: assignor]
+    #[arg(long, value_name = "ASSIGNOR", value_parser = assignor_parser())]
+    pub(super) assignor: Option<Assignor>,
+
+    /// How many attempts a failing batch gets before its record counts as permanently failed
+    /// and the consumer stops (nothing is skipped); `unlimited` retries forever. [default: 10]
+    /// [config: max_attempts]
+    #[arg(long, value_name = "N|unlimited")]
+    pub(super) max_attempts: Option<MaxAttempts>,
+}
+
+/// `offsets`' flags and its `set` subcommand.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = false)]
+pub(super) struct OffsetsArgs {
+    #[command(subcommand)]
+    pub(super) action: Option<OffsetsAction>,
+
+    /// The consumer group. Required. [env: CONSUMER_GROUP] [config: group]
+    #[arg(long, short = 'g', value_name = "GROUP", global = true)]
+    pub(super) group: Option<String>,
+
+    /// `offsets`: show only this topic. `offsets set`: the topic (required).
+    #[arg(long, short = 't', value_name = "TOPIC", global = true)]
+    pub(super) topic: Option<String>,
+}
+
+/// `offsets`' subcommands.
+#[derive(Debug, Subcommand)]
+pub(super) enum OffsetsAction {
+    /// Move one partition's stored offset (with --group and --topic), with the same fencing as
+    /// `replay`: its epoch is bumped, and a running consumer reloads the new position within
+    /// about a second. Moving backwards re-applies nothing (the ledger skips processed
+    /// records); moving forwards skips records for good.
+    Set(OffsetsSetArgs),
+}
+
+/// `offsets set`'s flags.
+#[derive(Debug, Args)]
+pub(super) struct OffsetsSetArgs {
+    /// The partition.
+    #[arg(long, short = 'p', value_name = "N")]
+    pub(super) partition: i32,
+
+    /// The new stored offset: the offset of the next record to process.
+    #[arg(long, value_name = "OFFSET")]
+    pub(super) offset: i64,
+}
+
+/// `status`' flags.
+#[derive(Debug, Args)]
+pub(super) struct StatusArgs {
+    /// The consumer group. Required. [env: CONSUMER_GROUP] [config: group]
+    #[arg(long, short = 'g', value_name = "GROUP")]
+    pub(super) group: Option<String>,
+
+    /// Show only this topic. [default: the topics the group has stored offsets for, and the
+    /// configured topics (KAFKA_TOPICS, config: topics)]
+    #[arg(long, short = 't', value_name = "TOPIC")]
+    pub(super) topic: Option<String>,
+}
+
+/// `replay`'s flags.
+#[derive(Debug, Args)]
+pub(super) struct ReplayArgs {
+    /// The consumer group. Required. [env: CONSUMER_GROUP] [config: group]
+    #[arg(long, short = 'g', value_name = "GROUP")]
+    pub(super) group: Option<String>,
+
+    /// The topic to replay.
+    #[arg(long, short = 't', value_name = "TOPIC")]
+    pub(super) topic: String,
+
+    /// Only this partition. [default: every partition of the topic]
+    #[arg(long, short = 'p', value_name = "N")]
+    pub(super) partition: Option<i32>,
+
+    /// Where to rewind to: earliest, an offset (e.g. 1200), or an RFC 3339 time (e.g.
+    /// 2026-11-20T08:00:00Z: each partition's first record at or after it).
+    #[arg(long, value_name = "earliest|OFFSET|TIME", value_parser = parse_replay_from)]
+    pub(super) from: ReplayFrom,
+
+    /// Change nothing: report per partition how many records the range holds and how many of
+    /// them the ledger would skip.
+    #[arg(long, conflicts_with = "rebuild")]
+    pub(super) dry_run: bool,
+
+    /// DANGER: RE-RUNS THE HANDLER FOR RECORDS IT ALREADY PROCESSED. Also deletes the range's
+    /// rows from the dedup ledger, in the same transaction as the rewind, so every record in
+    /// the range is applied again. Only for deliberately rebuilding state whose effects are
+    /// safe to repeat (e.g. a projection after a handler fix); a handler that counts or
+    /// charges will count or charge twice.
+    #[arg(long)]
+    pub(super) rebuild: bool,
+
+    /// The event-id strategy, as for `run` (it must match, so that --dry-run counts the
+    /// ledger's rows right). [default: the program's own strategy, else header:event-id]
+    /// [config: event_id]
+    #[arg(long, value_name = "header:NAME|coordinates")]
+    pub(super) event_id: Option<EventIdArg>,
+}
+
+/// An event-id strategy that can be named on the command line (a business key can only be
+/// given in code, with [`App::event_id`](super::App::event_id)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum EventIdArg {
+    /// `header:NAME`.
+    Header(String),
+    /// `coordinates`.
+    Coordinates,
+}
+
+impl FromStr for EventIdArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            _ if s == "coordinates" => Ok(EventIdArg::Coordinates),
+            Some(("header", name)) if !name.trim().is_empty() => {
+                Ok(EventIdArg::Header(name.trim().to_owned()))
+            }
+            _ => Err(format!(
+                "unknown event-id strategy `{s}`; use header:NAME (e.g. header:event-id) or coordinates"
+            )),
+        }
+    }
+}
+
+/// `--max-attempts`: a positive number, or `unlimited` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct MaxAttempts(pub(super) Option<u32>);
+
+impl FromStr for MaxAttempts {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "unlimited" {
+            return Ok(MaxAttempts(None));
+        }
+        match s.parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(MaxAttempts(Some(n))),
+            _ => Err(format!(
+                "`{s}` is not a number of attempts; use a number from 1 up, or unlimited"
+            )),
+        }
+    }
+}
+
+fn parse_replay_from(s: &str) -> Result<ReplayFrom, String> {
+    s.parse::<ReplayFrom>().map_err(|e| match e {
+        crate::Error::Config(why) => why,
+        other => other.to_string(),
+    })
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a positive whole number")),
+    }
+}
+
+fn guarantee_parser() -> impl clap::builder::TypedValueParser<Value = Guarantee> {
+    PossibleValuesParser::new(["at-most-once", "at-least-once", "effectively-once"])
+        .map(|s| s.parse::<Guarantee>().expect("a possible value"))
+}
+
+fn offset_reset_parser() -> impl clap::builder::TypedValueParser<Value = OffsetReset> {
+    PossibleValuesParser::new(["earliest", "latest"])
+        .map(|s| s.parse::<OffsetReset>().expect("a possible value"))
+}
+
+fn assignor_parser() -> impl clap::builder::TypedValueParser<Value = Assignor> {
+    PossibleValuesParser::new(["cooperative-sticky", "range", "roundrobin"])
+        .map(|s| s.parse::<Assignor>().expect("a possible value"))
+}
+
+/// Parses a duration such as `20ms`, `1s`, `1.5s`, `500us`, `2m` or `1h` (units: ns, us or µs,
+/// ms, s, m, h). A bare number is refused: its unit would be a guess.
+pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let text = s.trim();
+    let bad = |why: &str| format!("`{s}` is not a duration ({why}); write e.g. 20ms, 1s or 500us");
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| bad("no unit"))?;
+    let (number, unit) = text.split_at(split);
+    if number.is_empty() {
+        return Err(bad("no number"));
+    }
+    let nanos_per_unit: u64 = match unit.trim() {
+        "ns" => 1,
+        "us" | "µs" => 1_000,
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" | "min" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        _ => return Err(bad("unknown unit")),
+    };
+    if let Ok(whole) = number.parse::<u64>() {
+        let nanos = whole
+            .checked_mul(nanos_per_unit)
+            .ok_or_else(|| bad("too long"))?;
+        return Ok(Duration::from_nanos(nanos));
+    }
+    let value: f64 = number.parse().map_err(|_| bad("not a number"))?;
+    Duration::try_from_secs_f64(value * nanos_per_unit as f64 / 1e9).map_err(|_| bad("too long"))
+}
+
+/// Whether a librdkafka property's value must never be printed.
+pub(super) fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "sasl", "ssl.key.pem"]
+        .iter()
+        .any(|word| key.contains(word))
+}
+
+/// Parses one `-X key=value`. The error never repeats a value that might be a secret.
+pub(super) fn parse_kafka_property(raw: &str) -> Result<(String, String), String> {
+    let shown = if is_secret_key(raw) { "***" } else { raw };
+    let Some((key, value)) = raw.split_once('=') else {
+        return Err(format!(
+            "malformed -X `{shown}`: expected KEY=VALUE, e.g. -X session.timeout.ms=10000"
+        ));
+    };
+    let key = key.trim();
+    if key.is_empty() || key.contains(char::is_whitespace) {
+        return Err(format!(
+            "malformed -X `{shown}`: the property name before `=` must be a librdkafka property such as session.timeout.ms"
+        ));
+    }
+    Ok((key.to_owned(), value.to_owned()))
+}
+
+/// `key=value, key=***` for logs: secrets are masked.
+pub(super) fn show_properties(props: &[(String, String)]) -> String {
+    if props.is_empty() {
+        return "none".to_owned();
+    }
+    props
+        .iter()
+        .map(|(k, v)| {
+            if is_secret_key(k) {
+                format!("{k}=***")
+            } else {
+                format!("{k}={v}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_need_a_unit_and_accept_the_common_ones() {
+        assert_eq!(parse_duration("20ms").unwrap(), Duration::from_millis(20));
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
+        assert_eq!(parse_duration("500µs").unwrap(), Duration::from_micros(500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("0ms").unwrap(), Duration::ZERO);
+        for bad in ["20", "ms", "", "20 parsecs", "1.2.3s", "-1s"] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.contains("20ms"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn kafka_properties_split_at_the_first_equals_sign() {
+        assert_eq!(
+            parse_kafka_property("session.timeout.ms=6000").unwrap(),
+            ("session.timeout.ms".into(), "6000".into())
+        );
+        assert_eq!(
+            parse_kafka_property("sasl.jaas.config=a=b").unwrap(),
+            ("sasl.jaas.config".into(), "a=b".into())
+        );
+        assert_eq!(
+            parse_kafka_property("client.id=").unwrap(),
+            ("client.id".into(), String::new())
+        );
+        let err = parse_kafka_property("session.timeout.ms").unwrap_err();
+        assert!(
+            err.contains("KEY=VALUE") && err.contains("session.timeout.ms"),
+            "{err}"
+        );
+        assert!(parse_kafka_property("=6000").is_err());
+    }
+
+    #[test]
+    fn malformed_secret_properties_are_not_echoed() {
+        let err = parse_kafka_property("sasl.password:hunter2").unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+        assert_eq!(
+            show_properties(&[
+                ("sasl.password".into(), "hunter2".into()),
+                ("ssl.key.password".into(), "k".into()),
+                ("client.secret".into(), "s".into()),
+                ("client.id".into(), "orders".into()),
+            ]),
+            "sasl.password=***, ssl.key.password=***, client.secret=***, client.id=orders"
+        );
+    }
+
+    #[test]
+    fn event_id_strategies_parse() {
+        assert_eq!(
+            "header:trace-id".parse::<EventIdArg>().unwrap(),
+            EventIdArg::Header("trace-id".into())
+        );
+        assert_eq!(
+            "coordinates".parse::<EventIdArg>().unwrap(),
+            EventIdArg::Coordinates
+        );
+        for bad in ["header:", "header", "key", "coordinates:x"] {
+            assert!(bad.parse::<EventIdArg>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            "unlimited".parse::<MaxAttempts>().unwrap(),
+            MaxAttempts(None)
+        );
+        assert_eq!("3".parse::<MaxAttempts>().unwrap(), MaxAttempts(Some(3)));
+        assert!("0".parse::<MaxAttempts>().is_err());
+    }
+}

@@ -1,0 +1,440 @@
+//! Configuration layering: flags win over environment variables, which win over the TOML file
+//! (`--config`), which wins over the defaults. [`resolve`] is a pure function of the parsed
+//! command line, an environment lookup and the file's text, so the precedence is unit-tested
+//! without touching the process environment.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::CliError;
+use super::args::{
+    Cli, Command, EventIdArg, MaxAttempts, OffsetsAction, parse_duration, parse_kafka_property,
+};
+use crate::config::{Assignor, Guarantee, OffsetReset};
+use crate::replay::ReplayFrom;
+
+/// Looks up an environment variable (`std::env::var` in the program, a map in tests).
+pub(super) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+pub(super) const ENV_DATABASE_URL: &str = "DATABASE_URL";
+pub(super) const ENV_BROKERS: &str = "KAFKA_BROKERS";
+pub(super) const ENV_SCHEMA: &str = "CONSUMER_RUNTIME_SCHEMA";
+pub(super) const ENV_CONFIG: &str = "CONSUMER_CONFIG";
+pub(super) const ENV_GROUP: &str = "CONSUMER_GROUP";
+pub(super) const ENV_TOPICS: &str = "KAFKA_TOPICS";
+
+/// The config file: every key is optional; an unknown key is an error that names it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    database_url: Option<String>,
+    brokers: Option<String>,
+    schema: Option<String>,
+    log_level: Option<String>,
+    group: Option<String>,
+    topics: Option<Vec<String>>,
+    batch_size: Option<usize>,
+    batch_wait: Option<String>,
+    concurrency: Option<usize>,
+    guarantee: Option<String>,
+    event_id: Option<String>,
+    offset_reset: Option<String>,
+    assignor: Option<String>,
+    max_attempts: Option<FileMaxAttempts>,
+    kafka: Option<toml::Table>,
+}
+
+/// `max_attempts = 5` or `max_attempts = "unlimited"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FileMaxAttempts {
+    Number(i64),
+    Text(String),
+}
+
+/// The config file's text and the name to show in errors.
+#[derive(Debug, Clone)]
+pub(super) struct ConfigFile {
+    /// The path, as given.
+    pub(super) name: String,
+    /// The contents.
+    pub(super) text: String,
+}
+
+/// Everything a command needs, with every layer applied.
+#[derive(Debug)]
+pub(super) struct Settings {
+    pub(super) database_url: String,
+    pub(super) schema: String,
+    pub(super) kafka: Vec<(String, String)>,
+    pub(super) log_level: String,
+    pub(super) action: Action,
+}
+
+/// What to do, with the command's settings resolved.
+#[derive(Debug)]
+pub(super) enum Action {
+    Run(RunSettings),
+    Migrate,
+    Offsets {
+        group: String,
+        topic: Option<String>,
+    },
+    SetOffset {
+        group: String,
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
+    Status {
+        brokers: String,
+        group: String,
+        /// `--topic`, if given.
+        topic: Option<String>,
+        /// The configured topics (KAFKA_TOPICS or the file's `topics`), shown even before the
+        /// group stored an offset for them.
+        configured: Vec<String>,
+    },
+    Replay(ReplaySettings),
+}
+
+/// `run`'s settings; `None` leaves the runtime's default.
+#[derive(Debug)]
+pub(super) struct RunSettings {
+    pub(super) brokers: String,
+    pub(super) group: String,
+    pub(super) topics: Vec<String>,
+    pub(super) batch_size: Option<usize>,
+    pub(super) batch_wait: Option<Duration>,
+    pub(super) concurrency: Option<usize>,
+    pub(super) guarantee: Option<Guarantee>,
+    pub(super) event_id: Option<EventIdArg>,
+    pub(super) offset_reset: Option<OffsetReset>,
+    pub(super) assignor: Option<Assignor>,
+    pub(super) max_attempts: Option<Option<u32>>,
+}
+
+/// `replay`'s settings.
+#[derive(Debug)]
+pub(super) struct ReplaySettings {
+    pub(super) brokers: String,
+    pub(super) group: String,
+    pub(super) topic: String,
+    pub(super) partition: Option<i32>,
+    pub(super) from: ReplayFrom,
+    pub(super) dry_run: bool,
+    pub(super) rebuild: bool,
+    pub(super) event_id: Option<EventIdArg>,
+}
+
+/// A required setting, named the three ways it can be given.
+struct Required {
+    what: &'static str,
+    flag: &'static str,
+    env: Option<&'static str>,
+    key: &'static str,
+}
+
+const DATABASE_URL: Required = Required {
+    what: "database URL",
+    flag: "--database-url",
+    env: Some(ENV_DATABASE_URL),
+    key: "database_url",
+};
+const BROKERS: Required = Required {
+    what: "Kafka brokers",
+    flag: "--brokers",
+    env: Some(ENV_BROKERS),
+    key: "brokers",
+};
+const GROUP: Required = Required {
+    what: "consumer group",
+    flag: "--group",
+    env: Some(ENV_GROUP),
+    key: "group",
+};
+const TOPICS: Required = Required {
+    what: "topic",
+    flag: "--topic",
+    env: Some(ENV_TOPICS),
+    key: "topics",
+};
+
+impl Required {
+    fn missing(&self) -> CliError {
+        let env = self.env.map(|e| format!(", set {e}")).unwrap_or_default();
+        CliError::Usage(format!(
+            "no {} given; pass {}{env}, or set `{}` in the config file (--config)",
+            self.what, self.flag, self.key
+        ))
+    }
+}
+
+/// The layers of one resolution: the environment and the parsed file.
+struct Layers<'a> {
+    env: Env<'a>,
+    file: FileConfig,
+    file_name: String,
+}
+
+impl Layers<'_> {
+    /// An environment variable; an empty one counts as unset.
+    fn env(&self, name: &str) -> Option<String> {
+        (self.env)(name).filter(|v| !v.trim().is_empty())
+    }
+
+    /// flag > env > file, for a string.
+    fn string(
+        &self,
+        flag: Option<String>,
+        env: Option<&str>,
+        file: Option<String>,
+    ) -> Option<String> {
+        flag.or_else(|| env.and_then(|e| self.env(e))).or(file)
+    }
+
+    fn required(
+        &self,
+        r: &Required,
+        flag: Option<String>,
+        file: Option<String>,
+    ) -> Result<String, CliError> {
+        self.string(flag, r.env, file).ok_or_else(|| r.missing())
+    }
+
+    /// flag > file, for a value the file gives as text.
+    fn parsed<T: FromStr<Err = String>>(
+        &self,
+        flag: Option<T>,
+        key: &str,
+        file: Option<String>,
+    ) -> Result<Option<T>, CliError> {
+        match (flag, file) {
+            (Some(v), _) => Ok(Some(v)),
+            (None, Some(text)) => text
+                .parse::<T>()
+                .map(Some)
+                .map_err(|e: String| self.bad(key, &e)),
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn bad(&self, key: &str, why: &str) -> CliError {
+        CliError::Usage(format!("config file `{}`: `{key}`: {why}", self.file_name))
+    }
+
+    /// The topics: `--topic` > KAFKA_TOPICS (comma-separated) > the file's `topics`.
+    fn topics(&self, flag: Vec<String>) -> Vec<String> {
+        let clean = |v: Vec<String>| -> Vec<String> {
+            v.into_iter()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect()
+        };
+        let flag = clean(flag);
+        if !flag.is_empty() {
+            return flag;
+        }
+        if let Some(env) = self.env(ENV_TOPICS) {
+            return clean(env.split(',').map(str::to_owned).collect());
+        }
+        clean(self.file.topics.clone().unwrap_or_default())
+    }
+
+    fn max_attempts(&self, flag: Option<MaxAttempts>) -> Result<Option<Option<u32>>, CliError> {
+        if let Some(MaxAttempts(n)) = flag {
+            return Ok(Some(n));
+        }
+        let parsed = match &self.file.max_attempts {
+            None => return Ok(None),
+            Some(FileMaxAttempts::Text(t)) => t.parse::<MaxAttempts>(),
+            Some(FileMaxAttempts::Number(n)) => n.to_string().parse::<MaxAttempts>(),
+        };
+        parsed
+            .map(|MaxAttempts(n)| Some(n))
+            .map_err(|e| self.bad("max_attempts", &e))
+    }
+
+    /// The file's `[kafka]` table, flattened (`[kafka] session.timeout.ms = 6000` and
+    /// `"session.timeout.ms" = "6000"` are the same property), then `-X` on top.
+    fn kafka(&self, flags: &[String]) -> Result<Vec<(String, String)>, CliError> {
+        let mut props = Vec::new();
+        if let Some(table) = &self.file.kafka {
+            self.flatten("", table, &mut props)?;
+        }
+        for raw in flags {
+            let (k, v) = parse_kafka_property(raw).map_err(CliError::Usage)?;
+            props.retain(|(key, _)| *key != k);
+            props.push((k, v));
+        }
+        Ok(props)
+    }
+
+    fn flatten(
+        &self,
+        prefix: &str,
+        table: &toml::Table,
+        out: &mut Vec<(String, String)>,
+    ) -> Result<(), CliError> {
+        for (k, v) in table {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            let value = match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Table(t) => {
+                    self.flatten(&key, t, out)?;
+                    continue;
+                }
+                _ => {
+                    return Err(self.bad(
+                        &format!("kafka.{key}"),
+                        "a librdkafka property must be a string, a number or a boolean",
+                    ));
+                }
+            };
+            out.push((key, value));
+        }
+        Ok(())
+    }
+}
+
+/// Parses the config file; errors name the file, the line and (for an unknown key) the key.
+fn parse_file(file: Option<&ConfigFile>) -> Result<(FileConfig, String), CliError> {
+    let Some(file) = file else {
+        return Ok((FileConfig::default(), String::new()));
+    };
+    match toml::from_str::<FileConfig>(&file.text) {
+        Ok(config) => Ok((config, file.name.clone())),
+        Err(e) => {
+            let line = e
+                .span()
+                .map(|span| {
+                    let upto = span.start.min(file.text.len());
+                    format!(", line {}", file.text[..upto].matches('\n').count() + 1)
+                })
+                .unwrap_or_default();
+            let message = e.message().trim().replace('\n', " ");
+            Err(CliError::Usage(format!(
+                "config file `{}`{line}: {message}",
+                file.name
+            )))
+        }
+    }
+}
+
+/// Applies the layers: flags (already in `cli`) > environment > config file > defaults.
+pub(super) fn resolve(
+    cli: Cli,
+    env: Env<'_>,
+    file: Option<&ConfigFile>,
+) -> Result<Settings, CliError> {
+    let (config, file_name) = parse_file(file)?;
+    let layers = Layers {
+        env,
+        file: config,
+        file_name,
+    };
+    let f = &layers.file;
+    let g = cli.global;
+    let database_url = layers.required(&DATABASE_URL, g.database_url, f.database_url.clone())?;
+    let schema = layers
+        .string(g.schema, Some(ENV_SCHEMA), f.schema.clone())
+        .unwrap_or_else(|| "consumer_runtime".to_owned());
+    let log_level = g
+        .log_level
+        .or_else(|| f.log_level.clone())
+        .unwrap_or_else(|| "info".to_owned());
+    let kafka = layers.kafka(&g.kafka)?;
+    let brokers = || layers.required(&BROKERS, g.brokers.clone(), f.brokers.clone());
+    let group = |flag: Option<String>| layers.required(&GROUP, flag, f.group.clone());
+    let event_id = |flag: Option<EventIdArg>| layers.parsed(flag, "event_id", f.event_id.clone());
+
+    let action = match cli.command {
+        Command::Migrate => Action::Migrate,
+        Command::Run(r) => {
+            let topics = layers.topics(r.topics);
+            if topics.is_empty() {
+                return Err(TOPICS.missing());
+            }
+            let batch_wait = match (r.batch_wait, &f.batch_wait) {
+                (Some(w), _) => Some(w),
+                (None, Some(text)) => {
+                    Some(parse_duration(text).map_err(|e| layers.bad("batch_wait", &e))?)
+                }
+                (None, None) => None,
+            };
+            let positive = |key: &str, v: Option<usize>| match v {
+                Some(0) => Err(layers.bad(key, "must be at least 1")),
+                other => Ok(other),
+            };
+            Action::Run(RunSettings {
+                brokers: brokers()?,
+                group: group(r.group)?,
+                topics,
+                batch_size: r.batch_size.or(positive("batch_size", f.batch_size)?),
+                batch_wait,
+                concurrency: r.concurrency.or(positive("concurrency", f.concurrency)?),
+                guarantee: layers.parsed(r.guarantee, "guarantee", f.guarantee.clone())?,
+                event_id: event_id(r.event_id)?,
+                offset_reset: layers.parsed(
+                    r.offset_reset,
+                    "offset_reset",
+                    f.offset_reset.clone(),
+                )?,
+                assignor: layers.parsed(r.assignor, "assignor", f.assignor.clone())?,
+                max_attempts: layers.max_attempts(r.max_attempts)?,
+            })
+        }
+        Command::Offsets(o) => match o.action {
+            None => Action::Offsets {
+                group: group(o.group)?,
+                topic: o.topic,
+            },
+            Some(OffsetsAction::Set(set)) => Action::SetOffset {
+                group: group(o.group)?,
+                topic: o.topic.ok_or_else(|| {
+                    CliError::Usage(
+                        "`offsets set` needs --topic, the topic whose offset to move".into(),
+                    )
+                })?,
+                partition: set.partition,
+                offset: set.offset,
+            },
+        },
+        Command::Status(s) => Action::Status {
+            brokers: brokers()?,
+            group: group(s.group)?,
+            configured: if s.topic.is_some() {
+                Vec::new()
+            } else {
+                layers.topics(Vec::new())
+            },
+            topic: s.topic,
+        },
+        Command::Replay(r) => Action::Replay(ReplaySettings {
+            brokers: brokers()?,
+            group: group(r.group)?,
+            topic: r.topic,
+            partition: r.partition,
+            from: r.from,
+            dry_run: r.dry_run,
+            rebuild: r.rebuild,
+            event_id: event_id(r.event_id)?,
+        }),
+    };
+    Ok(Settings {
+        database_url,
+        schema,
+        kafka,
+        log_level,
+        action,
+    })
+}
