@@ -1,0 +1,1055 @@
+//! The generated consumer program, run as real processes: the `orders` example
+//! (`examples/orders/main.rs`) against real PostgreSQL and a librdkafka mock cluster hosted by
+//! this test process (its bootstrap address is passed with `--brokers`).
+//!
+//! The example's handler keeps `order_events_applied.applied = applied + 1` per event id, a
+//! deliberately non-idempotent counter: every check below that says "exactly once" reads it.
+//! Each test uses its own topic, consumer group and runtime schema (`--schema`), created by
+//! the program's own `migrate` and dropped at the end.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use consumer_runtime::sqlx::{self, Pool, Postgres, Row};
+use consumer_runtime::{Backend, StoredOffset};
+use support::{Kafka, assert_exactly_once, database_url, rand_name, wait_until};
+
+/// How long any one step may take before the test fails.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A short session, so that the group forgets a departed member quickly: on the mock cluster a
+/// consumer that joins right after another one of its group closed, even cleanly, waits for the
+/// old member's session to expire (44 s at the default 45 s, plain rdkafka consumers alike).
+const QUICK_SESSION: [&str; 4] = [
+    "-X",
+    "session.timeout.ms=6000",
+    "-X",
+    "heartbeat.interval.ms=500",
+];
+
+/// The `orders` example, built once per test run into the target directory of this test.
+fn orders_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // This test runs as `<target>/<profile>/deps/cli-<hash>`.
+        let exe = std::env::current_exe().expect("the test's own path");
+        let profile = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("<target>/<profile>");
+        let target = profile.parent().expect("<target>");
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "consumer-runtime",
+                "--example",
+                "orders",
+            ])
+            .env("CARGO_TARGET_DIR", target);
+        if profile.file_name().is_some_and(|p| p == "release") {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("run cargo build");
+        assert!(status.success(), "building the orders example failed");
+        profile.join("examples").join("orders")
+    })
+}
+
+/// A finished command: its exit status and what it printed.
+#[derive(Debug)]
+struct Out {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn assert_success(&self, what: &str) -> &Self {
+        assert!(
+            self.status.success(),
+            "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// A running `orders` process whose stdout and stderr go to files (a pipe nobody reads could
+/// fill up and stall it). Dropping it kills the process if it still runs.
+struct Proc {
+    name: String,
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM (a graceful stop).
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {} failed", self.pid());
+    }
+
+    /// Sends SIGKILL (a crash) and reaps the process.
+    fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap the killed process");
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits for the process to exit and returns what it printed.
+    fn wait(&mut self, timeout: Duration) -> Out {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "`{}` did not exit within {timeout:?}; stderr:\n{}",
+                    self.name,
+                    read(&self.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Out {
+            status,
+            stdout: read(&self.stdout),
+            stderr: read(&self.stderr),
+        }
+    }
+
+    fn stderr(&self) -> String {
+        read(&self.stderr)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// An `orders` command with none of the program's environment variables inherited.
+fn orders<S: AsRef<str>>(args: &[S]) -> Command {
+    let mut cmd = Command::new(orders_bin());
+    cmd.args(args.iter().map(AsRef::as_ref))
+        .env_remove("DATABASE_URL")
+        .env_remove("KAFKA_BROKERS")
+        .env_remove("CONSUMER_GROUP")
+        .env_remove("KAFKA_TOPICS")
+        .env_remove("CONSUMER_RUNTIME_SCHEMA")
+        .env_remove("CONSUMER_CONFIG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Starts `cmd`, its output going to files named after `name` in a fresh directory.
+fn spawn(name: &str, mut cmd: Command) -> Proc {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("cli")
+        .join(rand_name(name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (stdout, stderr) = (dir.join("stdout"), dir.join("stderr"));
+    let child = cmd
+        .stdout(File::create(&stdout).unwrap())
+        .stderr(File::create(&stderr).unwrap())
+        .spawn()
+        .expect("start the orders example");
+    Proc {
+        name: name.to_owned(),
+        child,
+        stdout,
+        stderr,
+    }
+}
+
+/// Runs `cmd` to completion.
+fn output(name: &str, cmd: Command) -> Out {
+    spawn(name, cmd).wait(WAIT)
+}
+
+/// One test's world: a mock cluster with a topic, a consumer group, and a runtime schema
+/// migrated by `orders migrate`.
+struct Setup {
+    kafka: Kafka,
+    pool: Pool<Postgres>,
+    url: String,
+    schema: String,
+    topic: String,
+    group: String,
+    /// What `orders migrate` printed.
+    migrate: Out,
+}
+
+impl Setup {
+    async fn new(partitions: i32) -> Setup {
+        support::init_tracing();
+        let kafka = Kafka::new();
+        let topic = rand_name("orders");
+        kafka.create_topic(&topic, partitions);
+        let url = database_url();
+        let schema = rand_name("cli");
+        let migrate = output(
+            "migrate",
+            orders(&["migrate", "--database-url", &url, "--schema", &schema]),
+        );
+        migrate.assert_success("orders migrate");
+        let pool = consumer_runtime::connect::<Postgres>(&url, 4)
+            .await
+            .expect("PostgreSQL must be running (see README: Running the tests)");
+        Setup {
+            kafka,
+            pool,
+            url,
+            schema,
+            group: rand_name("g"),
+            topic,
+            migrate,
+        }
+    }
+
+    /// `args` followed by `--database-url` and `--schema`.
+    fn db_args(&self, args: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend(["--database-url", &self.url, "--schema", &self.schema].map(String::from));
+        v
+    }
+
+    /// `orders run` for this test's group and topic, with `extra` flags.
+    fn run(&self, name: &str, extra: &[&str]) -> Proc {
+        let mut args = self.db_args(&["run"]);
+        args.extend(
+            [
+                "--brokers",
+                &self.kafka.bootstrap,
+                "--group",
+                &self.group,
+                "--topic",
+                &self.topic,
+            ]
+            .map(String::from),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        spawn(name, orders(&args))
+    }
+
+    /// The group's rows of `consumer_offsets`, as the library reads them.
+    async fn stored(&self) -> Vec<StoredOffset> {
+        let q = Postgres::queries(&self.schema).unwrap();
+        Postgres::offsets(&self.pool, &q, &self.group)
+            .await
+            .unwrap()
+    }
+
+    /// `next_offset` per partition of the topic.
+    async fn positions(&self) -> BTreeMap<i32, i64> {
+        self.stored()
+            .await
+            .into_iter()
+            .filter(|o| o.topic == self.topic)
+            .filter_map(|o| Some((o.partition, o.next_offset?)))
+            .collect()
+    }
+
+    async fn wait_caught_up(&self, ends: &BTreeMap<i32, i64>) {
+        wait_until(WAIT, "the stored offsets to reach the end", || async {
+            &self.positions().await == ends
+        })
+        .await;
+    }
+
+    /// How often the handler applied each of this test's events (the non-idempotent counter).
+    async fn applied(&self) -> HashMap<String, i64> {
+        sqlx::query(
+            "SELECT event_id, applied FROM order_events_applied WHERE starts_with(event_id, $1)",
+        )
+        .bind(format!("{}-", self.topic))
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get::<String, _>(0), i64::from(r.get::<i32, _>(1))))
+        .collect()
+    }
+
+    /// (status, version) per order of this test.
+    async fn orders(&self) -> HashMap<String, (String, i64)> {
+        sqlx::query("SELECT order_id, status, version FROM orders WHERE starts_with(order_id, $1)")
+            .bind(format!("{}-", self.topic))
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect()
+    }
+
+    /// Every order reached its last event: shipped, version 3.
+    async fn assert_all_shipped(&self, n: usize) {
+        let orders = self.orders().await;
+        assert_eq!(orders.len(), n, "orders in the projection");
+        for (id, state) in &orders {
+            assert_eq!(state, &("shipped".to_owned(), 3), "order {id}");
+        }
+    }
+
+    async fn drop_schema(self) {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            self.schema
+        )))
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+}
+
+/// Order events for `n` orders over `partitions` partitions: each order is placed (v1), paid
+/// (v2) and shipped (v3), its events in one partition in version order, with the event id
+/// `<topic>-o<i>-v<version>` in the `event-id` header. Then `dups` producer duplicates: events
+/// sent again with the same id and payload, at later offsets of the same partition. Returns
+/// the records (partition, event id, payload) in production order and the distinct ids.
+fn order_events(
+    topic: &str,
+    n: usize,
+    partitions: i32,
+    dups: usize,
+) -> (Vec<(i32, String, String)>, Vec<String>) {
+    let mut records = Vec::new();
+    for version in 1..=3 {
+        for i in 0..n {
+            let order = format!("{topic}-o{i}");
+            let payload = match version {
+                1 => format!(
+                    r#"{{"type":"placed","order_id":"{order}","version":1,"customer":"c-{}","total_cents":{}}}"#,
+                    i % 7,
+                    1000 + i
+                ),
+                2 => format!(r#"{{"type":"paid","order_id":"{order}","version":2}}"#),
+                _ => format!(r#"{{"type":"shipped","order_id":"{order}","version":3}}"#),
+            };
+            let partition = (i % partitions as usize) as i32;
+            records.push((partition, format!("{order}-v{version}"), payload));
+        }
+    }
+    let ids = records.iter().map(|(_, id, _)| id.clone()).collect();
+    let step = (records.len() / dups.max(1)).max(1);
+    let again: Vec<_> = records.iter().step_by(step).take(dups).cloned().collect();
+    records.extend(again);
+    (records, ids)
+}
+
+/// Records per partition: the offset after the last one, on a fresh topic.
+fn ends_of(records: &[(i32, String, String)]) -> BTreeMap<i32, i64> {
+    let mut ends = BTreeMap::new();
+    for (p, _, _) in records {
+        *ends.entry(*p).or_insert(0) += 1;
+    }
+    ends
+}
+
+/// Parses a table printed as a header line and rows whose cells are separated by two or more
+/// spaces; a cell is keyed by its header, lowercased. The header is the first line whose first
+/// cell is `first_column`; lines that do not have a cell per column (a summary) are skipped.
+fn table(text: &str, first_column: &str) -> Vec<BTreeMap<String, String>> {
+    let split = |line: &str| -> Vec<String> {
+        line.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let mut lines = text.lines().skip_while(|l| {
+        !split(l)
+            .first()
+            .is_some_and(|c| c.eq_ignore_ascii_case(first_column))
+    });
+    let header: Vec<String> = match lines.next() {
+        Some(h) => split(h).into_iter().map(|c| c.to_lowercase()).collect(),
+        None => panic!("no table with a `{first_column}` column in:\n{text}"),
+    };
+    lines
+        .map(split)
+        .filter(|cells| cells.len() == header.len())
+        .map(|cells| header.iter().cloned().zip(cells).collect())
+        .collect()
+}
+
+/// Asserts that `out` failed and that its error is one line `error: …` on stderr containing
+/// every one of `needles`; the only other lines allowed on stderr are log lines (which start
+/// with a timestamp).
+fn assert_one_line_error(what: &str, out: &Out, needles: &[&str]) {
+    assert!(
+        !out.status.success(),
+        "{what}: expected a failure, got {}",
+        out.status
+    );
+    let is_log = |l: &str| l.len() > 20 && l.as_bytes()[4] == b'-' && l.as_bytes()[10] == b'T';
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| !is_log(l)).collect();
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("error: "),
+        "{what}: expected one line `error: …` on stderr, got:\n{}",
+        out.stderr
+    );
+    for needle in needles {
+        assert!(
+            lines[0].contains(needle),
+            "{what}: the error does not mention `{needle}`: {}",
+            lines[0]
+        );
+    }
+}
+
+/// The pid in an `owner` (`host:pid:random`).
+fn owner_pid(owner: &str) -> Option<u32> {
+    owner.split(':').nth(1)?.parse().ok()
+}
+
+#[tokio::test]
+async fn migrate_then_run_applies_every_order_event_exactly_once() {
+    let s = Setup::new(4).await;
+    // `migrate` names the runtime's schema version and the app's, and can run again.
+    for version in ["20261122000001", "20261123000002"] {
+        assert!(
+            s.migrate.stdout.contains(version),
+            "`migrate` does not name version {version}:\n{}",
+            s.migrate.stdout
+        );
+    }
+    output("migrate-again", orders(&s.db_args(&["migrate"])))
+        .assert_success("a second orders migrate");
+
+    let (records, ids) = order_events(&s.topic, 100, 4, 30);
+    s.kafka.produce(&s.topic, &records);
+    let mut run = s.run("run", &[]);
+    s.wait_caught_up(&ends_of(&records)).await;
+    run.terminate();
+    let out = run.wait(WAIT);
+    out.assert_success("orders run stopped by SIGTERM");
+
+    assert_exactly_once(&s.applied().await, &ids);
+    s.assert_all_shipped(100).await;
+    s.drop_schema().await;
+}
+
+#[tokio::test]
+async fn status_shows_the_exact_lag_and_offsets_show_what_the_database_holds() {
+    let s = Setup::new(3).await;
+    let (records, ids) = order_events(&s.topic, 30, 3, 0);
+    s.kafka.produce(&s.topic, &records);
+    let mut run = s.run("run", &[]);
+    let ends = ends_of(&records);
+    s.wait_caught_up(&ends).await;
+    run.terminate();
+    run.wait(WAIT)
+        .assert_success("orders run stopped by SIGTERM");
+
+    // K_p more records per partition, not consumed: partition p lags by 2 + p.
+    let mut more = Vec::new();
+    for p in 0..3 {
+        for k in 0..(2 + p) {
+            let id = format!("{}-late-{p}-{k}", s.topic);
+            more.push((
+                p,
+                id,
+                r#"{"type":"paid","order_id":"late","version":1}"#.to_owned(),
+            ));
+        }
+    }
+    s.kafka.produce(&s.topic, &more);
+
+    // The database URL and brokers from the environment this time.
+    let mut status = orders(&["status", "--group", &s.group, "--schema", &s.schema]);
+    status
+        .env("DATABASE_URL", &s.url)
+        .env("KAFKA_BROKERS", &s.kafka.bootstrap);
+    let out = output("status", status);
+    out.assert_success("orders status");
+    let rows = table(&out.stdout, "topic");
+    let stored = s.stored().await;
+    assert_eq!(rows.len(), 3, "one row per partition:\n{}", out.stdout);
+    for row in &rows {
+        assert_eq!(row["topic"], s.topic, "{}", out.stdout);
+        let p: i32 = row["partition"].parse().unwrap();
+        let end = ends[&p];
+        let k = i64::from(2 + p);
+        let db = stored.iter().find(|o| o.partition == p).unwrap();
+        assert_eq!(row["stored_offset"], end.to_string(), "{}", out.stdout);
+        assert_eq!(
+            row["high_watermark"],
+            (end + k).to_string(),
+            "{}",
+            out.stdout
+        );
+        assert_eq!(row["lag"], k.to_string(), "{}", out.stdout);
+        assert_eq!(row["epoch"], db.epoch.to_string(), "{}", out.stdout);
+    }
+
+    let out = output(
+        "offsets",
+        orders(&s.db_args(&["offsets", "--group", &s.group])),
+    );
+    out.assert_success("orders offsets");
+    let rows = table(&out.stdout, "topic");
+    assert_eq!(rows.len(), stored.len(), "{}", out.stdout);
+    for (row, db) in rows.iter().zip(&stored) {
+        assert_eq!(row["topic"], db.topic, "{}", out.stdout);
+        assert_eq!(row["partition"], db.partition.to_string(), "{}", out.stdout);
+        assert_eq!(
+            row["next_offset"],
+            db.next_offset.map_or("-".to_owned(), |o| o.to_string()),
+            "{}",
+            out.stdout
+        );
+        assert_eq!(row["epoch"], db.epoch.to_string(), "{}", out.stdout);
+        assert_eq!(
+            row["owner"],
+            db.owner.clone().unwrap_or_else(|| "-".to_owned()),
+            "{}",
+            out.stdout
+        );
+        assert_eq!(row["updated_at"], db.updated_at, "{}", out.stdout);
+    }
+    assert_exactly_once(&s.applied().await, &ids);
+    s.drop_schema().await;
+}
+
+#[tokio::test]
+async fn a_killed_consumer_s_partitions_are_taken_over_and_every_event_applied_once() {
+    let s = Setup::new(4).await;
+    let (records, ids) = order_events(&s.topic, 1000, 4, 150);
+    s.kafka.produce(&s.topic, &records);
+    let ends = ends_of(&records);
+    let total: i64 = ends.values().sum();
+    let mut flags = vec!["--batch-size", "5", "--concurrency", "1"];
+    flags.extend(QUICK_SESSION);
+    let mut a = s.run("run-a", &flags);
+    let mut b = s.run("run-b", &flags);
+
+    // Both own partitions, and most of the work is still ahead.
+    let pids: HashSet<u32> = [a.pid(), b.pid()].into();
+    wait_until(WAIT, "both consumers to own partitions", || async {
+        let owners: HashSet<u32> = s
+            .stored()
+            .await
+            .iter()
+            .filter_map(|o| owner_pid(o.owner.as_deref()?))
+            .collect();
+        owners == pids
+    })
+    .await;
+    // Kill one while its partitions still hold plenty of work (one transaction per 5 records,
+    // one at a time, keeps the stream slow enough).
+    let left: i64 = s
+        .stored()
+        .await
+        .iter()
+        .filter(|o| o.owner.as_deref().and_then(owner_pid) == Some(b.pid()))
+        .map(|o| ends[&o.partition] - o.next_offset.unwrap_or(0))
+        .sum();
+    assert!(
+        left >= 100,
+        "the stream is too fast to interrupt: {left} records left in the partitions of the consumer to kill"
+    );
+    b.kill();
+    eprintln!(
+        "killed {} with {left} records left in its partitions, {total} in all",
+        b.pid()
+    );
+
+    s.wait_caught_up(&ends).await;
+    assert!(a.is_running(), "the survivor stopped:\n{}", a.stderr());
+    wait_until(WAIT, "the survivor to own every partition", || async {
+        s.stored()
+            .await
+            .iter()
+            .all(|o| o.owner.as_deref().and_then(owner_pid) == Some(a.pid()))
+    })
+    .await;
+    a.terminate();
+    a.wait(WAIT)
+        .assert_success("the survivor stopped by SIGTERM");
+
+    assert_exactly_once(&s.applied().await, &ids);
+    s.assert_all_shipped(1000).await;
+    s.drop_schema().await;
+}
+
+#[tokio::test]
+async fn replay_while_running_is_exact_fences_the_consumer_and_applies_nothing_twice() {
+    let s = Setup::new(2).await;
+    let (records, ids) = order_events(&s.topic, 40, 2, 0);
+    s.kafka.produce(&s.topic, &records);
+    let first = ends_of(&records);
+    let mut run = s.run("run-1", &QUICK_SESSION);
+    s.wait_caught_up(&first).await;
+    run.terminate();
+    run.wait(WAIT)
+        .assert_success("orders run stopped by SIGTERM");
+
+    // 5 more orders (15 events) while nothing runs; an operator then skips partition 0's share
+    // with `offsets set`, so the ledger knows none of them.
+    let late_topic = format!("{}-late", s.topic);
+    let (late, late_ids) = order_events(&late_topic, 5, 2, 0);
+    s.kafka.produce(&s.topic, &late);
+    let mut ends = first.clone();
+    for (p, n) in ends_of(&late) {
+        *ends.get_mut(&p).unwrap() += n;
+    }
+    let out = output(
+        "offsets-set",
+        orders(&s.db_args(&[
+            "offsets",
+            "set",
+            "--group",
+            &s.group,
+            "--topic",
+            &s.topic,
+            "--partition",
+            "0",
+            "--offset",
+            &ends[&0].to_string(),
+        ])),
+    );
+    out.assert_success("offsets set");
+    assert!(
+        out.stdout
+            .contains(&format!("next_offset {} → {}", first[&0], ends[&0])),
+        "{}",
+        out.stdout
+    );
+
+    // --dry-run from earliest: the range is everything before the stored offsets; the ledger
+    // knows all of it but partition 0's skipped records. Nothing changes.
+    let before = s.stored().await;
+    let out = output(
+        "dry-run",
+        orders(&s.db_args(&[
+            "replay",
+            "--group",
+            &s.group,
+            "--topic",
+            &s.topic,
+            "--from",
+            "earliest",
+            "--dry-run",
+            "--brokers",
+            &s.kafka.bootstrap,
+        ])),
+    );
+    out.assert_success("replay --dry-run");
+    let rows = table(&out.stdout, "partition");
+    assert_eq!(rows.len(), 2, "one row per partition:\n{}", out.stdout);
+    let stored_before = [(0, ends[&0]), (1, first[&1])];
+    for (p, to) in stored_before {
+        let row = rows
+            .iter()
+            .find(|r| r["partition"] == p.to_string())
+            .unwrap();
+        assert_eq!(row["from"], "0", "{}", out.stdout);
+        assert_eq!(row["to"], to.to_string(), "{}", out.stdout);
+        assert_eq!(
+            row["high_watermark"],
+            ends[&p].to_string(),
+            "{}",
+            out.stdout
+        );
+        assert_eq!(row["records"], to.to_string(), "{}", out.stdout);
+        assert_eq!(
+            row["already_processed"],
+            first[&p].to_string(),
+            "{}",
+            out.stdout
+        );
+    }
+    assert_eq!(s.stored().await, before, "a dry run changes nothing");
+
+    // A consumer runs and catches up (partition 0's skipped records stay skipped); then
+    // `replay --from earliest` fences it: it reloads, re-reads both partitions from 0, applies
+    // exactly the skipped records and skips everything else, without a restart.
+    let mut run = s.run("run-2", &QUICK_SESSION);
+    s.wait_caught_up(&ends).await;
+    let skipped: Vec<String> = late
+        .iter()
+        .filter(|(p, _, _)| *p == 0)
+        .map(|(_, id, _)| id.clone())
+        .collect();
+    let applied = s.applied().await;
+    assert!(skipped.iter().all(|id| !applied.contains_key(id)));
+    let epochs: BTreeMap<i32, i64> = s
+        .stored()
+        .await
+        .iter()
+        .map(|o| (o.partition, o.epoch))
+        .collect();
+    let out = output(
+        "replay",
+        orders(&s.db_args(&[
+            "replay",
+            "--group",
+            &s.group,
+            "--topic",
+            &s.topic,
+            "--from",
+            "earliest",
+            "--brokers",
+            &s.kafka.bootstrap,
+        ])),
+    );
+    out.assert_success("replay --from earliest");
+    wait_until(
+        WAIT,
+        "the running consumer to reclaim the partitions and reach the end",
+        || async {
+            s.stored().await.iter().all(|o| {
+                o.epoch >= epochs[&o.partition] + 2
+                    && o.next_offset == Some(ends[&o.partition])
+                    && o.owner.as_deref().and_then(owner_pid) == Some(run.pid())
+            })
+        },
+    )
+    .await;
+    assert!(run.is_running(), "the consumer stopped:\n{}", run.stderr());
+    let all: Vec<String> = ids.iter().chain(&late_ids).cloned().collect();
+    assert_exactly_once(&s.applied().await, &all);
+
+    // `--rebuild --from K --partition 0` re-runs the handler once per record from K on.
+    let k = 30;
+    let out = output(
+        "rebuild",
+        orders(&s.db_args(&[
+            "replay",
+            "--group",
+            &s.group,
+            "--topic",
+            &s.topic,
+            "--partition",
+            "0",
+            "--from",
+            &k.to_string(),
+            "--rebuild",
+            "--brokers",
+            &s.kafka.bootstrap,
+        ])),
+    );
+    out.assert_success("replay --rebuild");
+    let rebuilt: HashSet<String> = records
+        .iter()
+        .chain(&late)
+        .filter(|(p, _, _)| *p == 0)
+        .skip(k)
+        .map(|(_, id, _)| id.clone())
+        .collect();
+    assert_eq!(rebuilt.len() as i64, ends[&0] - k as i64);
+    wait_until(WAIT, "the rebuilt range to be applied again", || async {
+        s.applied().await.values().filter(|&&n| n == 2).count() == rebuilt.len()
+    })
+    .await;
+    s.wait_caught_up(&ends).await;
+    let applied = s.applied().await;
+    assert_eq!(applied.len(), all.len());
+    for (id, n) in applied {
+        let expected = if rebuilt.contains(&id) { 2 } else { 1 };
+        assert_eq!(n, expected, "event {id}");
+    }
+    assert!(run.is_running(), "the consumer stopped:\n{}", run.stderr());
+    run.terminate();
+    run.wait(WAIT)
+        .assert_success("orders run stopped by SIGTERM");
+    s.drop_schema().await;
+}
+
+#[tokio::test]
+async fn bad_input_fails_with_one_line_that_names_the_problem() {
+    let s = Setup::new(1).await;
+    let (b, g, t) = (
+        s.kafka.bootstrap.as_str(),
+        s.group.as_str(),
+        s.topic.as_str(),
+    );
+    let url = s.url.as_str();
+    let fresh = rand_name("cli_fresh");
+    let cases: Vec<(&str, Vec<&str>, Vec<&str>)> = vec![
+        (
+            "an unknown flag",
+            vec![
+                "run",
+                "--database-url",
+                url,
+                "--brokers",
+                b,
+                "--group",
+                g,
+                "--topic",
+                t,
+                "--no-such-flag",
+            ],
+            vec!["--no-such-flag"],
+        ),
+        (
+            "a missing database URL",
+            vec!["run", "--brokers", b, "--group", g, "--topic", t],
+            vec!["--database-url", "DATABASE_URL"],
+        ),
+        (
+            "an unreachable database",
+            vec![
+                "run",
+                "--database-url",
+                "postgres://app:hunter2@127.0.0.1:1/x",
+                "--brokers",
+                b,
+                "--group",
+                g,
+                "--topic",
+                t,
+            ],
+            vec!["127.0.0.1:1", "database"],
+        ),
+        (
+            "an unreachable broker",
+            vec![
+                "run",
+                "--database-url",
+                url,
+                "--schema",
+                &s.schema,
+                "--brokers",
+                "127.0.0.1:1",
+                "--group",
+                g,
+                "--topic",
+                t,
+            ],
+            vec!["127.0.0.1:1", "broker"],
+        ),
+        (
+            "a schema behind the migrations",
+            vec![
+                "run",
+                "--database-url",
+                url,
+                "--schema",
+                &fresh,
+                "--brokers",
+                b,
+                "--group",
+                g,
+                "--topic",
+                t,
+            ],
+            vec![&fresh, "migrate"],
+        ),
+    ];
+    // All at once: the unreachable broker takes the startup timeout.
+    let procs: Vec<Proc> = cases
+        .iter()
+        .map(|(what, args, _)| spawn(&what.replace(' ', "-"), orders(args)))
+        .collect();
+    for ((what, _, needles), mut proc) in cases.iter().zip(procs) {
+        let out = proc.wait(WAIT);
+        assert_one_line_error(what, &out, needles);
+        assert!(
+            !out.stderr.contains("hunter2") && !out.stdout.contains("hunter2"),
+            "{what}: the password leaked:\n{}",
+            out.stderr
+        );
+        // Usage errors (flags, settings) exit 2, everything else 1.
+        let usage = what.contains("flag") || what.contains("missing");
+        assert_eq!(out.status.code(), Some(if usage { 2 } else { 1 }), "{what}");
+        if usage {
+            assert_eq!(out.stderr.lines().count(), 1, "{what}: {}", out.stderr);
+        }
+    }
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(&fresh)
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+    assert!(!exists, "`run` created the schema it refused");
+    s.drop_schema().await;
+}
+
+/// The terminal session in the README's "The consumer program": a database of its own
+/// (`orders_demo`, recreated), a mock cluster with 620 order events (20 of them producer
+/// duplicates), and the program's commands with their real output. Run with `cargo test --test
+/// cli demo_session -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "prints the README's terminal session; run it by hand"]
+async fn demo_session() {
+    let admin = consumer_runtime::connect::<Postgres>(&database_url(), 1)
+        .await
+        .unwrap();
+    for sql in [
+        "DROP DATABASE IF EXISTS orders_demo WITH (FORCE)",
+        "CREATE DATABASE orders_demo",
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    let base = database_url();
+    let url = format!("{}/orders_demo", &base[..base.rfind('/').unwrap()]);
+    let kafka = Kafka::new();
+    kafka.create_topic("orders", 4);
+    let (records, _) = order_events("demo", 200, 4, 20);
+    kafka.produce("orders", &records);
+    let ends = ends_of(&records);
+
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("demo");
+    std::fs::create_dir_all(&dir).unwrap();
+    let toml = format!(
+        "brokers = \"{}\"\ngroup = \"orders-projection\"\ntopics = [\"orders\"]\nbatch_size = 100\n\n[kafka]\n\"session.timeout.ms\" = 10000\n",
+        kafka.bootstrap
+    );
+    std::fs::write(dir.join("orders.toml"), &toml).unwrap();
+    let command = |args: &[&str]| {
+        let mut cmd = orders(args);
+        cmd.env("DATABASE_URL", &url).current_dir(&dir);
+        cmd
+    };
+    // What a terminal shows: stdout and stderr interleaved, in order.
+    let merged = |name: &str, mut cmd: Command| {
+        let log = dir.join(format!("{name}.log"));
+        let file = File::create(&log).unwrap();
+        let child = cmd
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Proc {
+            name: name.to_owned(),
+            child,
+            stdout: log,
+            stderr: dir.join("none"),
+        }
+    };
+    let show_env = |env: &[(&str, &str)], args: &[&str]| {
+        let prefix: String = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+        println!("$ {prefix}orders {}", args.join(" "));
+        let mut cmd = command(args);
+        cmd.envs(env.iter().copied());
+        let out = merged("demo", cmd).wait(WAIT);
+        print!("{}", out.stdout);
+        if !out.status.success() {
+            println!("$ echo $?\n{}", out.status.code().unwrap_or(-1));
+        }
+    };
+    let show = |args: &[&str]| show_env(&[], args);
+    let psql = |sql: &str| {
+        println!("$ psql \"$DATABASE_URL\" -c \"{sql}\"");
+        let out = Command::new("psql")
+            .args([url.as_str(), "-c", sql])
+            .output()
+            .unwrap();
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    };
+
+    println!("$ export DATABASE_URL={url}");
+    show(&["migrate"]);
+    println!("$ cat orders.toml\n{toml}");
+    println!(
+        "$ orders run --config orders.toml -X client.id=orders-1    # SIGTERM once it caught up"
+    );
+    let mut run = merged(
+        "demo-run",
+        command(&["run", "--config", "orders.toml", "-X", "client.id=orders-1"]),
+    );
+    let pool = consumer_runtime::connect::<Postgres>(&url, 2)
+        .await
+        .unwrap();
+    let q = Postgres::queries("consumer_runtime").unwrap();
+    wait_until(WAIT, "the demo consumer to catch up", || async {
+        let stored: BTreeMap<i32, i64> = Postgres::offsets(&pool, &q, "orders-projection")
+            .await
+            .map(|rows| {
+                rows.into_iter()
+                    .filter_map(|o| Some((o.partition, o.next_offset?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        stored == ends
+    })
+    .await;
+    run.terminate();
+    print!("{}", run.wait(WAIT).stdout);
+    psql("SELECT status, count(*) FROM orders GROUP BY status");
+    psql("SELECT count(*) AS events, max(applied) AS most_applications FROM order_events_applied");
+
+    let (more, _) = order_events("late", 10, 4, 0);
+    kafka.produce("orders", &more);
+    println!("# ... 30 more order events are published; nothing consumes them yet");
+    show(&["status", "--config", "orders.toml"]);
+    // Precedence: the environment wins over the file, a flag over both.
+    show_env(
+        &[("CONSUMER_GROUP", "nope")],
+        &["status", "--config", "orders.toml"],
+    );
+    show_env(
+        &[("CONSUMER_GROUP", "nope")],
+        &[
+            "status",
+            "--config",
+            "orders.toml",
+            "-g",
+            "orders-projection",
+            "-t",
+            "orders",
+        ],
+    );
+    show(&["offsets", "-g", "orders-projection"]);
+    show(&[
+        "replay",
+        "--config",
+        "orders.toml",
+        "-t",
+        "orders",
+        "--from",
+        "earliest",
+        "--dry-run",
+    ]);
+    show(&[
+        "run",
+        "--config",
+        "orders.toml",
+        "--database-url",
+        "postgres://app:hunter2@127.0.0.1:1/x",
+    ]);
+    show(&["run", "--config", "orders.toml", "--batch-size", "0"]);
+    drop(pool);
+}
