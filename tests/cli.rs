@@ -442,7 +442,7 @@ fn owner_pid(owner: &str) -> Option<u32> {
 async fn migrate_then_run_applies_every_order_event_exactly_once() {
     let s = Setup::new(4).await;
     // `migrate` names the runtime's schema version and the app's, and can run again.
-    for version in ["20261122000001", "20261123000002"] {
+    for version in ["20261123000001", "20261123000002"] {
         assert!(
             s.migrate.stdout.contains(version),
             "`migrate` does not name version {version}:\n{}",

@@ -540,13 +540,13 @@ async fn schema_behind_the_migrations_is_refused<DB: TestDb>() {
     assert!(err.to_string().contains("migrate"), "{err}");
 }
 
-async fn rejected_record_stops_the_partition_without_advancing_past_it<DB: TestDb>() {
+async fn rejected_record_is_parked_and_the_partition_goes_on<DB: TestDb>() {
     let pool = DB::pool().await;
     let kafka = Kafka::new();
     let topic = rand_name("reject");
     let group = rand_name("g");
     kafka.create_topic(&topic, 1);
-    let (records, _) = events_with_duplicates(&topic, 10, 1, 0);
+    let (records, ids) = events_with_duplicates(&topic, 10, 1, 0);
     kafka.produce(&topic, &records);
     let mut handler = Counter::new(&group);
     handler.fail_on = Some((format!("{topic}-4"), true));
@@ -555,22 +555,34 @@ async fn rejected_record_stops_the_partition_without_advancing_past_it<DB: TestD
         .batch_size(3)
         .build()
         .unwrap();
-    let err = tokio::time::timeout(WAIT, rt.run())
+    let stats = rt.stats();
+    let stop = rt.shutdown_handle();
+    let task = tokio::spawn(rt.run());
+    // The record at offset 4 is parked; its batch and the ones after it commit.
+    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+    assert!(!task.is_finished(), "the consumer stopped");
+    stop.shutdown();
+    task.await.unwrap().expect("clean shutdown");
+    let parked = consumer_runtime::dead_letters::list(&pool, SCHEMA, &group, None)
         .await
-        .expect("the runtime must stop")
-        .unwrap_err();
-    match &err {
-        Error::RecordFailed { at, .. } => {
-            assert_eq!(
-                (at.topic.as_str(), at.partition, at.offset),
-                (topic.as_str(), 0, 4)
-            );
-        }
-        other => panic!("unexpected error {other}"),
-    }
-    // Batches [0,1,2] committed; [3,4,5] rolled back: the stored offset is 3, before offset 4.
-    assert_eq!(stored_offsets(&pool, &group).await[&(topic.clone(), 0)], 3);
-    assert_eq!(ledger_rows(&pool, &group).await, 3);
+        .unwrap();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(
+        (
+            parked[0].topic.as_str(),
+            parked[0].partition,
+            parked[0].offset
+        ),
+        (topic.as_str(), 0, 4)
+    );
+    assert_eq!(parked[0].kind, consumer_runtime::FailureKind::Rejected);
+    assert_eq!(stats.parked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(ledger_rows(&pool, &group).await, 9);
+    let expected: Vec<String> = ids
+        .into_iter()
+        .filter(|i| *i != format!("{topic}-4"))
+        .collect();
+    assert_exactly_once(&effect_counts(&pool, &group).await, &expected);
 }
 
 // ---- A rough throughput figure ---------------------------------------------------------------
@@ -865,7 +877,7 @@ suite!(
     unknown_topic_is_a_clear_error,
     unreachable_broker_is_a_clear_error,
     schema_behind_the_migrations_is_refused,
-    rejected_record_stops_the_partition_without_advancing_past_it,
+    rejected_record_is_parked_and_the_partition_goes_on,
     effectively_once_neither_loses_nor_duplicates_under_a_crash,
     at_least_once_loses_nothing_and_duplicates_the_batch_cut_off_before_its_offset,
     at_most_once_never_duplicates_and_loses_the_batch_cut_off_after_its_offset,

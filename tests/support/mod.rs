@@ -186,6 +186,11 @@ pub async fn sqlite_pool() -> Pool<Sqlite> {
                           WHERE c.consumer_group = NEW.consumer_group
                             AND NEW.next_offset > c.after_offset)
              BEGIN SELECT RAISE(ABORT, 'test crash point: the offset commit fails'); END",
+        // Dead letters of groups named `unparkable…` cannot be written.
+        "CREATE TRIGGER test_refuse_dead_letter
+             BEFORE INSERT ON consumer_runtime_dead_letters FOR EACH ROW
+             WHEN NEW.consumer_group LIKE 'unparkable%'
+             BEGIN SELECT RAISE(ABORT, 'test: dead letters refused'); END",
     ] {
         sqlx::query(sql).execute(&pool).await.unwrap();
     }
@@ -224,6 +229,18 @@ pub async fn pg_pool() -> Pool<Postgres> {
         "CREATE OR REPLACE TRIGGER test_fail_offset_commit
          BEFORE UPDATE OF next_offset ON consumer_runtime.consumer_offsets
          FOR EACH ROW EXECUTE FUNCTION test_fail_offset_commit()",
+        // Dead letters of groups named `unparkable…` cannot be written.
+        r#"CREATE OR REPLACE FUNCTION test_refuse_dead_letter() RETURNS trigger
+           LANGUAGE plpgsql AS $$
+           BEGIN
+             IF NEW.consumer_group LIKE 'unparkable%' THEN
+               RAISE EXCEPTION 'test: dead letters refused';
+             END IF;
+             RETURN NEW;
+           END $$"#,
+        "CREATE OR REPLACE TRIGGER test_refuse_dead_letter
+         BEFORE INSERT ON consumer_runtime.dead_letters
+         FOR EACH ROW EXECUTE FUNCTION test_refuse_dead_letter()",
     ] {
         sqlx::query(sql).execute(&mut *tx).await.unwrap();
     }
@@ -438,6 +455,10 @@ pub struct Counter {
     pub stall_on: Option<String>,
     /// Set once the handler stalls.
     pub stalled: Arc<AtomicBool>,
+    /// Event ids whose handler writes its effect and then panics.
+    pub panic_on: Option<String>,
+    /// Handler calls, whatever their outcome.
+    pub calls: Arc<AtomicU64>,
 }
 
 impl Counter {
@@ -449,6 +470,8 @@ impl Counter {
             fail_on: None,
             stall_on: None,
             stalled: Arc::new(AtomicBool::new(false)),
+            panic_on: None,
+            calls: Arc::new(AtomicU64::new(0)),
         }
     }
     pub fn with_delay(mut self, d: Duration) -> Self {
@@ -469,6 +492,7 @@ impl<DB: TestDb> Handler<DB> for Counter {
         ctx: &mut Context<'_, DB>,
         _event: serde_json::Value,
     ) -> Result<(), HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
@@ -482,6 +506,9 @@ impl<DB: TestDb> Handler<DB> for Counter {
             } else {
                 HandlerError::retry(format!("test fails {id}"))
             });
+        }
+        if self.panic_on.as_deref() == Some(id) {
+            panic!("test panics on {id}");
         }
         if self.stall_on.as_deref() == Some(id) {
             // The effect is written but not committed: the test now drops the runtime.

@@ -111,9 +111,11 @@ pub enum Error {
         source: rdkafka::error::KafkaError,
     },
 
-    /// A record could not be processed and the runtime stopped its partition rather than skip
-    /// it. The stored offset still points at (or before) this record, so nothing is lost: fix
-    /// the cause (or the handler) and start the consumer again.
+    /// A record failed permanently and could not be parked in `dead_letters` either (the
+    /// dead-letter insert itself failed with an error that is not a passing database outage),
+    /// so the runtime stopped its partition rather than skip it. The stored offset still points
+    /// at (or before) this record, so nothing is lost: fix the cause and start the consumer
+    /// again. (A record that fails permanently is normally parked, and the consumer goes on.)
     #[error(
         "record {at} failed permanently ({kind}): {reason}; the partition stopped before this record and its stored offset was not advanced past it"
     )]
@@ -143,6 +145,8 @@ pub enum FailureKind {
     Rejected,
     /// The handler asked for retries more often than the retry policy allows.
     RetriesExhausted,
+    /// The handler panicked.
+    Panicked,
 }
 
 impl fmt::Display for FailureKind {
@@ -152,8 +156,56 @@ impl fmt::Display for FailureKind {
             FailureKind::MissingEventId => "no event id",
             FailureKind::Rejected => "rejected by the handler",
             FailureKind::RetriesExhausted => "retries exhausted",
+            FailureKind::Panicked => "the handler panicked",
         })
     }
+}
+
+impl FailureKind {
+    /// The stable name stored in `dead_letters.error_kind`: `decode`, `missing_event_id`,
+    /// `rejected`, `retries_exhausted` or `panicked`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Undecodable => "decode",
+            FailureKind::MissingEventId => "missing_event_id",
+            FailureKind::Rejected => "rejected",
+            FailureKind::RetriesExhausted => "retries_exhausted",
+            FailureKind::Panicked => "panicked",
+        }
+    }
+}
+
+impl std::str::FromStr for FailureKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "decode" => FailureKind::Undecodable,
+            "missing_event_id" => FailureKind::MissingEventId,
+            "rejected" => FailureKind::Rejected,
+            "retries_exhausted" => FailureKind::RetriesExhausted,
+            "panicked" => FailureKind::Panicked,
+            other => {
+                return Err(format!(
+                    "unknown failure kind `{other}`; expected decode, missing_event_id, rejected, retries_exhausted or panicked"
+                ));
+            }
+        })
+    }
+}
+
+/// An error and its sources, joined with `: `.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
 }
 
 impl Error {

@@ -47,6 +47,7 @@
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
+pub mod dead_letters;
 pub mod error;
 pub mod event_id;
 pub mod handler;
@@ -57,6 +58,7 @@ pub mod unit;
 mod util;
 
 pub use config::{Assignor, Guarantee, OffsetReset, RetryPolicy};
+pub use dead_letters::{DeadLetter, Redriven};
 pub use error::{BoxError, Coordinates, Error, FailureKind, Result};
 pub use event_id::EventId;
 pub use handler::{Context, Decode, Handler, HandlerError, Raw, Record, ResultExt};
@@ -66,7 +68,7 @@ pub use store::{
     Backend, Claim, DatabaseKind, PartitionKey, StoredOffset, check_schema, connect, migrate,
     set_offsets,
 };
-pub use unit::{BatchError, BatchOutcome, PartitionWriter, WriterConfig};
+pub use unit::{BatchError, BatchOutcome, Parked, PartitionWriter, WriterConfig};
 
 pub use async_trait::async_trait;
 pub use rdkafka;

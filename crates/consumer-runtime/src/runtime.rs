@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::config::{Assignor, Guarantee, OffsetReset, RetryPolicy};
-use crate::error::{Error, FailureKind, Result};
+use crate::error::{Error, Result};
 use crate::event_id::EventId;
 use crate::handler::Handler;
 use crate::store::{Backend, Claim, PartitionKey, check_schema};
@@ -44,6 +44,9 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     /// Records lost after their offset committed (at-most-once only).
     pub lost: AtomicU64,
+    /// Records that failed permanently and were parked in `dead_letters` (their batch
+    /// committed without them).
+    pub parked: AtomicU64,
     /// Batches committed.
     pub batches: AtomicU64,
     /// Batch attempts rolled back and retried.
@@ -323,7 +326,8 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
     }
 
     /// Consumes until a shutdown is requested (a [`ShutdownHandle`], or SIGINT/SIGTERM unless
-    /// disabled) or a record fails permanently.
+    /// disabled). A record that fails permanently is parked in `dead_letters` and the consumer
+    /// goes on; it stops with [`Error::RecordFailed`] only if such a record cannot be parked.
     ///
     /// Dropping the returned future without a shutdown stops everything at once, without
     /// finishing in-flight batches (they roll back), as a crash would.
@@ -653,7 +657,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             next_offset = ?claim.next_offset,
             "partition claimed"
         );
-        let writer = PartitionWriter::new(self.writer.clone(), key, claim);
+        let writer = PartitionWriter::new(self.writer.clone(), key, claim).park_failures(true);
         let core = self.clone();
         let task = self.handle.spawn(async move {
             let key = writer.key().clone();
@@ -761,8 +765,9 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                     bump(&self.stats.applied, applied);
                     bump(&self.stats.duplicates, duplicates);
                     bump(&self.stats.lost, lost);
+                    bump(&self.stats.parked, writer.parked().len());
                     bump(&self.stats.batches, 1);
-                    debug!(parent: &span, applied, duplicates, next_offset, "batch committed");
+                    debug!(parent: &span, applied, duplicates, parked = writer.parked().len(), next_offset, "batch committed");
                     return None;
                 }
                 Ok(BatchOutcome::Empty) => return None,
@@ -771,6 +776,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                     warn!(parent: &span, epoch = writer.epoch(), "commit fenced: the partition's epoch or offset changed (rebalance or replay); reloading");
                     return Some(Exit::Fenced);
                 }
+                // The writer parks failing records; this one could not be parked either.
                 Err(BatchError::Permanent { at, kind, source }) => {
                     return Some(Exit::Failed(Error::RecordFailed {
                         at,
@@ -790,11 +796,18 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                         (&at, infrastructure, self.retry.max_attempts)
                         && attempt >= max
                     {
-                        return Some(Exit::Failed(Error::RecordFailed {
-                            at: at.clone(),
-                            kind: FailureKind::RetriesExhausted,
-                            reason: format!("{source} (after {attempt} attempts)"),
-                        }));
+                        // Park the record (with the rest of the batch committing) and go on.
+                        warn!(parent: &span, attempt, error = %source, record = %at, "retries exhausted; parking the record");
+                        writer.give_up(
+                            at,
+                            format!(
+                                "{} (after {attempt} attempts)",
+                                crate::error::error_chain(source.as_ref())
+                            ),
+                            attempt,
+                        );
+                        attempt = 0;
+                        continue;
                     }
                     let delay = self.retry.delay(attempt).max(after.unwrap_or_default());
                     warn!(parent: &span, attempt, ?delay, error = %source, record = ?at.map(|a| a.to_string()), "batch rolled back; retrying");

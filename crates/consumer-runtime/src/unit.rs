@@ -12,9 +12,57 @@
 //! ```
 //!
 //! The other guarantees split this transaction in two (see [`Guarantee`]).
+//!
+//! # Permanent failures: parking in the same transaction
+//!
+//! A writer made with [`PartitionWriter::park_failures`] (the runtime's) never lets one bad
+//! record stop its partition. A record that fails permanently (undecodable payload, no event
+//! id, the handler's `Reject`, a handler panic, or retries exhausted, see
+//! [`PartitionWriter::give_up`]) is written to `dead_letters` **in the transaction that
+//! advances the offset**, its effects are undone, and the rest of its batch (records after it
+//! included) commits. Under effectively-once the ledger never claims a parked record, so a
+//! replay or a redrive ([`crate::dead_letters::redrive`]) can still apply it once.
+//!
+//! Records that fail before any handler runs (undecodable, no event id, retries exhausted) are
+//! known when the transaction opens: they are left out of the ledger claim and parked directly.
+//! A handler failure is only known once the handler has written into the transaction, and
+//! undoing just its writes needs a savepoint around it. Savepoints cost a round trip or two
+//! per record, so the writer does not pay for them up front:
+//!
+//! 1. **Fast path**, every batch: exactly the transaction above, with no savepoint. If no
+//!    handler fails permanently (nearly always), that is all.
+//! 2. **Slow path**, only after a handler failed permanently on the fast path: the transaction
+//!    is rolled back and the batch runs once more, in a new transaction, with a savepoint
+//!    (`SAVEPOINT` / `RELEASE`, sqlx's nested transaction) around each handler call. The record
+//!    that failed on the fast path is parked without running its handler again; any other
+//!    record whose handler fails now is rolled back to its savepoint, its ledger row (claimed
+//!    by the batch's one `INSERT`) is deleted in the same transaction, and it is parked. A
+//!    later record of the same batch with the same event id then gets its own chance (claimed
+//!    alone, inside its savepoint), as it would in a later batch.
+//!
+//! So a batch runs its handlers at most twice (not once per failure, as re-running the batch
+//! without each culprit in turn would), the slow path is correct for any number of failures,
+//! and the fast path costs exactly what it cost before dead letters existed.
+//!
+//! Transient failures (a handler's `Retry`, database errors) still roll the whole batch back
+//! for the caller to retry with backoff. A handler panic is caught
+//! (`std::panic::catch_unwind` around each poll of the handler's future) and treated as a
+//! permanent failure of its record, parked as `panicked` with the panic message.
+//!
+//! At-least-once parks in its handler transaction the same way (there is no ledger). At-most-once
+//! parks in its handler transaction, after the offset has moved, so a crash there loses the
+//! batch and its dead letters alike, as that guarantee loses anything in flight.
+//!
+//! If parking itself fails with an error that is not a database outage, the record cannot be
+//! parked: the write returns [`BatchError::Permanent`] and the runtime stops with
+//! [`crate::Error::RecordFailed`] rather than skip the record.
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use rdkafka::Message;
@@ -22,10 +70,10 @@ use rdkafka::message::OwnedMessage;
 use sqlx::Pool;
 
 use crate::config::Guarantee;
-use crate::error::{BoxError, Coordinates, FailureKind};
+use crate::error::{BoxError, Coordinates, FailureKind, error_chain};
 use crate::event_id::EventId;
 use crate::handler::{Context, Decode, Handler, HandlerError, Record, header};
-use crate::store::{Backend, Claim, PartitionKey, Queries};
+use crate::store::{Backend, Claim, Parking, PartitionKey, Queries};
 
 /// What a [`PartitionWriter`] needs that is the same for every partition.
 pub struct WriterConfig<H: Handler<DB>, DB: Backend> {
@@ -81,7 +129,8 @@ pub enum BatchError {
         source: BoxError,
     },
     /// Retrying cannot help: the record at `at` is undecodable, has no event id, or was
-    /// rejected by the handler.
+    /// rejected by the handler (a writer that parks failures returns this only when the
+    /// record could not be parked either).
     Permanent {
         /// The record.
         at: Coordinates,
@@ -146,6 +195,24 @@ pub(crate) fn is_infrastructure(e: &(dyn std::error::Error + 'static)) -> bool {
     }
 }
 
+/// The event id of a record whose payload could not be decoded, when the strategy does not
+/// need the event (a header, the coordinates): stored with the dead letter.
+fn id_without_event<E>(strategy: &EventId<E>, message: &OwnedMessage) -> Option<String> {
+    match strategy {
+        EventId::Header(name) => header(message, name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned),
+        EventId::FromEvent(_) => None,
+        EventId::Coordinates => Some(format!(
+            "{}/{}/{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        )),
+    }
+}
+
 /// Decodes a record and works out its event id under `strategy`: the rules of the unit of work,
 /// shared with the replay dry run ([`crate::replay`]) so that both agree on every id.
 pub(crate) fn identify<E: Decode>(
@@ -178,10 +245,121 @@ pub(crate) fn identify<E: Decode>(
     Ok((event, id))
 }
 
+/// A record that failed permanently and is to be parked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parked {
+    /// Where the record is.
+    pub at: Coordinates,
+    /// Its event id, when it has one.
+    pub event_id: Option<String>,
+    /// What kind of failure.
+    pub kind: FailureKind,
+    /// The error, as text.
+    pub error: String,
+    /// How many times its handler ran and failed (1 unless retries were exhausted; 0 when the
+    /// handler never ran: undecodable, no event id).
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Failure {
+    kind: FailureKind,
+    error: String,
+    attempts: u32,
+}
+
 struct Prepared<'m, E> {
     message: &'m OwnedMessage,
     event: Option<E>,
-    id: String,
+    id: Option<String>,
+    failure: Option<Failure>,
+}
+
+/// How one handler call failed.
+enum HandleError {
+    /// Roll back the batch and retry it.
+    Transient(BatchError),
+    /// The record failed permanently.
+    Permanent(Failure),
+}
+
+/// Why one attempt at a batch transaction ended without committing.
+enum Abort {
+    /// Give up the batch (the caller may retry it).
+    Batch(BatchError),
+    /// On the fast path, the handler of `prepared[index]` failed permanently: run the batch
+    /// again on the slow path, parking that record.
+    Failed { index: usize, failure: Failure },
+}
+
+impl From<BatchError> for Abort {
+    fn from(e: BatchError) -> Self {
+        Abort::Batch(e)
+    }
+}
+
+/// What a committed handler transaction did.
+struct Applied {
+    applied: usize,
+    parked: Vec<Parked>,
+}
+
+/// A future that turns a panic while it is polled into `Err(message)`.
+pub(crate) struct CatchUnwind<'a, T> {
+    inner: Pin<Box<dyn Future<Output = T> + Send + 'a>>,
+}
+
+impl<'a, T> CatchUnwind<'a, T> {
+    pub(crate) fn new(inner: impl Future<Output = T> + Send + 'a) -> Self {
+        CatchUnwind {
+            inner: Box::pin(inner),
+        }
+    }
+}
+
+impl<T> Future for CatchUnwind<'_, T> {
+    type Output = Result<T, String>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let inner = self.inner.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(payload) => Poll::Ready(Err(panic_message(payload.as_ref()))),
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        format!("the handler panicked: {s}")
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        format!("the handler panicked: {s}")
+    } else {
+        "the handler panicked".to_owned()
+    }
+}
+
+/// Runs `handler` for one record on `conn`, catching a panic. The error side says whether
+/// the failure is transient (`Ok(Err(Retry…))` keeps the handler's own error).
+pub(crate) async fn run_handler<H: Handler<DB>, DB: Backend>(
+    handler: &H,
+    conn: &mut DB::Connection,
+    record: Record<'_>,
+    event: H::Event,
+) -> Result<Result<(), HandlerError>, String> {
+    let span = tracing::debug_span!(
+        "record",
+        topic = %record.topic(),
+        partition = record.partition(),
+        offset = record.offset(),
+        event_id = %record.event_id()
+    );
+    let mut ctx = Context::new(conn, record);
+    CatchUnwind::new(tracing::Instrument::instrument(
+        handler.handle(&mut ctx, event),
+        span,
+    ))
+    .await
 }
 
 /// The fenced writer of one partition: it knows its epoch and the stored position, and commits
@@ -191,17 +369,56 @@ pub struct PartitionWriter<H: Handler<DB>, DB: Backend> {
     key: PartitionKey,
     epoch: i64,
     position: Option<i64>,
+    park: bool,
+    given_up: Vec<(i64, Failure)>,
+    parked: Vec<Parked>,
 }
 
 impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
     /// A writer for `key` holding the epoch and position of `claim`.
+    ///
+    /// It does not park failures: a permanent failure rolls the batch back and is returned as
+    /// [`BatchError::Permanent`]. The runtime's writers park them
+    /// ([`PartitionWriter::park_failures`]).
     pub fn new(config: Arc<WriterConfig<H, DB>>, key: PartitionKey, claim: Claim) -> Self {
         PartitionWriter {
             config,
             key,
             epoch: claim.epoch,
             position: claim.next_offset,
+            park: false,
+            given_up: Vec::new(),
+            parked: Vec::new(),
         }
+    }
+
+    /// Whether records that fail permanently are parked in `dead_letters` in the batch's
+    /// transaction while the rest of the batch commits (see the [module](self) documentation),
+    /// instead of rolling back the batch with [`BatchError::Permanent`].
+    pub fn park_failures(mut self, yes: bool) -> Self {
+        self.park = yes;
+        self
+    }
+
+    /// Gives up on the record at `at` after `attempts` transient failures: the next
+    /// [`write`](Self::write) of a batch holding it parks it as `retries_exhausted` with
+    /// `error`, without running its handler. Forgotten once a batch commits. Only for a writer
+    /// that parks failures.
+    pub fn give_up(&mut self, at: &Coordinates, error: String, attempts: u32) {
+        self.given_up.retain(|(o, _)| *o != at.offset);
+        self.given_up.push((
+            at.offset,
+            Failure {
+                kind: FailureKind::RetriesExhausted,
+                error,
+                attempts,
+            },
+        ));
+    }
+
+    /// The records the last committed [`write`](Self::write) parked.
+    pub fn parked(&self) -> &[Parked] {
+        &self.parked
     }
 
     /// The partition.
@@ -234,19 +451,45 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
     ) -> Result<Vec<Prepared<'m, H::Event>>, BatchError> {
         let mut out = Vec::with_capacity(batch.len());
         for message in batch {
-            let (event, id) =
-                identify(&self.config.event_id, message).map_err(|(kind, source)| {
-                    BatchError::Permanent {
+            let strategy = &self.config.event_id;
+            let prepared = match identify(strategy, message) {
+                Ok((event, id)) => Prepared {
+                    message,
+                    event: Some(event),
+                    id: Some(id),
+                    failure: None,
+                },
+                Err((kind, source)) if self.park => Prepared {
+                    message,
+                    event: None,
+                    id: match kind {
+                        FailureKind::Undecodable => id_without_event(strategy, message),
+                        _ => None,
+                    },
+                    failure: Some(Failure {
+                        kind,
+                        error: error_chain(source.as_ref()),
+                        attempts: 0,
+                    }),
+                },
+                Err((kind, source)) => {
+                    return Err(BatchError::Permanent {
                         at: self.coordinates(message.offset()),
                         kind,
                         source,
-                    }
-                })?;
-            out.push(Prepared {
-                message,
-                event: Some(event),
-                id,
-            });
+                    });
+                }
+            };
+            out.push(prepared);
+        }
+        if self.park && !self.given_up.is_empty() {
+            for p in &mut out {
+                if let Some((_, f)) = self.given_up.iter().find(|(o, _)| *o == p.message.offset())
+                    && p.failure.is_none()
+                {
+                    p.failure = Some(f.clone());
+                }
+            }
         }
         Ok(out)
     }
@@ -254,10 +497,11 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
     /// Runs the unit of work for one batch of this partition's records, in offset order.
     ///
     /// Records older than the stored position are ignored (they were committed, or skipped by a
-    /// replay). On `Ok(Committed)` the writer's position moves to the new stored offset; on
-    /// `Ok(Fenced)` the writer must be dropped; on `Err` nothing was committed and the same
-    /// batch may be retried.
+    /// replay). On `Ok(Committed)` the writer's position moves to the new stored offset (and
+    /// [`parked`](Self::parked) lists the records it parked); on `Ok(Fenced)` the writer must
+    /// be dropped; on `Err` nothing was committed and the same batch may be retried.
     pub async fn write(&mut self, batch: &[OwnedMessage]) -> Result<BatchOutcome, BatchError> {
+        self.parked.clear();
         let start = match self.position {
             Some(p) => batch.partition_point(|m| m.offset() < p),
             None => 0,
@@ -275,96 +519,262 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         };
         if let BatchOutcome::Committed { next_offset, .. } = outcome {
             self.position = Some(next_offset);
+            self.given_up.clear();
+            for p in &self.parked {
+                tracing::warn!(
+                    topic = %p.at.topic,
+                    partition = p.at.partition,
+                    offset = p.at.offset,
+                    event_id = p.event_id.as_deref().unwrap_or("(none)"),
+                    kind = p.kind.as_str(),
+                    attempts = p.attempts,
+                    error = %p.error,
+                    "record failed permanently; parked in dead_letters"
+                );
+            }
         }
         Ok(outcome)
     }
 
-    async fn effectively_once(
+    /// Runs the handler transaction: the fast path, then the slow path if a handler failed
+    /// permanently. `fence`: the offset to advance to inside it (effectively-once); `ledger`:
+    /// whether to claim event ids. `None`: fenced.
+    async fn run(
         &self,
         prepared: &mut [Prepared<'_, H::Event>],
-        next: i64,
-    ) -> Result<BatchOutcome, BatchError> {
+        fence: Option<i64>,
+        ledger: bool,
+    ) -> Result<Option<Applied>, BatchError> {
+        let mut slow = false;
+        loop {
+            match self.attempt(prepared, fence, ledger, slow).await {
+                Ok(done) => return Ok(done),
+                Err(Abort::Failed { index, failure }) => {
+                    prepared[index].failure = Some(failure);
+                    slow = true;
+                }
+                Err(Abort::Batch(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        prepared: &mut [Prepared<'_, H::Event>],
+        fence: Option<i64>,
+        ledger: bool,
+        slow: bool,
+    ) -> Result<Option<Applied>, Abort> {
         let cfg = &*self.config;
         let mut tx = DB::begin(&cfg.pool).await.map_err(db_error)?;
-        if !self.fence(&mut tx, next).await? {
+        if let Some(next) = fence
+            && !self.fence(&mut tx, next).await?
+        {
             tx.rollback().await.map_err(db_error)?;
-            return Ok(BatchOutcome::Fenced);
+            return Ok(None);
         }
 
         // First occurrence of each id within the batch; later ones are duplicates outright.
-        let mut seen = HashSet::with_capacity(prepared.len());
-        let mut ids = Vec::with_capacity(prepared.len());
-        let mut offsets = Vec::with_capacity(prepared.len());
-        for p in prepared.iter() {
-            if seen.insert(p.id.as_str()) {
-                ids.push(p.id.as_str());
-                offsets.push(p.message.offset());
+        let claimed = if ledger {
+            let mut seen = HashSet::with_capacity(prepared.len());
+            let mut ids = Vec::with_capacity(prepared.len());
+            let mut offsets = Vec::with_capacity(prepared.len());
+            for p in prepared.iter() {
+                if let (Some(id), None) = (&p.id, &p.failure)
+                    && seen.insert(id.as_str())
+                {
+                    ids.push(id.as_str());
+                    offsets.push(p.message.offset());
+                }
             }
-        }
-        let claimed = DB::claim_events(&mut tx, &cfg.queries, &self.key, &ids, &offsets)
-            .await
-            .map_err(db_error)?;
+            if ids.is_empty() {
+                Vec::new()
+            } else {
+                DB::claim_events(&mut tx, &cfg.queries, &self.key, &ids, &offsets)
+                    .await
+                    .map_err(db_error)?
+            }
+        } else {
+            Vec::new()
+        };
 
         let mut applied = 0;
-        for p in prepared.iter_mut() {
-            if claimed.binary_search(&p.message.offset()).is_err() {
+        let mut parked = Vec::new();
+        // Ids whose claim this transaction undid (their record was parked): a later record
+        // with the same id gets its own chance.
+        let mut released: HashSet<String> = HashSet::new();
+        for (index, p) in prepared.iter_mut().enumerate() {
+            if let Some(failure) = &p.failure {
+                let failure = failure.clone();
+                parked.push(
+                    self.park(&mut tx, p.message, p.id.as_deref(), failure)
+                        .await?,
+                );
                 continue;
             }
-            self.handle(&mut tx, p).await?;
-            applied += 1;
+            let offset = p.message.offset();
+            let first_claim = !ledger || claimed.binary_search(&offset).is_ok();
+            if !first_claim && !p.id.as_ref().is_some_and(|id| released.contains(id)) {
+                continue; // a duplicate
+            }
+            if !slow {
+                match self.handle(&mut tx, p).await {
+                    Ok(()) => applied += 1,
+                    Err(HandleError::Transient(e)) => {
+                        let _ = tx.rollback().await;
+                        return Err(Abort::Batch(e));
+                    }
+                    Err(HandleError::Permanent(failure)) => {
+                        let _ = tx.rollback().await;
+                        if self.park {
+                            return Err(Abort::Failed { index, failure });
+                        }
+                        return Err(Abort::Batch(BatchError::Permanent {
+                            at: self.coordinates(offset),
+                            kind: failure.kind,
+                            source: failure.error.into(),
+                        }));
+                    }
+                }
+                continue;
+            }
+            // The slow path: a savepoint around the handler (and around a claim of its own).
+            let id = p.id.clone().unwrap_or_default();
+            let mut sp = sqlx::Connection::begin(&mut *tx).await.map_err(db_error)?;
+            if !first_claim {
+                let again = DB::claim_events(&mut sp, &cfg.queries, &self.key, &[&id], &[offset])
+                    .await
+                    .map_err(db_error)?;
+                if again.is_empty() {
+                    sp.rollback().await.map_err(db_error)?;
+                    continue;
+                }
+            }
+            match self.handle(&mut sp, p).await {
+                Ok(()) => {
+                    sp.commit().await.map_err(db_error)?;
+                    released.remove(&id);
+                    applied += 1;
+                }
+                Err(HandleError::Transient(e)) => {
+                    drop(sp);
+                    let _ = tx.rollback().await;
+                    return Err(Abort::Batch(e));
+                }
+                Err(HandleError::Permanent(failure)) => {
+                    sp.rollback().await.map_err(db_error)?;
+                    if ledger && first_claim {
+                        DB::unclaim(&mut tx, &cfg.queries, &self.key.group, &id)
+                            .await
+                            .map_err(db_error)?;
+                    }
+                    released.insert(id);
+                    parked.push(
+                        self.park(&mut tx, p.message, p.id.as_deref(), failure)
+                            .await?,
+                    );
+                }
+            }
         }
         tx.commit().await.map_err(db_error)?;
-        Ok(BatchOutcome::Committed {
-            applied,
-            duplicates: prepared.len() - applied,
-            lost: 0,
-            next_offset: next,
-        })
+        Ok(Some(Applied { applied, parked }))
     }
 
-    async fn at_least_once(
+    /// Writes a record to `dead_letters` in `conn`'s transaction.
+    async fn park(
         &self,
+        conn: &mut DB::Connection,
+        m: &OwnedMessage,
+        id: Option<&str>,
+        failure: Failure,
+    ) -> Result<Parked, BatchError> {
+        let letter = Parking {
+            offset: m.offset(),
+            key: m.key(),
+            headers: crate::dead_letters::encode_headers(m),
+            payload: m.payload(),
+            timestamp_ms: m.timestamp().to_millis(),
+            event_id: id,
+            error: &failure.error,
+            kind: failure.kind,
+            attempts: failure.attempts,
+        };
+        match DB::park(conn, &self.config.queries, &self.key, &letter).await {
+            Ok(()) => Ok(Parked {
+                at: self.coordinates(m.offset()),
+                event_id: id.map(str::to_owned),
+                kind: failure.kind,
+                error: failure.error,
+                attempts: failure.attempts,
+            }),
+            Err(e) if is_infrastructure(&e) => Err(db_error(e)),
+            Err(e) => Err(BatchError::Permanent {
+                at: self.coordinates(m.offset()),
+                kind: failure.kind,
+                source: format!(
+                    "{} (and parking it in dead_letters failed: {e})",
+                    failure.error
+                )
+                .into(),
+            }),
+        }
+    }
+
+    fn committed(
+        &mut self,
+        prepared: usize,
+        done: Applied,
+        lost: usize,
+        next: i64,
+    ) -> BatchOutcome {
+        let parked = done.parked.len();
+        self.parked = done.parked;
+        BatchOutcome::Committed {
+            applied: done.applied,
+            duplicates: prepared - done.applied - parked - lost,
+            lost,
+            next_offset: next,
+        }
+    }
+
+    async fn effectively_once(
+        &mut self,
         prepared: &mut [Prepared<'_, H::Event>],
         next: i64,
     ) -> Result<BatchOutcome, BatchError> {
-        let cfg = &*self.config;
-        let mut tx = DB::begin(&cfg.pool).await.map_err(db_error)?;
-        for p in prepared.iter_mut() {
-            self.handle(&mut tx, p).await?;
+        match self.run(prepared, Some(next), true).await? {
+            None => Ok(BatchOutcome::Fenced),
+            Some(done) => Ok(self.committed(prepared.len(), done, 0, next)),
         }
-        tx.commit().await.map_err(db_error)?;
+    }
+
+    async fn at_least_once(
+        &mut self,
+        prepared: &mut [Prepared<'_, H::Event>],
+        next: i64,
+    ) -> Result<BatchOutcome, BatchError> {
+        let done = self
+            .run(prepared, None, false)
+            .await?
+            .expect("only a fenced transaction returns None");
         // A crash here re-applies the batch: that is this guarantee's contract.
         if !self.advance_alone(next).await? {
             return Ok(BatchOutcome::Fenced);
         }
-        Ok(BatchOutcome::Committed {
-            applied: prepared.len(),
-            duplicates: 0,
-            lost: 0,
-            next_offset: next,
-        })
+        Ok(self.committed(prepared.len(), done, 0, next))
     }
 
     async fn at_most_once(
-        &self,
+        &mut self,
         prepared: &mut [Prepared<'_, H::Event>],
         next: i64,
     ) -> Result<BatchOutcome, BatchError> {
-        let cfg = &*self.config;
         if !self.advance_alone(next).await? {
             return Ok(BatchOutcome::Fenced);
         }
         // The offset has moved: from here on a crash or a failure loses the batch.
-        let result = async {
-            let mut tx = DB::begin(&cfg.pool).await.map_err(db_error)?;
-            for p in prepared.iter_mut() {
-                self.handle(&mut tx, p).await?;
-            }
-            tx.commit().await.map_err(db_error)
-        }
-        .await;
-        let lost = match result {
-            Ok(()) => 0,
+        let (done, lost) = match self.run(prepared, None, false).await {
+            Ok(done) => (done.expect("only a fenced transaction returns None"), 0),
             Err(e) => {
                 tracing::error!(
                     topic = %self.key.topic,
@@ -373,15 +783,16 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
                     error = %e,
                     "at-most-once: the batch failed after its offset was committed; its records are lost"
                 );
-                prepared.len()
+                (
+                    Applied {
+                        applied: 0,
+                        parked: Vec::new(),
+                    },
+                    prepared.len(),
+                )
             }
         };
-        Ok(BatchOutcome::Committed {
-            applied: prepared.len() - lost,
-            duplicates: 0,
-            lost,
-            next_offset: next,
-        })
+        Ok(self.committed(prepared.len(), done, lost, next))
     }
 
     /// The fence: moves the stored offset to `next` if this writer still owns the partition.
@@ -414,36 +825,50 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         &self,
         conn: &mut DB::Connection,
         p: &mut Prepared<'_, H::Event>,
-    ) -> Result<(), BatchError> {
-        let event = p
-            .event
-            .take()
-            .expect("each record is handled once per attempt");
-        let record = Record::new(p.message, &p.id);
-        let mut ctx = Context::new(conn, record);
+    ) -> Result<(), HandleError> {
         let offset = p.message.offset();
-        let span = tracing::debug_span!(
-            "record",
-            topic = %self.key.topic,
-            partition = self.key.partition,
-            offset,
-            event_id = %p.id
-        );
-        let result =
-            tracing::Instrument::instrument(self.config.handler.handle(&mut ctx, event), span)
-                .await;
-        result.map_err(|e| match e {
-            HandlerError::Retry { source, after } => BatchError::Transient {
-                at: Some(self.coordinates(offset)),
-                infrastructure: is_infrastructure(source.as_ref()),
-                after,
-                source,
-            },
-            HandlerError::Reject { source } => BatchError::Permanent {
-                at: self.coordinates(offset),
+        // The event is consumed by the handler; a second run (the slow path) decodes it again.
+        let event = match p.event.take() {
+            Some(e) => e,
+            None => H::Event::decode(p.message.payload()).map_err(|e| {
+                HandleError::Permanent(Failure {
+                    kind: FailureKind::Undecodable,
+                    error: error_chain(e.as_ref()),
+                    attempts: 0,
+                })
+            })?,
+        };
+        let id = p.id.as_deref().unwrap_or_default();
+        let record = Record::new(p.message, id);
+        match run_handler(&*self.config.handler, conn, record, event).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(HandlerError::Retry { source, after })) => {
+                Err(HandleError::Transient(BatchError::Transient {
+                    at: Some(self.coordinates(offset)),
+                    infrastructure: is_infrastructure(source.as_ref()),
+                    after,
+                    source,
+                }))
+            }
+            Ok(Err(HandlerError::Reject { source })) => Err(HandleError::Permanent(Failure {
                 kind: FailureKind::Rejected,
-                source,
-            },
-        })
+                error: error_chain(source.as_ref()),
+                attempts: 1,
+            })),
+            Err(panic) => {
+                tracing::error!(
+                    topic = %self.key.topic,
+                    partition = self.key.partition,
+                    offset,
+                    event_id = id,
+                    "{panic}"
+                );
+                Err(HandleError::Permanent(Failure {
+                    kind: FailureKind::Panicked,
+                    error: panic,
+                    attempts: 1,
+                }))
+            }
+        }
     }
 }

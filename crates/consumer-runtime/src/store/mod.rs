@@ -16,9 +16,156 @@ macro_rules! impl_backend {
             })
         }
 
+        fn dead_letter_from(row: $row) -> Result<crate::dead_letters::DeadLetter, sqlx::Error> {
+            use sqlx::Row as _;
+            let headers: String = row.try_get(6)?;
+            let kind: String = row.try_get(11)?;
+            let attempts: i32 = row.try_get(12)?;
+            Ok(crate::dead_letters::DeadLetter {
+                id: row.try_get(0)?,
+                group: row.try_get(1)?,
+                topic: row.try_get(2)?,
+                partition: row.try_get(3)?,
+                offset: row.try_get(4)?,
+                key: row.try_get(5)?,
+                headers: crate::dead_letters::decode_headers(&headers)
+                    .map_err(|e| sqlx::Error::Decode(e.into()))?,
+                payload: row.try_get(7)?,
+                timestamp_ms: row.try_get(8)?,
+                event_id: row.try_get(9)?,
+                error: row.try_get(10)?,
+                kind: kind.parse().map_err(|e: String| sqlx::Error::Decode(e.into()))?,
+                attempts: attempts.max(0) as u32,
+                first_failed_at: row.try_get(13)?,
+                last_failed_at: row.try_get(14)?,
+            })
+        }
+
         #[async_trait::async_trait]
         impl Backend for $db {
             $($specific)*
+
+            async fn park(
+                conn: &mut Self::Connection,
+                q: &Queries,
+                key: &PartitionKey,
+                letter: &Parking<'_>,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(q.park.clone())
+                    .bind(&key.group)
+                    .bind(&key.topic)
+                    .bind(key.partition)
+                    .bind(letter.offset)
+                    .bind(letter.key)
+                    .bind(&letter.headers)
+                    .bind(letter.payload)
+                    .bind(letter.timestamp_ms)
+                    .bind(letter.event_id)
+                    .bind(letter.error)
+                    .bind(letter.kind.as_str())
+                    .bind(i32::try_from(letter.attempts).unwrap_or(i32::MAX))
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            }
+
+            async fn unclaim(
+                conn: &mut Self::Connection,
+                q: &Queries,
+                group: &str,
+                event_id: &str,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(q.unclaim.clone())
+                    .bind(group)
+                    .bind(event_id)
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            }
+
+            async fn dead_letters(
+                pool: &Pool<Self>,
+                q: &Queries,
+                group: &str,
+                topic: Option<&str>,
+            ) -> Result<Vec<crate::dead_letters::DeadLetter>, sqlx::Error> {
+                sqlx::query(q.dl_list.clone())
+                    .bind(group)
+                    .bind(topic)
+                    .fetch_all(pool)
+                    .await?
+                    .into_iter()
+                    .map(dead_letter_from)
+                    .collect()
+            }
+
+            async fn dead_letter(
+                pool: &Pool<Self>,
+                q: &Queries,
+                id: i64,
+            ) -> Result<Option<crate::dead_letters::DeadLetter>, sqlx::Error> {
+                sqlx::query(q.dl_get.clone())
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await?
+                    .map(dead_letter_from)
+                    .transpose()
+            }
+
+            async fn take_dead_letter(
+                conn: &mut Self::Connection,
+                q: &Queries,
+                id: i64,
+            ) -> Result<Option<crate::dead_letters::DeadLetter>, sqlx::Error> {
+                sqlx::query(q.dl_take.clone())
+                    .bind(id)
+                    .fetch_optional(conn)
+                    .await?
+                    .map(dead_letter_from)
+                    .transpose()
+            }
+
+            async fn purge_dead_letters(
+                pool: &Pool<Self>,
+                q: &Queries,
+                group: &str,
+                topic: Option<&str>,
+            ) -> Result<u64, sqlx::Error> {
+                let done = sqlx::query(q.dl_purge.clone())
+                    .bind(group)
+                    .bind(topic)
+                    .execute(pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn delete_dead_letter(
+                pool: &Pool<Self>,
+                q: &Queries,
+                id: i64,
+            ) -> Result<bool, sqlx::Error> {
+                let done = sqlx::query(q.dl_delete.clone())
+                    .bind(id)
+                    .execute(pool)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn dead_letter_failed_again(
+                pool: &Pool<Self>,
+                q: &Queries,
+                id: i64,
+                kind: crate::error::FailureKind,
+                error: &str,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(q.dl_failed.clone())
+                    .bind(id)
+                    .bind(kind.as_str())
+                    .bind(error)
+                    .execute(pool)
+                    .await?;
+                Ok(())
+            }
 
             async fn claim(
                 pool: &Pool<Self>,
@@ -142,7 +289,31 @@ use async_trait::async_trait;
 use sqlx::migrate::Migrator;
 use sqlx::{Pool, Transaction};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, FailureKind, Result};
+
+/// A record being parked in `dead_letters` (the partition comes with it separately).
+#[derive(Debug, Clone)]
+#[doc(hidden)]
+pub struct Parking<'a> {
+    /// The record's offset.
+    pub offset: i64,
+    /// The record's key.
+    pub key: Option<&'a [u8]>,
+    /// The record's headers, encoded as [`crate::dead_letters::encode_headers`] says.
+    pub headers: String,
+    /// The record's payload.
+    pub payload: Option<&'a [u8]>,
+    /// The record's timestamp, milliseconds since the Unix epoch.
+    pub timestamp_ms: Option<i64>,
+    /// The record's event id, when it has one.
+    pub event_id: Option<&'a str>,
+    /// The error, as text.
+    pub error: &'a str,
+    /// What kind of failure.
+    pub kind: FailureKind,
+    /// How many attempts were made.
+    pub attempts: u32,
+}
 
 /// A partition of a topic as seen by one consumer group.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -196,6 +367,14 @@ pub struct Queries {
     pub(crate) applied_version: sqlx::SqlStr,
     pub(crate) ledger_known: sqlx::SqlStr,
     pub(crate) clear_ledger: sqlx::SqlStr,
+    pub(crate) unclaim: sqlx::SqlStr,
+    pub(crate) park: sqlx::SqlStr,
+    pub(crate) dl_list: sqlx::SqlStr,
+    pub(crate) dl_get: sqlx::SqlStr,
+    pub(crate) dl_take: sqlx::SqlStr,
+    pub(crate) dl_purge: sqlx::SqlStr,
+    pub(crate) dl_delete: sqlx::SqlStr,
+    pub(crate) dl_failed: sqlx::SqlStr,
 }
 
 impl Queries {
@@ -212,6 +391,14 @@ impl Queries {
             applied_version: q(templates.applied_version),
             ledger_known: q(templates.ledger_known),
             clear_ledger: q(CLEAR_LEDGER),
+            unclaim: q(UNCLAIM),
+            park: q(templates.park),
+            dl_list: q(templates.dl_list),
+            dl_get: q(templates.dl_get),
+            dl_take: q(templates.dl_take),
+            dl_purge: q(templates.dl_purge),
+            dl_delete: q(DL_DELETE),
+            dl_failed: q(templates.dl_failed),
         }
     }
 }
@@ -222,6 +409,13 @@ use sqlx::SqlSafeStr as _;
 const CLEAR_LEDGER: &str = r#"DELETE FROM {s}processed
 WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND "offset" >= $4 AND "offset" < $5"#;
 
+/// Undoes a record's ledger claim made earlier in the same transaction (the record is being
+/// parked in `dead_letters` instead of applied).
+const UNCLAIM: &str = r#"DELETE FROM {s}processed WHERE consumer_group = $1 AND event_id = $2"#;
+
+/// Deletes one dead letter.
+const DL_DELETE: &str = r#"DELETE FROM {s}dead_letters WHERE id = $1"#;
+
 struct Templates {
     claim: &'static str,
     reclaim: &'static str,
@@ -231,6 +425,20 @@ struct Templates {
     offsets: &'static str,
     applied_version: &'static str,
     ledger_known: &'static str,
+    /// Parks a record: `$1..$12` = group, topic, partition, offset, key, headers, payload,
+    /// timestamp_ms, event_id, error, error_kind, attempts. Parking the same record again (a
+    /// replay, or at-least-once re-running a batch) updates the error and adds the attempts.
+    park: &'static str,
+    /// A group's dead letters (`$2`: a topic, or NULL for all), oldest coordinates first.
+    dl_list: &'static str,
+    /// One dead letter by id.
+    dl_get: &'static str,
+    /// Deletes one dead letter by id and returns it (redrive).
+    dl_take: &'static str,
+    /// Deletes a group's dead letters (`$2`: a topic, or NULL for all).
+    dl_purge: &'static str,
+    /// Records another failed attempt (`$1` id, `$2` kind, `$3` error).
+    dl_failed: &'static str,
 }
 
 mod sealed {
@@ -386,6 +594,76 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         group: &str,
         ids: &[&str],
     ) -> Result<Vec<String>, sqlx::Error>;
+
+    /// Parks a record of `key`'s partition in `dead_letters` (upsert on its coordinates).
+    #[doc(hidden)]
+    async fn park(
+        conn: &mut Self::Connection,
+        q: &Queries,
+        key: &PartitionKey,
+        letter: &Parking<'_>,
+    ) -> Result<(), sqlx::Error>;
+
+    /// Deletes the ledger row of `event_id` for `group` (undoing a claim of this transaction).
+    #[doc(hidden)]
+    async fn unclaim(
+        conn: &mut Self::Connection,
+        q: &Queries,
+        group: &str,
+        event_id: &str,
+    ) -> Result<(), sqlx::Error>;
+
+    /// A group's dead letters, optionally of one topic, by topic, partition and offset.
+    #[doc(hidden)]
+    async fn dead_letters(
+        pool: &Pool<Self>,
+        q: &Queries,
+        group: &str,
+        topic: Option<&str>,
+    ) -> Result<Vec<crate::dead_letters::DeadLetter>, sqlx::Error>;
+
+    /// One dead letter by id.
+    #[doc(hidden)]
+    async fn dead_letter(
+        pool: &Pool<Self>,
+        q: &Queries,
+        id: i64,
+    ) -> Result<Option<crate::dead_letters::DeadLetter>, sqlx::Error>;
+
+    /// Deletes one dead letter and returns it (in the caller's transaction).
+    #[doc(hidden)]
+    async fn take_dead_letter(
+        conn: &mut Self::Connection,
+        q: &Queries,
+        id: i64,
+    ) -> Result<Option<crate::dead_letters::DeadLetter>, sqlx::Error>;
+
+    /// Deletes a group's dead letters, optionally of one topic; returns how many.
+    #[doc(hidden)]
+    async fn purge_dead_letters(
+        pool: &Pool<Self>,
+        q: &Queries,
+        group: &str,
+        topic: Option<&str>,
+    ) -> Result<u64, sqlx::Error>;
+
+    /// Deletes one dead letter; `false` if there was none.
+    #[doc(hidden)]
+    async fn delete_dead_letter(
+        pool: &Pool<Self>,
+        q: &Queries,
+        id: i64,
+    ) -> Result<bool, sqlx::Error>;
+
+    /// Records one more failed attempt of a dead letter (a redrive that failed again).
+    #[doc(hidden)]
+    async fn dead_letter_failed_again(
+        pool: &Pool<Self>,
+        q: &Queries,
+        id: i64,
+        kind: FailureKind,
+        error: &str,
+    ) -> Result<(), sqlx::Error>;
 
     /// Deletes a partition's ledger rows whose first record lies in `[from, to)`; returns how
     /// many.

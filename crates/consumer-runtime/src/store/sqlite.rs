@@ -9,12 +9,20 @@ use sqlx::migrate::Migrator;
 use sqlx::{Pool, Sqlite, SqliteConnection, Transaction};
 
 use super::{
-    Backend, Claim, DatabaseKind, PartitionKey, Queries, StoredOffset, Templates, substitute,
+    Backend, Claim, DatabaseKind, Parking, PartitionKey, Queries, StoredOffset, Templates,
+    substitute,
 };
 use crate::error::{Error, Result};
 use crate::util::check_identifier;
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+/// The columns of a dead letter, in the order `dead_letter_from` reads them.
+macro_rules! dl_cols {
+    () => {
+        r#"id, consumer_group, topic, partition, "offset", key, headers, payload, timestamp_ms, event_id, error, error_kind, attempts, first_failed_at, last_failed_at"#
+    };
+}
 
 const TEMPLATES: Templates = Templates {
     claim: r#"INSERT INTO {s}consumer_offsets AS o (consumer_group, topic, partition, next_offset, epoch, owner, updated_at)
@@ -41,6 +49,26 @@ WHERE consumer_group = $1 ORDER BY topic, partition"#,
     applied_version: r#"SELECT max(version) FROM {s}_migrations WHERE success"#,
     ledger_known: r#"SELECT event_id FROM {s}processed
 WHERE consumer_group = $1 AND event_id IN (SELECT value FROM json_each($2))"#,
+    park: r#"INSERT INTO {s}dead_letters AS d (consumer_group, topic, partition, "offset", key, headers, payload, timestamp_ms, event_id, error, error_kind, attempts)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+ON CONFLICT (consumer_group, topic, partition, "offset")
+DO UPDATE SET event_id = EXCLUDED.event_id, error = EXCLUDED.error, error_kind = EXCLUDED.error_kind,
+    attempts = d.attempts + EXCLUDED.attempts, last_failed_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"#,
+    dl_list: concat!(
+        "SELECT ",
+        dl_cols!(),
+        r#" FROM {s}dead_letters WHERE consumer_group = $1 AND ($2 IS NULL OR topic = $2)
+ORDER BY topic, partition, "offset""#
+    ),
+    dl_get: concat!("SELECT ", dl_cols!(), " FROM {s}dead_letters WHERE id = $1"),
+    dl_take: concat!(
+        "DELETE FROM {s}dead_letters WHERE id = $1 RETURNING ",
+        dl_cols!()
+    ),
+    dl_purge: r#"DELETE FROM {s}dead_letters WHERE consumer_group = $1 AND ($2 IS NULL OR topic = $2)"#,
+    dl_failed: r#"UPDATE {s}dead_letters SET error_kind = $2, error = $3, attempts = attempts + 1,
+    last_failed_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+WHERE id = $1"#,
 };
 
 impl_backend! {
