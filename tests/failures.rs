@@ -303,6 +303,82 @@ async fn rejected_record_is_parked_and_the_consumer_keeps_running<DB: TestDb>() 
     assert_eq!(ledger_rows(&pool, &group).await, expected.len() as i64);
 }
 
+// ---- The circuit breaker ----------------------------------------------------------------------
+
+/// 40 good records, then 60 undecodable ones (a bad deploy of the producer), then 40 good ones,
+/// on one partition.
+fn good_bad_good(topic: &str) -> (Vec<(i32, String, String)>, Vec<String>) {
+    let (good, ids) = events_with_duplicates(topic, 80, 1, 0);
+    let mut records: Vec<_> = good[..40].to_vec();
+    records.extend((0..60).map(|i| (0, format!("{topic}-bad-{i}"), format!("not json {i}"))));
+    records.extend(good[40..].iter().cloned());
+    (records, ids)
+}
+
+async fn the_circuit_breaker_stops_the_consumer_when_parking_becomes_the_norm<DB: TestDb>() {
+    let pool = DB::pool().await;
+    let kafka = Kafka::new();
+    let topic = rand_name("breaker");
+    let group = rand_name("g");
+    kafka.create_topic(&topic, 1);
+    let (records, ids) = good_bad_good(&topic);
+    kafka.produce(&topic, &records);
+    let rt = runtime(&kafka, &pool, Counter::new(&group), &topic, &group)
+        .batch_size(10)
+        .circuit_breaker(consumer_runtime::CircuitBreaker {
+            max_consecutive: Some(25),
+            ratio: None,
+        })
+        .build()
+        .unwrap();
+    let err = tokio::time::timeout(WAIT, rt.run())
+        .await
+        .expect("the breaker must stop the consumer")
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, consumer_runtime::Error::CircuitOpen { .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains("25 records in a row were parked") && text.contains("redrive"),
+        "{text}"
+    );
+    // It stopped inside the bad stretch: the 40 good records before it are applied, at least
+    // 25 bad ones parked, and nothing after the batch that tripped it was touched.
+    let letters = parked(&pool, &group).await;
+    assert!(
+        (25..35).contains(&letters.len()),
+        "{} parked",
+        letters.len()
+    );
+    let stored = stored_offsets(&pool, &group).await[&(topic.clone(), 0)];
+    assert_eq!(stored, 40 + letters.len() as i64);
+    assert_exactly_once(&effect_counts(&pool, &group).await, &ids[..40]);
+}
+
+async fn a_disabled_circuit_breaker_parks_the_whole_bad_stretch_and_goes_on<DB: TestDb>() {
+    let pool = DB::pool().await;
+    let kafka = Kafka::new();
+    let topic = rand_name("nobreaker");
+    let group = rand_name("g");
+    kafka.create_topic(&topic, 1);
+    let (records, ids) = good_bad_good(&topic);
+    kafka.produce(&topic, &records);
+    let rt = runtime(&kafka, &pool, Counter::new(&group), &topic, &group)
+        .batch_size(10)
+        .circuit_breaker(consumer_runtime::CircuitBreaker::disabled())
+        .build()
+        .unwrap();
+    let stop = rt.shutdown_handle();
+    let task = tokio::spawn(rt.run());
+    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+    stop.shutdown();
+    task.await.unwrap().expect("clean shutdown");
+    assert_eq!(parked(&pool, &group).await.len(), 60);
+    assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
+}
+
 // ---- (b) records the handler never sees ------------------------------------------------------
 
 async fn undecodable_and_id_less_records_are_parked_without_running_the_handler<DB: TestDb>() {
@@ -798,6 +874,8 @@ macro_rules! suite {
 }
 
 suite!(
+    the_circuit_breaker_stops_the_consumer_when_parking_becomes_the_norm,
+    a_disabled_circuit_breaker_parks_the_whole_bad_stretch_and_goes_on,
     rejected_record_is_parked_and_the_rest_of_its_batch_commits,
     rejected_record_is_parked_and_the_consumer_keeps_running,
     undecodable_and_id_less_records_are_parked_without_running_the_handler,

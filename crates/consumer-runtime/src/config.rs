@@ -158,3 +158,131 @@ impl RetryPolicy {
         capped - Duration::from_nanos(crate::util::random_u64() % jitter)
     }
 }
+
+/// When parking becomes the norm, stop the consumer instead of dead-lettering a whole topic
+/// (after a bad deploy, say). The runtime counts, in the order batches commit, records parked
+/// versus records applied or skipped as duplicates; it stops with
+/// [`Error::CircuitOpen`](crate::Error::CircuitOpen) when either limit is reached. The records
+/// of the batch that tripped it are committed (parked); nothing after them is touched.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CircuitBreaker {
+    /// Stop after this many parked records in a row (none applied in between). `None`: no
+    /// limit.
+    pub max_consecutive: Option<u64>,
+    /// Stop when more than `max_ratio` of the last `window` records were parked (checked once
+    /// `window` records have been seen). `None`: no limit.
+    pub ratio: Option<ParkedRatio>,
+}
+
+/// The ratio limit of a [`CircuitBreaker`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ParkedRatio {
+    /// The largest tolerated share of parked records, between 0 and 1.
+    pub max_ratio: f64,
+    /// How many of the most recent records the share is taken over.
+    pub window: u64,
+}
+
+impl Default for CircuitBreaker {
+    /// 100 parked records in a row, or more than half of the last 1,000.
+    fn default() -> Self {
+        CircuitBreaker {
+            max_consecutive: Some(100),
+            ratio: Some(ParkedRatio {
+                max_ratio: 0.5,
+                window: 1000,
+            }),
+        }
+    }
+}
+
+impl CircuitBreaker {
+    /// Never stops: every failing record is parked.
+    pub fn disabled() -> Self {
+        CircuitBreaker {
+            max_consecutive: None,
+            ratio: None,
+        }
+    }
+}
+
+/// The breaker's running state: outcomes in commit order.
+#[derive(Debug, Default)]
+pub(crate) struct BreakerState {
+    consecutive: u64,
+    window: std::collections::VecDeque<bool>,
+    parked_in_window: u64,
+}
+
+impl BreakerState {
+    /// Records one record's outcome; returns why the breaker trips, if it does.
+    pub(crate) fn record(&mut self, limits: &CircuitBreaker, parked: bool) -> Option<String> {
+        self.consecutive = if parked { self.consecutive + 1 } else { 0 };
+        if let Some(r) = limits.ratio {
+            self.window.push_back(parked);
+            self.parked_in_window += u64::from(parked);
+            while self.window.len() as u64 > r.window {
+                if self.window.pop_front() == Some(true) {
+                    self.parked_in_window -= 1;
+                }
+            }
+            let seen = self.window.len() as u64;
+            if seen == r.window && self.parked_in_window as f64 > r.max_ratio * seen as f64 {
+                return Some(format!(
+                    "{} of the last {seen} records were parked (more than {:.0}%)",
+                    self.parked_in_window,
+                    r.max_ratio * 100.0
+                ));
+            }
+        }
+        match limits.max_consecutive {
+            Some(max) if parked && self.consecutive >= max => {
+                Some(format!("{} records in a row were parked", self.consecutive))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod breaker_tests {
+    use super::*;
+
+    #[test]
+    fn consecutive_parked_records_trip_and_an_applied_one_resets() {
+        let limits = CircuitBreaker {
+            max_consecutive: Some(3),
+            ratio: None,
+        };
+        let mut s = BreakerState::default();
+        for parked in [true, true, false, true, true] {
+            assert_eq!(s.record(&limits, parked), None);
+        }
+        assert!(
+            s.record(&limits, true)
+                .unwrap()
+                .contains("3 records in a row")
+        );
+    }
+
+    #[test]
+    fn a_ratio_over_a_full_window_trips() {
+        let limits = CircuitBreaker {
+            max_consecutive: None,
+            ratio: Some(ParkedRatio {
+                max_ratio: 0.5,
+                window: 4,
+            }),
+        };
+        let mut s = BreakerState::default();
+        // Half parked is tolerated; the window is not full before four records.
+        for parked in [true, false, true, false, true, false, true] {
+            assert_eq!(s.record(&limits, parked), None);
+        }
+        assert!(s.record(&limits, true).unwrap().contains("3 of the last 4"));
+        assert_eq!(
+            BreakerState::default().record(&CircuitBreaker::disabled(), true),
+            None
+        );
+    }
+}

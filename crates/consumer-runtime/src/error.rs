@@ -128,6 +128,19 @@ pub enum Error {
         reason: String,
     },
 
+    /// The circuit breaker stopped the consumer: parking had become the norm.
+    #[error(
+        "circuit breaker open: {why}, the last of them {at} ({reason}). The consumer stopped instead of dead-lettering the rest of the topic: fix the cause (a bad deploy? a changed schema?), redrive the parked records (`dead-letters redrive --all`), and start it again"
+    )]
+    CircuitOpen {
+        /// Which limit was reached.
+        why: String,
+        /// The last record parked.
+        at: Coordinates,
+        /// Its error.
+        reason: String,
+    },
+
     /// A handler panicked or a runtime task died unexpectedly.
     #[error("internal error: {0}")]
     Internal(String),

@@ -57,7 +57,7 @@ pub mod store;
 pub mod unit;
 mod util;
 
-pub use config::{Assignor, Guarantee, OffsetReset, RetryPolicy};
+pub use config::{Assignor, CircuitBreaker, Guarantee, OffsetReset, ParkedRatio, RetryPolicy};
 pub use dead_letters::{DeadLetter, Redriven};
 pub use error::{BoxError, Coordinates, Error, FailureKind, Result};
 pub use event_id::EventId;

@@ -28,7 +28,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, error, info, warn};
 
-use crate::config::{Assignor, Guarantee, OffsetReset, RetryPolicy};
+use crate::config::{Assignor, BreakerState, CircuitBreaker, Guarantee, OffsetReset, RetryPolicy};
 use crate::error::{Error, Result};
 use crate::event_id::EventId;
 use crate::handler::Handler;
@@ -89,6 +89,7 @@ pub struct RuntimeBuilder<H: Handler<DB>, DB: Backend> {
     schema: String,
     assignor: Assignor,
     retry: RetryPolicy,
+    breaker: CircuitBreaker,
     kafka: Vec<(String, String)>,
     handle_signals: bool,
     startup_timeout: Duration,
@@ -168,6 +169,12 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
         self.retry = policy;
         self
     }
+    /// When parking becomes the norm, stop. Default: 100 parked records in a row, or more
+    /// than half of the last 1,000 ([`CircuitBreaker::default`]).
+    pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.breaker = breaker;
+        self
+    }
     /// Sets a librdkafka consumer property (as `kcat -X key=value`); it wins over the
     /// runtime's own settings, except that offsets are never auto-committed.
     pub fn kafka_config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -238,6 +245,7 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
             reset: self.reset,
             assignor: self.assignor,
             retry: self.retry,
+            breaker: self.breaker,
             kafka: self.kafka,
             handle_signals: self.handle_signals,
             startup_timeout: self.startup_timeout,
@@ -261,6 +269,7 @@ pub struct Runtime<H: Handler<DB>, DB: Backend> {
     reset: OffsetReset,
     assignor: Assignor,
     retry: RetryPolicy,
+    breaker: CircuitBreaker,
     kafka: Vec<(String, String)>,
     handle_signals: bool,
     startup_timeout: Duration,
@@ -287,6 +296,7 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             schema: "consumer_runtime".to_owned(),
             assignor: Assignor::default(),
             retry: RetryPolicy::default(),
+            breaker: CircuitBreaker::default(),
             kafka: Vec::new(),
             handle_signals: true,
             startup_timeout: Duration::from_secs(10),
@@ -360,6 +370,7 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             batch_size: self.batch_size,
             batch_wait: self.batch_wait,
             retry: self.retry.clone(),
+            breaker: (self.breaker.clone(), Mutex::new(BreakerState::default())),
             permits: Arc::new(Semaphore::new(self.concurrency)),
             handle: tokio::runtime::Handle::current(),
             control: control_tx,
@@ -564,6 +575,7 @@ struct Core<H: Handler<DB>, DB: Backend> {
     batch_size: usize,
     batch_wait: Duration,
     retry: RetryPolicy,
+    breaker: (CircuitBreaker, Mutex<BreakerState>),
     permits: Arc<Semaphore>,
     handle: tokio::runtime::Handle,
     control: std_mpsc::Sender<Control>,
@@ -728,6 +740,40 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
         }
     }
 
+    /// Feeds a committed batch's outcomes, in offset order, to the circuit breaker; an error
+    /// when it trips.
+    fn check_breaker(
+        &self,
+        writer: &PartitionWriter<H, DB>,
+        batch: &[OwnedMessage],
+    ) -> Option<Error> {
+        let (limits, state) = &self.breaker;
+        if limits.max_consecutive.is_none() && limits.ratio.is_none() {
+            return None;
+        }
+        let parked = writer.parked();
+        let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tripped = None;
+        for m in batch {
+            let p = parked.iter().find(|p| p.at.offset == m.offset());
+            // The first trip says why; the rest of the batch is committed all the same.
+            if let Some(why) = state.record(limits, p.is_some())
+                && tripped.is_none()
+            {
+                tripped = Some((why, p.or(parked.last())));
+            }
+        }
+        let (why, Some(last)) = tripped? else {
+            return None;
+        };
+        error!(why = %why, last = %last.at, "circuit breaker open: stopping the consumer");
+        Some(Error::CircuitOpen {
+            why,
+            at: last.at.clone(),
+            reason: last.error.clone(),
+        })
+    }
+
     /// Commits one batch, retrying transient failures with backoff. `Some` ends the worker.
     async fn commit(
         &self,
@@ -768,7 +814,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                     bump(&self.stats.parked, writer.parked().len());
                     bump(&self.stats.batches, 1);
                     debug!(parent: &span, applied, duplicates, parked = writer.parked().len(), next_offset, "batch committed");
-                    return None;
+                    return self.check_breaker(writer, batch).map(Exit::Failed);
                 }
                 Ok(BatchOutcome::Empty) => return None,
                 Ok(BatchOutcome::Fenced) => {
