@@ -379,6 +379,48 @@ async fn a_disabled_circuit_breaker_parks_the_whole_bad_stretch_and_goes_on<DB: 
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
 }
 
+// ---- The outside world fails ------------------------------------------------------------------
+
+/// The broker goes down mid-stream for a few seconds and then fetches fail a few times: the
+/// consumer waits, reconnects and continues, and every event is applied exactly once.
+async fn a_broker_outage_mid_stream_loses_and_duplicates_nothing<DB: TestDb>() {
+    use consumer_runtime::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let pool = DB::pool().await;
+    let kafka = Kafka::new();
+    let topic = rand_name("outage");
+    let group = rand_name("g");
+    kafka.create_topic(&topic, 2);
+    let (records, ids) = events_with_duplicates(&topic, 1500, 2, 50);
+    kafka.produce(&topic, &records);
+    let counter = Counter::new(&group).with_delay(Duration::from_millis(2));
+    let rt = runtime(&kafka, &pool, counter.clone(), &topic, &group)
+        .batch_size(50)
+        .build()
+        .unwrap();
+    let stop = rt.shutdown_handle();
+    let task = tokio::spawn(rt.run());
+    wait_until(WAIT, "some progress", || async { counter.applied() >= 200 }).await;
+
+    kafka.cluster.broker_down(1).expect("broker down");
+    assert!(counter.applied() < 1500, "the outage must come mid-stream");
+    // The outage itself lasts a fixed time: that is the scenario, not a wait for a condition.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !task.is_finished(),
+        "the consumer gave up during the outage"
+    );
+    kafka.cluster.broker_up(1).expect("broker up");
+    kafka.cluster.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 5],
+    );
+
+    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+    stop.shutdown();
+    task.await.unwrap().expect("clean shutdown");
+    assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
+}
+
 // ---- (b) records the handler never sees ------------------------------------------------------
 
 async fn undecodable_and_id_less_records_are_parked_without_running_the_handler<DB: TestDb>() {
@@ -874,6 +916,7 @@ macro_rules! suite {
 }
 
 suite!(
+    a_broker_outage_mid_stream_loses_and_duplicates_nothing,
     the_circuit_breaker_stops_the_consumer_when_parking_becomes_the_norm,
     a_disabled_circuit_breaker_parks_the_whole_bad_stretch_and_goes_on,
     rejected_record_is_parked_and_the_rest_of_its_batch_commits,
