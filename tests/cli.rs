@@ -904,6 +904,209 @@ async fn bad_input_fails_with_one_line_that_names_the_problem() {
     s.drop_schema().await;
 }
 
+/// `run` parks what the handler rejects and what cannot be decoded and goes on; `dead-letters`
+/// lists and shows them, `redrive` fails again on an unfixed record (exit status 1), applies a
+/// fixed one exactly once (its producer duplicate is `already applied`, a second redrive `not
+/// found`), and `purge` needs `--yes`.
+#[tokio::test]
+async fn parked_records_are_listed_shown_redriven_once_and_purged() {
+    let s = Setup::new(2).await;
+    let (mut records, ids) = order_events(&s.topic, 4, 2, 0);
+    // An order event with version 0, which the handler rejects, sent twice with the same event
+    // id (a producer duplicate: both are parked); and a payload that is not JSON.
+    let bad_order = format!("{}-bad", s.topic);
+    let bad_id = format!("{bad_order}-v0");
+    let bad = format!(r#"{{"type":"placed","order_id":"{bad_order}","version":0}}"#);
+    let junk_id = format!("{}-junk", s.topic);
+    records.push((0, bad_id.clone(), bad.clone()));
+    records.push((1, junk_id.clone(), "not json {".to_owned()));
+    records.push((1, bad_id.clone(), bad.clone()));
+    s.kafka.produce(&s.topic, &records);
+    let mut run = s.run("run", &QUICK_SESSION);
+    s.wait_caught_up(&ends_of(&records)).await;
+    run.terminate();
+    let out = run.wait(WAIT);
+    out.assert_success("orders run stopped by SIGTERM");
+    let stopped = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("stopped"))
+        .unwrap_or_else(|| panic!("no `stopped` line:\n{}", out.stderr));
+    assert!(
+        stopped.contains("applied=12") && stopped.contains("parked=3"),
+        "{stopped}"
+    );
+    assert_exactly_once(&s.applied().await, &ids);
+
+    let dl = |name: &str, args: &[&str]| {
+        let mut all = vec!["dead-letters"];
+        all.extend_from_slice(args);
+        output(name, orders(&s.db_args(&all)))
+    };
+    let list = || {
+        let out = dl("list", &["list", "--group", &s.group]);
+        out.assert_success("dead-letters list");
+        out
+    };
+    let out = list();
+    let rows = table(&out.stdout, "id");
+    assert!(out.stdout.ends_with("\n3 dead letters\n"), "{}", out.stdout);
+    let mut parked: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            assert_eq!(r["topic"], s.topic, "{}", out.stdout);
+            (
+                r["event_id"].clone(),
+                r["kind"].clone(),
+                r["attempts"].clone(),
+            )
+        })
+        .collect();
+    parked.sort();
+    let mut expected = vec![
+        (bad_id.clone(), "rejected".to_owned(), "1".to_owned()),
+        (bad_id.clone(), "rejected".to_owned(), "1".to_owned()),
+        (junk_id.clone(), "decode".to_owned(), "0".to_owned()),
+    ];
+    expected.sort();
+    assert_eq!(parked, expected, "{}", out.stdout);
+    let id_of = |event_id: &str| -> Vec<String> {
+        let mut v: Vec<String> = rows
+            .iter()
+            .filter(|r| r["event_id"] == event_id)
+            .map(|r| r["id"].clone())
+            .collect();
+        v.sort_by_key(|id| id.parse::<i64>().unwrap());
+        v
+    };
+    let (bad_ids, junk) = (id_of(&bad_id), id_of(&junk_id).remove(0));
+    let rejected = rows.iter().find(|r| r["kind"] == "rejected").unwrap();
+    assert!(
+        rejected["error"].starts_with(&format!("order {bad_order} has version 0")),
+        "{}",
+        out.stdout
+    );
+    let out = dl("list-other", &["list", "-g", &s.group, "-t", "elsewhere"]);
+    out.assert_success("dead-letters list -t");
+    assert_eq!(out.stdout, "0 dead letters\n");
+
+    let out = dl("show", &["show", &junk]);
+    out.assert_success("dead-letters show");
+    for needle in [
+        format!("id:              {junk}\n"),
+        format!("event_id:        {junk_id}\n"),
+        "kind:            decode (undecodable payload)\n".to_owned(),
+        format!("key (utf-8):     {junk_id}\n"),
+        format!("  event-id (utf-8): {junk_id}\n"),
+        "payload (utf-8, 10 bytes):\nnot json {\n".to_owned(),
+    ] {
+        assert!(
+            out.stdout.contains(&needle),
+            "{needle:?} in:\n{}",
+            out.stdout
+        );
+    }
+
+    // Nothing fixed: the undecodable record fails again, stays parked, one attempt more.
+    let out = dl("redrive-junk", &["redrive", &junk]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stdout.starts_with(&format!(
+            "dead letter {junk}: failed again: undecodable payload: "
+        )),
+        "{}",
+        out.stdout
+    );
+    assert_one_line_error(
+        "redrive of an undecodable record",
+        &out,
+        &["1 of 1 dead letter"],
+    );
+    let rows = table(&list().stdout, "id");
+    let junk_row = rows.iter().find(|r| r["id"] == junk).unwrap();
+    assert_eq!(
+        (junk_row["kind"].as_str(), junk_row["attempts"].as_str()),
+        ("decode", "1")
+    );
+
+    // An operator fixes the rejected record's data in place; redriving both copies applies it
+    // once: the second finds its event id in the ledger.
+    let fixed = bad.replace(r#""version":0"#, r#""version":1"#);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE {}.dead_letters SET payload = $1 WHERE event_id = $2",
+        s.schema
+    )))
+    .bind(fixed.as_bytes())
+    .bind(&bad_id)
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    let out = dl("redrive", &["redrive", &bad_ids[0], &bad_ids[1]]);
+    out.assert_success("dead-letters redrive of the fixed record");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        lines[..2],
+        [
+            format!("dead letter {}: applied, event id {bad_id}", bad_ids[0]),
+            format!(
+                "dead letter {}: already applied (row removed), event id {bad_id}",
+                bad_ids[1]
+            ),
+        ],
+        "{}",
+        out.stdout
+    );
+    assert_eq!(s.applied().await.get(&bad_id), Some(&1));
+    assert_eq!(
+        s.orders().await.get(&bad_order),
+        Some(&("placed".to_owned(), 1))
+    );
+    let out = dl("redrive-again", &["redrive", &bad_ids[0]]);
+    out.assert_success("a second redrive");
+    assert!(
+        out.stdout
+            .starts_with(&format!("dead letter {}: not found\n", bad_ids[0])),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(s.applied().await.get(&bad_id), Some(&1));
+    let out = dl(
+        "redrive-none",
+        &["redrive", "--all", "-g", &s.group, "-t", "elsewhere"],
+    );
+    out.assert_success("redrive --all of nothing");
+
+    // purge needs --yes; then it deletes what is left (the undecodable record).
+    let out = dl("purge-no", &["purge", "--group", &s.group]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_one_line_error(
+        "purge without --yes",
+        &out,
+        &["--yes", "Nothing was deleted"],
+    );
+    assert!(list().stdout.ends_with("\n1 dead letter\n"));
+    let out = dl("purge", &["purge", "--group", &s.group, "--yes"]);
+    out.assert_success("dead-letters purge --yes");
+    assert_eq!(
+        out.stdout,
+        format!(
+            "removed 1 dead letter of group {} without applying it\n",
+            s.group
+        )
+    );
+    assert_eq!(list().stdout, "0 dead letters\n");
+    let out = dl("show-gone", &["show", &junk]);
+    assert_one_line_error("show of a purged id", &out, &[&format!("id {junk}")]);
+    let out = dl("bare", &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        out.stderr.contains("use one of list, show, redrive, purge"),
+        "{}",
+        out.stderr
+    );
+    s.drop_schema().await;
+}
+
 /// The terminal session in the README's "The consumer program": a database of its own
 /// (`orders_demo`, recreated), a mock cluster with 620 order events (20 of them producer
 /// duplicates), and the program's commands with their real output. Run with `cargo test --test

@@ -73,7 +73,7 @@ pub(super) struct GlobalArgs {
     pub(super) log_level: Option<String>,
 }
 
-/// The subcommands. (`dead-letters` will join them.)
+/// The subcommands.
 #[derive(Debug, Subcommand)]
 pub(super) enum Command {
     /// Consume the topics and run the handler for every record, until SIGINT or SIGTERM
@@ -99,6 +99,120 @@ pub(super) enum Command {
     /// Running consumers are fenced (the partitions' epochs are bumped), reload the new
     /// position and continue from it without a restart.
     Replay(ReplayArgs),
+    /// List, show, redrive or purge dead letters: records that failed permanently and were
+    /// parked in the `dead_letters` table while the consumer went on.
+    ///
+    /// `run` parks a record that cannot be decoded, has no event id, is rejected by the
+    /// handler, makes it panic or exhausts --max-attempts, in the same transaction that moves
+    /// its partition's offset past it. Nothing here needs Kafka: the parked record (key,
+    /// headers, payload, timestamp) is in the database.
+    #[command(
+        name = "dead-letters",
+        subcommand_required = true,
+        arg_required_else_help = true
+    )]
+    DeadLetters(DeadLettersArgs),
+}
+
+/// `dead-letters`' subcommands.
+#[derive(Debug, Args)]
+pub(super) struct DeadLettersArgs {
+    #[command(subcommand)]
+    pub(super) action: DeadLettersCommand,
+}
+
+/// What `dead-letters` does.
+#[derive(Debug, Subcommand)]
+pub(super) enum DeadLettersCommand {
+    /// List a consumer group's dead letters, ordered by topic, partition and offset, with the
+    /// last error cut to one line (`dead-letters show ID` prints it whole).
+    List(DeadLettersListArgs),
+    /// Print one dead letter: where its record was, its key, headers and payload (as UTF-8
+    /// text when they are, else base64), and the error.
+    Show(DeadLettersShowArgs),
+    /// Run the program's current handler for parked records, exactly once each: the handler's
+    /// writes, the event id's row in the dedup ledger and the removal of the dead letter
+    /// commit in one transaction.
+    ///
+    /// One line per dead letter: applied; already applied (row removed): the ledger already
+    /// held its event id (a replay or another redrive applied it), so the handler did not run;
+    /// not found (already redriven or purged); failed again: … (the dead letter stays, with
+    /// the new error and one more attempt); retry later: … (the handler asked for a retry;
+    /// nothing changed). The exit status is 1 if any failed again or needs a retry. Redriving
+    /// the same id twice, even concurrently, applies it at most once.
+    Redrive(DeadLettersRedriveArgs),
+    /// Delete dead letters WITHOUT applying them: their records are then dropped for good.
+    /// Needs --yes.
+    Purge(DeadLettersPurgeArgs),
+}
+
+/// `dead-letters list`'s flags.
+#[derive(Debug, Args)]
+pub(super) struct DeadLettersListArgs {
+    /// The consumer group. Required. [env: CONSUMER_GROUP] [config: group]
+    #[arg(long, short = 'g', value_name = "GROUP")]
+    pub(super) group: Option<String>,
+
+    /// Only this topic's dead letters. [default: every topic]
+    #[arg(long, short = 't', value_name = "TOPIC")]
+    pub(super) topic: Option<String>,
+}
+
+/// `dead-letters show`'s argument.
+#[derive(Debug, Args)]
+pub(super) struct DeadLettersShowArgs {
+    /// The dead letter's id (the first column of `dead-letters list`).
+    #[arg(value_name = "ID")]
+    pub(super) id: i64,
+}
+
+/// `dead-letters redrive`'s arguments.
+#[derive(Debug, Args)]
+pub(super) struct DeadLettersRedriveArgs {
+    /// The dead letters to redrive, in this order (ids from `dead-letters list`).
+    #[arg(value_name = "ID", conflicts_with = "all")]
+    pub(super) ids: Vec<i64>,
+
+    /// Redrive every dead letter of the group (of one topic, with --topic), in id order (the
+    /// order they were parked in).
+    #[arg(long)]
+    pub(super) all: bool,
+
+    /// With --all: the consumer group. [env: CONSUMER_GROUP] [config: group]
+    #[arg(long, short = 'g', value_name = "GROUP")]
+    pub(super) group: Option<String>,
+
+    /// With --all: only this topic's dead letters. [default: every topic]
+    #[arg(long, short = 't', value_name = "TOPIC")]
+    pub(super) topic: Option<String>,
+
+    /// The event-id strategy, as for `run` (it must match, so that a record the consumer or a
+    /// replay already applied is recognised). [default: the program's own strategy, else
+    /// header:event-id] [config: event_id]
+    #[arg(long, value_name = "header:NAME|coordinates")]
+    pub(super) event_id: Option<EventIdArg>,
+}
+
+/// `dead-letters purge`'s flags.
+#[derive(Debug, Args)]
+pub(super) struct DeadLettersPurgeArgs {
+    /// The consumer group whose dead letters to delete (all of them, or one topic's with
+    /// --topic). Required unless --id is given. [env: CONSUMER_GROUP] [config: group]
+    #[arg(long, short = 'g', value_name = "GROUP", conflicts_with = "id")]
+    pub(super) group: Option<String>,
+
+    /// Only this topic's dead letters. [default: every topic]
+    #[arg(long, short = 't', value_name = "TOPIC", conflicts_with = "id")]
+    pub(super) topic: Option<String>,
+
+    /// Delete only this dead letter.
+    #[arg(long, value_name = "ID")]
+    pub(super) id: Option<i64>,
+
+    /// Confirm the deletion. The records are then neither applied nor parked anywhere (only a
+    /// `replay` over their offsets, while Kafka still holds them, would run them again).
+    #[arg(long)]
+    pub(super) yes: bool,
 }
 
 /// `run`'s flags.
@@ -157,8 +271,8 @@ pub(super) struct RunArgs {
     pub(super) assignor: Option<Assignor>,
 
     /// How many attempts a failing batch gets before its record counts as permanently failed
-    /// and the consumer stops (nothing is skipped); `unlimited` retries forever. [default: 10]
-    /// [config: max_attempts]
+    /// and is parked in `dead_letters` (see `dead-letters`) while the consumer goes on;
+    /// `unlimited` retries forever. [default: 10] [config: max_attempts]
     #[arg(long, value_name = "N|unlimited")]
     pub(super) max_attempts: Option<MaxAttempts>,
 }

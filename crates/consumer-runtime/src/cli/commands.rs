@@ -10,9 +10,12 @@ use sqlx::migrate::Migrate;
 use tracing::info;
 
 use super::args::{EventIdArg, show_properties};
-use super::settings::{Action, ReplaySettings, RunSettings, Settings};
+use super::settings::{
+    Action, DeadLetters, PurgeTarget, RedriveTarget, ReplaySettings, RunSettings, Settings,
+};
 use super::{App, CliError};
 use crate::config::RetryPolicy;
+use crate::dead_letters::{self, DeadLetter, Redriven};
 use crate::error::{Error, redact_url};
 use crate::event_id::EventId;
 use crate::handler::Handler;
@@ -122,6 +125,10 @@ where
             .await
         }
         Action::Replay(replay) => replay_command(app, &database_url, &schema, kafka, replay).await,
+        Action::DeadLetters(action) => {
+            let pool = open::<DB>(&database_url, &schema, TOOL_POOL).await?;
+            dead_letters_command(app, &pool, &schema, action).await
+        }
     }
 }
 
@@ -249,6 +256,7 @@ async fn run_consumer<H: Handler<DB>, DB: Backend>(
         applied = n(&stats.applied),
         duplicates_skipped = n(&stats.duplicates),
         lost = n(&stats.lost),
+        parked = n(&stats.parked),
         batches = n(&stats.batches),
         retries = n(&stats.retries),
         "stopped"
@@ -573,6 +581,340 @@ impl ProgressLine {
             eprintln!();
             self.shown = false;
         }
+    }
+}
+
+async fn dead_letters_command<H: Handler<DB>, DB: Backend>(
+    app: App<H, DB>,
+    pool: &Pool<DB>,
+    schema: &str,
+    action: DeadLetters,
+) -> Result<(), CliError> {
+    match action {
+        DeadLetters::List { group, topic } => {
+            let letters = dead_letters::list(pool, schema, &group, topic.as_deref()).await?;
+            if !letters.is_empty() {
+                print!("{}", dead_letters_table(&letters));
+            }
+            println!("{}", count(letters.len() as u64, "dead letter"));
+            Ok(())
+        }
+        DeadLetters::Show { id } => match dead_letters::get(pool, schema, id).await? {
+            Some(letter) => {
+                print!("{}", show_dead_letter(&letter));
+                Ok(())
+            }
+            None => Err(no_such_dead_letter(id)),
+        },
+        DeadLetters::Redrive {
+            target,
+            event_id: chosen,
+        } => {
+            let ids = match target {
+                RedriveTarget::Ids(ids) => ids,
+                RedriveTarget::All { group, topic } => {
+                    let mut ids: Vec<i64> =
+                        dead_letters::list(pool, schema, &group, topic.as_deref())
+                            .await?
+                            .iter()
+                            .map(|l| l.id)
+                            .collect();
+                    ids.sort_unstable();
+                    if ids.is_empty() {
+                        println!(
+                            "group {group} has no dead letters{}; nothing to redrive",
+                            topic.map(|t| format!(" on topic {t}")).unwrap_or_default()
+                        );
+                        return Ok(());
+                    }
+                    ids
+                }
+            };
+            let strategy = event_id(chosen, app.event_id);
+            let mut tally = RedriveTally::default();
+            for id in ids {
+                let outcome =
+                    dead_letters::redrive(pool, schema, &app.handler, &strategy, id).await?;
+                println!("dead letter {id}: {}", redrive_line(&outcome));
+                tally.add(&outcome);
+            }
+            println!("{}", tally.summary());
+            tally.result(app.name)
+        }
+        DeadLetters::Purge(PurgeTarget::Id(id)) => {
+            let removed = dead_letters::delete(pool, schema, id).await?;
+            if removed {
+                println!("removed 1 dead letter (id {id}) without applying it");
+            } else {
+                println!("removed 0 dead letters: none has id {id} (already redriven or purged?)");
+            }
+            Ok(())
+        }
+        DeadLetters::Purge(PurgeTarget::Group { group, topic }) => {
+            let removed = dead_letters::purge(pool, schema, &group, topic.as_deref()).await?;
+            println!(
+                "removed {} of group {group}{} without applying {}",
+                count(removed, "dead letter"),
+                topic.map(|t| format!(" on topic {t}")).unwrap_or_default(),
+                if removed == 1 { "it" } else { "them" }
+            );
+            Ok(())
+        }
+    }
+}
+
+fn no_such_dead_letter(id: i64) -> CliError {
+    CliError::Failed(format!(
+        "no dead letter has id {id} (already redriven or purged?); see `dead-letters list`"
+    ))
+}
+
+/// `1 dead letter`, `3 dead letters`.
+fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// The widest `error` cell of `dead-letters list`, in characters.
+const ERROR_CELL: usize = 60;
+
+/// `text` on one line (runs of whitespace, newlines included, become one space), cut to `max`
+/// characters with an ellipsis.
+pub(super) fn one_line_cut(text: &str, max: usize) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= max {
+        return line;
+    }
+    let mut cut: String = line.chars().take(max.saturating_sub(1)).collect();
+    cut.truncate(cut.trim_end().len());
+    cut.push('…');
+    cut
+}
+
+/// `dead-letters list`'s table.
+pub(super) fn dead_letters_table(letters: &[DeadLetter]) -> String {
+    let rows: Vec<Vec<String>> = letters
+        .iter()
+        .map(|l| {
+            vec![
+                l.id.to_string(),
+                l.topic.clone(),
+                l.partition.to_string(),
+                l.offset.to_string(),
+                l.event_id
+                    .as_deref()
+                    .map_or_else(|| "-".to_owned(), |e| one_line_cut(e, ERROR_CELL)),
+                l.kind.as_str().to_owned(),
+                l.attempts.to_string(),
+                l.last_failed_at.clone(),
+                one_line_cut(&l.error, ERROR_CELL),
+            ]
+        })
+        .collect();
+    render_table(
+        &[
+            "id",
+            "topic",
+            "partition",
+            "offset",
+            "event_id",
+            "kind",
+            "attempts",
+            "last_failed_at",
+            "error",
+        ],
+        &rows,
+    )
+}
+
+/// Bytes as text when they are valid UTF-8, else base64: `(label, shown)`.
+fn text_or_base64(bytes: &[u8]) -> (&'static str, String) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => ("utf-8", text.to_owned()),
+        Err(_) => ("base64", base64(bytes)),
+    }
+}
+
+/// `dead-letters show`'s text: every field, one per line; the payload last, on lines of its
+/// own.
+pub(super) fn show_dead_letter(l: &DeadLetter) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mut field = |name: &str, value: &str| {
+        let _ = writeln!(out, "{:<16} {value}", format!("{name}:"));
+    };
+    field("id", &l.id.to_string());
+    field("group", &l.group);
+    field("topic", &l.topic);
+    field("partition", &l.partition.to_string());
+    field("offset", &l.offset.to_string());
+    field(
+        "timestamp",
+        &l.timestamp_ms.map_or_else(
+            || "-".to_owned(),
+            |ms| format!("{ms} ({})", rfc3339_from_millis(ms)),
+        ),
+    );
+    field("event_id", l.event_id.as_deref().unwrap_or("-"));
+    field("kind", &format!("{} ({})", l.kind.as_str(), l.kind));
+    field("attempts", &l.attempts.to_string());
+    field("first_failed_at", &l.first_failed_at);
+    field("last_failed_at", &l.last_failed_at);
+    let error = l
+        .error
+        .lines()
+        .collect::<Vec<_>>()
+        .join("\n                 ");
+    field("error", &error);
+    match &l.key {
+        None => field("key", "- (none)"),
+        Some(key) => {
+            let (how, shown) = text_or_base64(key);
+            field(&format!("key ({how})"), &shown);
+        }
+    }
+    if l.headers.is_empty() {
+        field("headers", "- (none)");
+    } else {
+        field("headers", &l.headers.len().to_string());
+        for (name, value) in &l.headers {
+            match value {
+                None => {
+                    let _ = writeln!(out, "  {name}: - (no value)");
+                }
+                Some(v) => {
+                    let (how, shown) = text_or_base64(v);
+                    let _ = writeln!(out, "  {name} ({how}): {shown}");
+                }
+            }
+        }
+    }
+    match &l.payload {
+        None => {
+            let _ = writeln!(out, "{:<16} - (none)", "payload:");
+        }
+        Some(payload) => {
+            let (how, shown) = text_or_base64(payload);
+            let _ = writeln!(out, "payload ({how}, {} bytes):", payload.len());
+            let _ = writeln!(out, "{shown}");
+        }
+    }
+    out
+}
+
+/// Standard base64 with padding.
+pub(super) fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC, e.g. `2026-11-23T14:09:21.123Z`.
+pub(super) fn rfc3339_from_millis(ms: i64) -> String {
+    let (days, ms_of_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let secs = ms_of_day / 1000;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60,
+        ms_of_day % 1000
+    )
+}
+
+/// One redrive's outcome, as `dead-letters redrive` prints it after `dead letter ID: `.
+pub(super) fn redrive_line(outcome: &Redriven) -> String {
+    match outcome {
+        Redriven::Applied { event_id } => format!("applied, event id {event_id}"),
+        Redriven::AlreadyApplied { event_id } => {
+            format!("already applied (row removed), event id {event_id}")
+        }
+        Redriven::NotFound => "not found".to_owned(),
+        Redriven::Failed { kind, error } => {
+            format!("failed again: {kind}: {}", one_line_cut(error, usize::MAX))
+        }
+        Redriven::Retry { error } => {
+            format!("retry later: {}", one_line_cut(error, usize::MAX))
+        }
+    }
+}
+
+/// What a `dead-letters redrive` did, in total.
+#[derive(Debug, Default)]
+pub(super) struct RedriveTally {
+    applied: u64,
+    already: u64,
+    not_found: u64,
+    failed: u64,
+    retry: u64,
+}
+
+impl RedriveTally {
+    pub(super) fn add(&mut self, outcome: &Redriven) {
+        match outcome {
+            Redriven::Applied { .. } => self.applied += 1,
+            Redriven::AlreadyApplied { .. } => self.already += 1,
+            Redriven::NotFound => self.not_found += 1,
+            Redriven::Retry { .. } => self.retry += 1,
+            Redriven::Failed { .. } => self.failed += 1,
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.applied + self.already + self.not_found + self.failed + self.retry
+    }
+
+    pub(super) fn summary(&self) -> String {
+        format!(
+            "redrove {}: {} applied, {} already applied, {} not found, {} failed again, {} to retry later",
+            count(self.total(), "dead letter"),
+            self.applied,
+            self.already,
+            self.not_found,
+            self.failed,
+            self.retry
+        )
+    }
+
+    /// An error (exit status 1) if any failed again or needs a retry.
+    pub(super) fn result(&self, program: &str) -> Result<(), CliError> {
+        let stuck = self.failed + self.retry;
+        if stuck == 0 {
+            return Ok(());
+        }
+        Err(CliError::Failed(format!(
+            "{stuck} of {} not applied ({} failed again, {} to retry later); {} parked, see `{program} dead-letters show ID`",
+            count(self.total(), "dead letter"),
+            self.failed,
+            self.retry,
+            if stuck == 1 { "it stays" } else { "they stay" },
+        )))
     }
 }
 

@@ -1,5 +1,5 @@
 //! The generated consumer program: one call turns a [`Handler`] into a complete command-line
-//! program with `run`, `migrate`, `offsets`, `status` and `replay`.
+//! program with `run`, `migrate`, `offsets`, `status`, `replay` and `dead-letters`.
 //!
 //! ```no_run
 //! # use consumer_runtime::{Context, Handler, HandlerError};
@@ -21,6 +21,8 @@
 //! orders run -b kafka:9092 -g orders -t orders
 //! orders status -g orders
 //! orders replay -g orders -t orders --from 2026-11-20T08:00:00Z --dry-run
+//! orders dead-letters list -g orders
+//! orders dead-letters redrive 17 18
 //! ```
 //!
 //! Settings come from flags, then environment variables (`DATABASE_URL`, `KAFKA_BROKERS`,
@@ -245,6 +247,34 @@ fn command(name: &'static str, about: Option<&'static str>, kind: DatabaseKind) 
     for (sub, text) in examples::subcommands(name, &url) {
         cmd = cmd.mut_subcommand(sub, |c| c.after_help(text));
     }
+    let usages = [
+        (
+            "redrive",
+            format!(
+                "{name} dead-letters redrive [OPTIONS] <ID>...\n       {name} dead-letters redrive [OPTIONS] --all [-g <GROUP>] [-t <TOPIC>]"
+            ),
+        ),
+        (
+            "purge",
+            format!(
+                "{name} dead-letters purge [OPTIONS] [-g <GROUP>] [-t <TOPIC>] --yes\n       {name} dead-letters purge [OPTIONS] --id <ID> --yes"
+            ),
+        ),
+    ];
+    for (sub, usage) in usages {
+        cmd = cmd.mut_subcommand("dead-letters", |c| {
+            c.mut_subcommand(sub, |c| c.override_usage(usage))
+        });
+    }
+    for (sub, text) in examples::dead_letters(name) {
+        cmd = cmd.mut_subcommand("dead-letters", |c| {
+            if sub.is_empty() {
+                c.after_help(text)
+            } else {
+                c.mut_subcommand(sub, |c| c.after_help(text))
+            }
+        });
+    }
     cmd
 }
 
@@ -260,7 +290,8 @@ where
     T: Into<OsString> + Clone,
 {
     use clap::error::ErrorKind;
-    let matches = command(name, about, kind).try_get_matches_from(args);
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let matches = command(name, about, kind).try_get_matches_from(&args);
     let result = matches.and_then(|mut m| Cli::from_arg_matches_mut(&mut m));
     match result {
         Ok(cli) => Ok(Some(cli)),
@@ -268,10 +299,22 @@ where
             let _ = e.print();
             Ok(None)
         }
-        Err(e) if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            let _ = e.print();
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand
+            ) =>
+        {
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+            }
+            if args.iter().skip(1).any(|a| a == "dead-letters") {
+                return Err(CliError::Usage(format!(
+                    "no dead-letters command given; use one of list, show, redrive, purge (see `{name} dead-letters --help`)"
+                )));
+            }
             Err(CliError::Usage(format!(
-                "no command given; use one of run, migrate, offsets, status, replay (see `{name} --help`)"
+                "no command given; use one of run, migrate, offsets, status, replay, dead-letters (see `{name} --help`)"
             )))
         }
         Err(e) => Err(CliError::Usage(one_line(&e.render().to_string()))),
@@ -280,16 +323,27 @@ where
 
 /// clap's multi-line error as one line: the message and its tips, without the usage.
 fn one_line(rendered: &str) -> String {
-    let mut parts = Vec::new();
+    let mut parts: Vec<String> = Vec::new();
+    let mut usage = false;
     for line in rendered.lines().map(str::trim) {
-        if line.is_empty() || line.starts_with("Usage:") {
+        // The usage runs from `Usage:` to the next blank line.
+        usage = line.starts_with("Usage:") || (usage && !line.is_empty());
+        if line.is_empty() || usage {
             continue;
         }
         let line = line.strip_prefix("error: ").unwrap_or(line);
-        parts.push(match line.strip_prefix("For more") {
+        let line = match line.strip_prefix("For more") {
             Some(rest) => format!("for more{rest}"),
             None => line.to_owned(),
-        });
+        };
+        // A list after "…:" continues its line.
+        match parts.last_mut() {
+            Some(last) if last.ends_with(':') || last.ends_with(',') => {
+                last.push(' ');
+                last.push_str(&line);
+            }
+            _ => parts.push(line),
+        }
     }
     parts.join("; ")
 }
@@ -362,6 +416,7 @@ mod examples {
   {p} run -b kafka:9092 -g {p} -t {p}
   {p} status -g {p}
   {p} replay -g {p} -t {p} --from earliest --dry-run
+  {p} dead-letters list -g {p}
 
 Settings: flags win over environment variables, which win over the --config file, which wins
 over the defaults. Exit status: 0 on success, 2 for a usage error, 1 for any other failure."
@@ -428,6 +483,78 @@ Examples:
   {p} replay -b kafka:9092 -g {p} -t {p} --partition 2 --from 1200
   {p} replay -b kafka:9092 -g {p} -t {p} --from 2026-11-20T08:00:00Z
   {p} replay -b kafka:9092 -g {p} -t {p} --from earliest --rebuild   # re-runs the handler!"
+                ),
+            ),
+        ]
+    }
+
+    /// `dead-letters` (name "") and its subcommands.
+    pub(super) fn dead_letters(p: &str) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "",
+                format!(
+                    "Examples:
+  {p} dead-letters list -g {p}
+  {p} dead-letters show 17
+  {p} dead-letters redrive 17 18                 # after fixing the handler (or the data)
+  {p} dead-letters redrive --all -g {p} -t {p}
+  {p} dead-letters purge --id 17 --yes           # drop one record for good
+  {p} dead-letters purge -g {p} --yes
+
+Every dead-letters command needs only the database (--database-url); ids are those of
+`dead-letters list`."
+                ),
+            ),
+            (
+                "list",
+                format!(
+                    "Columns: id is the dead letter's (for show, redrive and purge --id); partition and
+offset are its record's; kind is decode (undecodable payload), missing_event_id, rejected (by
+the handler), retries_exhausted or panicked; attempts is how many times the handler ran and
+failed for it (0: it never ran); last_failed_at is when it was parked, or a redrive last
+failed, UTC; error is the last error, cut to one line.
+
+Examples:
+  {p} dead-letters list -g {p}
+  {p} dead-letters list -g {p} -t {p}
+  CONSUMER_GROUP={p} {p} dead-letters list"
+                ),
+            ),
+            (
+                "show",
+                format!(
+                    "The key, header values and payload are printed as text when they are valid UTF-8,
+else as base64 (the label says which).
+
+Examples:
+  {p} dead-letters show 17"
+                ),
+            ),
+            (
+                "redrive",
+                format!(
+                    "Examples:
+  {p} dead-letters redrive 17
+  {p} dead-letters redrive 17 18 21
+  {p} dead-letters redrive --all -g {p}
+  {p} dead-letters redrive --all -g {p} -t {p} --event-id header:event-id
+
+Output, one line per dead letter:
+  dead letter 17: applied, event id o-42-v2
+  dead letter 18: already applied (row removed), event id o-42-v2
+  dead letter 19: not found
+  dead letter 21: failed again: undecodable payload: expected value at line 1 column 1
+  dead letter 22: retry later: connection reset"
+                ),
+            ),
+            (
+                "purge",
+                format!(
+                    "Examples:
+  {p} dead-letters purge --id 17 --yes
+  {p} dead-letters purge -g {p} -t {p} --yes
+  {p} dead-letters purge -g {p} --yes"
                 ),
             ),
         ]

@@ -10,7 +10,8 @@ use serde::Deserialize;
 
 use super::CliError;
 use super::args::{
-    Cli, Command, EventIdArg, MaxAttempts, OffsetsAction, parse_duration, parse_kafka_property,
+    Cli, Command, DeadLettersCommand, EventIdArg, MaxAttempts, OffsetsAction, parse_duration,
+    parse_kafka_property,
 };
 use crate::config::{Assignor, Guarantee, OffsetReset};
 use crate::replay::ReplayFrom;
@@ -98,6 +99,49 @@ pub(super) enum Action {
         configured: Vec<String>,
     },
     Replay(ReplaySettings),
+    DeadLetters(DeadLetters),
+}
+
+/// `dead-letters`' subcommands, resolved.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum DeadLetters {
+    List {
+        group: String,
+        topic: Option<String>,
+    },
+    Show {
+        id: i64,
+    },
+    Redrive {
+        target: RedriveTarget,
+        event_id: Option<EventIdArg>,
+    },
+    /// Only ever built with `--yes` given.
+    Purge(PurgeTarget),
+}
+
+/// Which dead letters `dead-letters redrive` runs.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum RedriveTarget {
+    /// These ids, in this order.
+    Ids(Vec<i64>),
+    /// `--all`: every dead letter of the group (of one topic), in id order.
+    All {
+        group: String,
+        topic: Option<String>,
+    },
+}
+
+/// Which dead letters `dead-letters purge` deletes.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum PurgeTarget {
+    /// The group's (of one topic).
+    Group {
+        group: String,
+        topic: Option<String>,
+    },
+    /// `--id`: one row.
+    Id(i64),
 }
 
 /// `run`'s settings; `None` leaves the runtime's default.
@@ -428,6 +472,60 @@ pub(super) fn resolve(
             dry_run: r.dry_run,
             rebuild: r.rebuild,
             event_id: event_id(r.event_id)?,
+        }),
+        Command::DeadLetters(d) => Action::DeadLetters(match d.action {
+            DeadLettersCommand::List(l) => DeadLetters::List {
+                group: group(l.group)?,
+                topic: l.topic,
+            },
+            DeadLettersCommand::Show(s) => DeadLetters::Show { id: s.id },
+            DeadLettersCommand::Redrive(r) => DeadLetters::Redrive {
+                target: if r.all {
+                    RedriveTarget::All {
+                        group: group(r.group)?,
+                        topic: r.topic,
+                    }
+                } else if r.ids.is_empty() {
+                    return Err(CliError::Usage(
+                        "`dead-letters redrive` needs the ids of the dead letters to redrive (see `dead-letters list`), or --all to redrive every dead letter of a group (--group)".into(),
+                    ));
+                } else if r.group.is_some() || r.topic.is_some() {
+                    return Err(CliError::Usage(
+                        "`dead-letters redrive`: --group and --topic choose dead letters only with --all; to redrive ids, give just the ids".into(),
+                    ));
+                } else {
+                    RedriveTarget::Ids(r.ids)
+                },
+                event_id: event_id(r.event_id)?,
+            },
+            DeadLettersCommand::Purge(p) => {
+                let target = match p.id {
+                    Some(id) => PurgeTarget::Id(id),
+                    None => PurgeTarget::Group {
+                        group: group(p.group)?,
+                        topic: p.topic,
+                    },
+                };
+                if !p.yes {
+                    let (what, them) = match &target {
+                        PurgeTarget::Id(id) => (format!("dead letter {id}"), "it"),
+                        PurgeTarget::Group { group, topic: None } => {
+                            (format!("every dead letter of group `{group}`"), "them")
+                        }
+                        PurgeTarget::Group {
+                            group,
+                            topic: Some(t),
+                        } => (
+                            format!("every dead letter of group `{group}` on topic `{t}`"),
+                            "them",
+                        ),
+                    };
+                    return Err(CliError::Usage(format!(
+                        "refusing to purge without --yes: `dead-letters purge` would delete {what} for good, without applying {them}; check with `dead-letters list` (or `show ID`), then pass --yes. Nothing was deleted"
+                    )));
+                }
+                DeadLetters::Purge(target)
+            }
         }),
     };
     Ok(Settings {

@@ -636,3 +636,504 @@ fn a_log_level_must_be_a_level_or_a_filter() {
     assert_eq!(err.exit_code(), 2);
     assert!(err.to_string().contains("--log-level `loud`"), "{err}");
 }
+
+fn dead_letters_action(args: &[&str], env: &[(&str, &str)]) -> super::settings::DeadLetters {
+    let url = ("DATABASE_URL", "sqlite://a.db");
+    let env: Vec<(&str, &str)> = env.iter().copied().chain([url]).collect();
+    match resolve_with(args, &env, None).unwrap().action {
+        Action::DeadLetters(d) => d,
+        other => panic!("not dead-letters: {other:?}"),
+    }
+}
+
+#[test]
+fn dead_letters_subcommands_resolve_their_group_ids_and_targets() {
+    use super::settings::{DeadLetters, PurgeTarget, RedriveTarget};
+    assert_eq!(
+        dead_letters_action(&["dead-letters", "list", "-g", "g", "-t", "t"], &[]),
+        DeadLetters::List {
+            group: "g".into(),
+            topic: Some("t".into())
+        }
+    );
+    // The group comes from the environment (or the file) like everywhere else.
+    assert_eq!(
+        dead_letters_action(&["dead-letters", "list"], &[("CONSUMER_GROUP", "env-g")]),
+        DeadLetters::List {
+            group: "env-g".into(),
+            topic: None
+        }
+    );
+    let err = resolve_with(
+        &["dead-letters", "list"],
+        &[("DATABASE_URL", "sqlite://a.db")],
+        None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("--group"), "{err}");
+    assert_eq!(
+        dead_letters_action(&["dead-letters", "show", "42"], &[]),
+        DeadLetters::Show { id: 42 }
+    );
+    assert_eq!(
+        dead_letters_action(&["dead-letters", "redrive", "3", "1", "2"], &[]),
+        DeadLetters::Redrive {
+            target: RedriveTarget::Ids(vec![3, 1, 2]),
+            event_id: None
+        }
+    );
+    assert_eq!(
+        dead_letters_action(
+            &[
+                "dead-letters",
+                "redrive",
+                "--all",
+                "-g",
+                "g",
+                "-t",
+                "t",
+                "--event-id",
+                "header:trace"
+            ],
+            &[]
+        ),
+        DeadLetters::Redrive {
+            target: RedriveTarget::All {
+                group: "g".into(),
+                topic: Some("t".into())
+            },
+            event_id: Some(EventIdArg::Header("trace".into()))
+        }
+    );
+    // The event-id strategy falls back to the config file, as for `run` and `replay`.
+    let s = resolve_with(
+        &["dead-letters", "redrive", "7"],
+        &[("DATABASE_URL", "sqlite://a.db")],
+        Some(FILE),
+    )
+    .unwrap();
+    assert!(
+        matches!(
+            &s.action,
+            Action::DeadLetters(DeadLetters::Redrive { event_id: Some(EventIdArg::Header(h)), .. })
+                if h == "file-id"
+        ),
+        "{:?}",
+        s.action
+    );
+    assert_eq!(
+        dead_letters_action(&["dead-letters", "purge", "-g", "g", "--yes"], &[]),
+        DeadLetters::Purge(PurgeTarget::Group {
+            group: "g".into(),
+            topic: None
+        })
+    );
+    assert_eq!(
+        dead_letters_action(&["dead-letters", "purge", "--id", "9", "--yes"], &[]),
+        DeadLetters::Purge(PurgeTarget::Id(9))
+    );
+}
+
+#[test]
+fn purge_without_yes_is_refused_and_deletes_nothing() {
+    for args in [
+        &["dead-letters", "purge", "-g", "g"][..],
+        &["dead-letters", "purge", "-g", "g", "-t", "t"],
+        &["dead-letters", "purge", "--id", "9"],
+    ] {
+        let err = resolve_with(args, &[("DATABASE_URL", "sqlite://a.db")], None).unwrap_err();
+        assert!(matches!(err, CliError::Usage(_)), "{err:?}");
+        assert_eq!(err.exit_code(), 2);
+        let text = err.to_string();
+        assert!(
+            text.contains("--yes") && text.contains("Nothing was deleted") && !text.contains('\n'),
+            "{text}"
+        );
+    }
+    // --id is one row: no group or topic with it.
+    let err = parse(
+        "orders",
+        None,
+        DatabaseKind::Postgres,
+        [
+            "orders",
+            "dead-letters",
+            "purge",
+            "--id",
+            "9",
+            "-g",
+            "g",
+            "--yes",
+        ],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("--id"), "{err}");
+}
+
+#[test]
+fn redrive_needs_ids_or_all_but_not_both() {
+    let env = [("DATABASE_URL", "sqlite://a.db")];
+    let err = resolve_with(&["dead-letters", "redrive"], &env, None).unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    assert!(
+        err.to_string().contains("ids") && err.to_string().contains("--all"),
+        "{err}"
+    );
+    let err = resolve_with(&["dead-letters", "redrive", "3", "-g", "g"], &env, None).unwrap_err();
+    assert!(err.to_string().contains("only with --all"), "{err}");
+    let err = parse(
+        "orders",
+        None,
+        DatabaseKind::Postgres,
+        ["orders", "dead-letters", "redrive", "3", "--all", "-g", "g"],
+    )
+    .unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    let text = err.to_string();
+    assert!(
+        text.contains("--all") && !text.contains('\n') && !text.contains("Usage"),
+        "{text}"
+    );
+    let err = parse(
+        "orders",
+        None,
+        DatabaseKind::Postgres,
+        ["orders", "dead-letters", "redrive", "seven"],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("seven"), "{err}");
+}
+
+#[test]
+fn dead_letters_help_has_every_subcommand_flag_and_examples() {
+    let mut cmd = super::command("orders", None, DatabaseKind::Postgres);
+    cmd.build();
+    let dl = cmd.find_subcommand_mut("dead-letters").unwrap();
+    let help = dl.render_long_help().to_string();
+    for needle in [
+        "list",
+        "show",
+        "redrive",
+        "purge",
+        "orders dead-letters list -g orders",
+    ] {
+        assert!(help.contains(needle), "{needle} missing from:\n{help}");
+    }
+    for (sub, needles) in [
+        (
+            "list",
+            &["--group", "--topic", "Columns:", "last_failed_at"][..],
+        ),
+        ("show", &["<ID>", "base64"]),
+        (
+            "redrive",
+            &[
+                "--all",
+                "--group",
+                "--topic",
+                "--event-id",
+                "already applied (row removed)",
+                "failed again",
+                "orders dead-letters redrive --all -g orders",
+            ],
+        ),
+        (
+            "purge",
+            &[
+                "--yes",
+                "--id",
+                "--group",
+                "orders dead-letters purge -g orders --yes",
+            ],
+        ),
+    ] {
+        let help = dl
+            .find_subcommand_mut(sub)
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for needle in needles {
+            assert!(
+                help.contains(needle),
+                "{sub}: {needle} missing from:\n{help}"
+            );
+        }
+    }
+}
+
+fn letter() -> crate::DeadLetter {
+    crate::DeadLetter {
+        id: 7,
+        group: "g".into(),
+        topic: "orders".into(),
+        partition: 2,
+        offset: 41,
+        key: Some(vec![0xff, 0x00]),
+        headers: vec![
+            ("event-id".into(), Some(b"e-7".to_vec())),
+            ("trace".into(), Some(vec![0xff, 0xfe, 0x00])),
+            ("empty".into(), None),
+        ],
+        payload: Some(b"{\"version\":0}".to_vec()),
+        timestamp_ms: Some(1_763_900_961_123),
+        event_id: Some("e-7".into()),
+        error: "order o-7 has version 0;\n  versions start at 1".into(),
+        kind: crate::FailureKind::Rejected,
+        attempts: 1,
+        first_failed_at: "2026-11-23T14:09:21.123Z".into(),
+        last_failed_at: "2026-11-23T14:09:21.123Z".into(),
+    }
+}
+
+#[test]
+fn dead_letters_print_as_a_table_and_in_full() {
+    use super::commands::{dead_letters_table, one_line_cut, show_dead_letter};
+    assert_eq!(one_line_cut("a\n  b\tc ", 60), "a b c");
+    let long = "x ".repeat(50);
+    let cut = one_line_cut(&long, 60);
+    assert_eq!(cut.chars().count(), 60, "{cut}");
+    assert!(cut.ends_with('…'), "{cut}");
+
+    let mut l = letter();
+    let table = dead_letters_table(std::slice::from_ref(&l));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    for needle in [
+        "id",
+        "topic",
+        "partition",
+        "offset",
+        "event_id",
+        "kind",
+        "attempts",
+        "last_failed_at",
+        "error",
+    ] {
+        assert!(lines[0].contains(needle), "{table}");
+    }
+    assert!(
+        lines[1].contains("rejected")
+            && lines[1].ends_with("order o-7 has version 0; versions start at 1"),
+        "{table}"
+    );
+
+    let text = show_dead_letter(&l);
+    for needle in [
+        "id:              7",
+        "group:           g",
+        "offset:          41",
+        "timestamp:       1763900961123 (2025-11-23T12:29:21.123Z)",
+        "kind:            rejected (rejected by the handler)",
+        "key (base64):    /wA=",
+        "headers:         3",
+        "  event-id (utf-8): e-7",
+        "  trace (base64): //4A",
+        "  empty: - (no value)",
+        "payload (utf-8, 13 bytes):\n{\"version\":0}\n",
+        "error:           order o-7 has version 0;\n                   versions start at 1\n",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+    l.payload = Some(vec![0x80, b'a']);
+    l.key = None;
+    l.headers.clear();
+    let text = show_dead_letter(&l);
+    for needle in [
+        "payload (base64, 2 bytes):\ngGE=\n",
+        "key:             - (none)",
+        "headers:         - (none)",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn base64_and_times_are_standard() {
+    use super::commands::{base64, rfc3339_from_millis};
+    assert_eq!(base64(b""), "");
+    assert_eq!(base64(b"f"), "Zg==");
+    assert_eq!(base64(b"fo"), "Zm8=");
+    assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    assert_eq!(base64(&[0xff, 0xfe, 0x00, 0x80]), "//4AgA==");
+    assert_eq!(rfc3339_from_millis(0), "1970-01-01T00:00:00.000Z");
+    assert_eq!(
+        rfc3339_from_millis(1_709_210_096_007),
+        "2024-02-29T12:34:56.007Z"
+    );
+    assert_eq!(rfc3339_from_millis(-1), "1969-12-31T23:59:59.999Z");
+}
+
+#[test]
+fn redrive_outcomes_print_one_line_each_and_fail_the_exit_status() {
+    use super::commands::{RedriveTally, redrive_line};
+    use crate::Redriven;
+    let outcomes = [
+        Redriven::Applied {
+            event_id: "e-1".into(),
+        },
+        Redriven::AlreadyApplied {
+            event_id: "e-1".into(),
+        },
+        Redriven::NotFound,
+        Redriven::Failed {
+            kind: crate::FailureKind::Undecodable,
+            error: "expected value\nat line 1".into(),
+        },
+        Redriven::Retry {
+            error: "busy".into(),
+        },
+    ];
+    let lines: Vec<String> = outcomes.iter().map(redrive_line).collect();
+    assert_eq!(
+        lines,
+        [
+            "applied, event id e-1",
+            "already applied (row removed), event id e-1",
+            "not found",
+            "failed again: undecodable payload: expected value at line 1",
+            "retry later: busy",
+        ]
+    );
+    let mut ok = RedriveTally::default();
+    for o in &outcomes[..3] {
+        ok.add(o);
+    }
+    assert!(ok.result("orders").is_ok());
+    let mut bad = RedriveTally::default();
+    for o in &outcomes {
+        bad.add(o);
+    }
+    assert_eq!(
+        bad.summary(),
+        "redrove 5 dead letters: 1 applied, 1 already applied, 1 not found, 1 failed again, 1 to retry later"
+    );
+    let err = bad.result("orders").unwrap_err();
+    assert_eq!(err.exit_code(), 1);
+    assert!(err.to_string().contains("2 of 5 dead letters"), "{err}");
+}
+
+#[tokio::test]
+async fn dead_letters_list_show_redrive_and_purge_on_sqlite() {
+    let url = sqlite_url("dead-letters");
+    let db = ["--database-url", url.as_str()];
+    let with_db = |args: &[&'static str]| -> Vec<String> {
+        args.iter()
+            .copied()
+            .chain(db)
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    async fn go(args: Vec<String>) -> Result<(), CliError> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&args, &[]).await
+    }
+    go(with_db(&["migrate"])).await.unwrap();
+    let pool = crate::connect::<sqlx::Sqlite>(&url, 1).await.unwrap();
+    // Three parked records of group g: two with an event id (redrivable by the `Nothing`
+    // handler), one without (fails again: no event id).
+    for (offset, topic, headers) in [
+        (5, "t", r#"[["event-id","e-5"]]"#),
+        (6, "u", r#"[["event-id","e-6"]]"#),
+        (7, "t", "[]"),
+    ] {
+        sqlx::query(
+            "INSERT INTO consumer_runtime_dead_letters
+                 (consumer_group, topic, partition, \"offset\", headers, payload, error, error_kind)
+             VALUES ('g', $1, 0, $2, $3, x'7b7d', 'boom', 'rejected')",
+        )
+        .bind(topic)
+        .bind(offset)
+        .bind(headers)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let remaining = |group: &'static str| {
+        let pool = pool.clone();
+        async move {
+            crate::dead_letters::list(&pool, "consumer_runtime", group, None)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(remaining("g").await.len(), 3);
+    go(with_db(&["dead-letters", "list", "-g", "g"]))
+        .await
+        .unwrap();
+    go(with_db(&["dead-letters", "list", "-g", "nobody"]))
+        .await
+        .unwrap();
+    let ids: Vec<i64> = remaining("g").await.iter().map(|l| l.id).collect();
+    let shown = ids[0].to_string();
+    let args: Vec<String> = ["dead-letters", "show", shown.as_str()]
+        .into_iter()
+        .chain(db)
+        .map(str::to_owned)
+        .collect();
+    go(args).await.unwrap();
+    let err = go(with_db(&["dead-letters", "show", "999"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), 1);
+    assert!(err.to_string().contains("999"), "{err}");
+
+    // --all -t t: offsets 5 (applied) and 7 (no event id: failed again, exit status 1).
+    let err = go(with_db(&[
+        "dead-letters",
+        "redrive",
+        "--all",
+        "-g",
+        "g",
+        "-t",
+        "t",
+    ]))
+    .await
+    .unwrap_err();
+    assert_eq!(err.exit_code(), 1);
+    assert!(err.to_string().contains("1 of 2 dead letters"), "{err}");
+    let left = remaining("g").await;
+    assert_eq!(
+        left.iter().map(|l| l.offset).collect::<Vec<_>>(),
+        [7, 6],
+        "{left:?}"
+    );
+    let failed = left.iter().find(|l| l.offset == 7).unwrap();
+    assert_eq!(
+        (failed.kind, failed.attempts),
+        (crate::FailureKind::MissingEventId, 2)
+    );
+    let ledger: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM consumer_runtime_processed WHERE consumer_group = 'g' AND event_id = 'e-5'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(ledger, 1);
+    // A redriven id is gone: `not found`, which is not a failure.
+    let gone = ids[0].to_string();
+    let args: Vec<String> = ["dead-letters", "redrive", gone.as_str()]
+        .into_iter()
+        .chain(db)
+        .map(str::to_owned)
+        .collect();
+    go(args).await.unwrap();
+
+    // purge: --id one row, then the group's rest.
+    let one = failed.id.to_string();
+    let args: Vec<String> = ["dead-letters", "purge", "--id", one.as_str(), "--yes"]
+        .into_iter()
+        .chain(db)
+        .map(str::to_owned)
+        .collect();
+    go(args).await.unwrap();
+    assert_eq!(remaining("g").await.len(), 1);
+    let err = go(with_db(&["dead-letters", "purge", "-g", "g"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    assert_eq!(remaining("g").await.len(), 1);
+    go(with_db(&["dead-letters", "purge", "-g", "g", "--yes"]))
+        .await
+        .unwrap();
+    assert!(remaining("g").await.is_empty());
+}
