@@ -15,7 +15,7 @@ use std::time::Duration;
 use consumer_runtime::dead_letters::{self, DeadLetter, Redriven};
 use consumer_runtime::rdkafka::Timestamp;
 use consumer_runtime::rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
-use consumer_runtime::sqlx::{Pool, Postgres, Sqlite};
+use consumer_runtime::sqlx::Pool;
 use consumer_runtime::{
     BatchOutcome, EventId, FailureKind, Guarantee, PartitionKey, PartitionWriter, RetryPolicy,
     Runtime, WriterConfig,
@@ -893,27 +893,6 @@ async fn a_record_that_cannot_be_parked_stops_the_consumer_before_it<DB: TestDb>
 }
 
 // ---- The suite, once per backend ------------------------------------------------------------
-
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name::<super::Postgres>().await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name::<super::Sqlite>().await;
-                }
-            )*
-        }
-    };
-}
 
 suite!(
     a_broker_outage_mid_stream_loses_and_duplicates_nothing,

@@ -17,7 +17,7 @@ use std::time::Duration;
 use consumer_runtime::rdkafka::ClientConfig;
 use consumer_runtime::rdkafka::message::{Header, OwnedHeaders};
 use consumer_runtime::rdkafka::producer::{BaseRecord, Producer};
-use consumer_runtime::sqlx::{Pool, Postgres, Sqlite};
+use consumer_runtime::sqlx::Pool;
 use consumer_runtime::{
     Backend, Error, EventId, PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress,
     ReplayRequest, Runtime, ShutdownHandle, Stats, StoredOffset,
@@ -676,27 +676,6 @@ async fn a_time_resolves_to_the_first_record_at_or_after_it<DB: TestDb>() {
 }
 
 // ---- The suite, once per backend ------------------------------------------------------------
-
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name::<super::Postgres>().await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name::<super::Sqlite>().await;
-                }
-            )*
-        }
-    };
-}
 
 suite!(
     dry_run_counts_the_range_exactly_and_changes_nothing,

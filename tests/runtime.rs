@@ -840,27 +840,6 @@ async fn at_most_once_never_duplicates_and_loses_the_batch_cut_off_after_its_off
 
 // ---- The suite, once per backend ------------------------------------------------------------
 
-macro_rules! suite {
-    ($($name:ident),* $(,)?) => {
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name::<super::Postgres>().await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name::<super::Sqlite>().await;
-                }
-            )*
-        }
-    };
-}
-
 suite!(
     producer_duplicates_are_applied_once,
     producer_duplicates_are_applied_once_with_batch_size_one,

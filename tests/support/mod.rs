@@ -519,3 +519,29 @@ impl<DB: TestDb> Handler<DB> for Counter {
         Ok(())
     }
 }
+
+/// Instantiates each generic behaviour test `name::<DB>()` once per backend, as
+/// `postgres::name` and `sqlite::name`: one suite, run against both databases.
+#[allow(unused_macros)] // tests/cli.rs runs processes and has no generic suite
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name::<consumer_runtime::sqlx::Postgres>().await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name::<consumer_runtime::sqlx::Sqlite>().await;
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use suite;
