@@ -1,0 +1,266 @@
+//! The benchmark's own SQL per database: the handler's table, the ledger pre-fill, clean-up.
+
+use consumer_runtime::sqlx::{
+    self, AssertSqlSafe, Pool, Postgres, SqlSafeStr as _, SqlStr, Sqlite,
+};
+use consumer_runtime::{Backend, Context, Handler, HandlerError};
+
+/// The handler: one `INSERT` per event into the benchmark's table, through the runtime's
+/// transaction, with a few fields decoded from the JSON payload.
+pub(crate) struct Sink {
+    group: String,
+    insert: SqlStr,
+}
+
+impl Sink {
+    pub(crate) fn new<DB: BenchDb>(schema: &str, group: &str) -> Sink {
+        let table = DB::events_table(schema);
+        Sink {
+            group: group.to_owned(),
+            insert: AssertSqlSafe(format!(
+                r#"INSERT INTO {table} (consumer_group, event_id, partition, "offset", order_id, amount_cents, items, payload_bytes)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"#
+            ))
+            .into_sql_str(),
+        }
+    }
+}
+
+/// What the benchmark needs of a database besides the runtime's [`Backend`].
+pub(crate) trait BenchDb: Backend {
+    /// The database's name, for the output.
+    const LABEL: &'static str;
+    /// The pool's size (the runtime's default concurrency).
+    const POOL_SIZE: u32;
+    /// The handler's table.
+    fn events_table(schema: &str) -> String;
+    /// Creates the handler's table.
+    async fn create_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()>;
+    /// Empties the handler's table.
+    async fn truncate_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()>;
+    /// Rows in the handler's table.
+    async fn count_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<i64>;
+    /// Inserts ledger rows `from..to` with random UUID event ids for `group`.
+    async fn prefill(
+        pool: &Pool<Self>,
+        schema: &str,
+        group: &str,
+        from: i64,
+        to: i64,
+    ) -> anyhow::Result<()>;
+    /// Statistics and a checkpoint after the pre-fill, as a live database would have them.
+    async fn after_prefill(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()>;
+    /// Drops everything the run created.
+    async fn drop_all(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()>;
+}
+
+macro_rules! sink_for {
+    ($db:ty) => {
+        #[consumer_runtime::async_trait]
+        impl Handler<$db> for Sink {
+            type Event = serde_json::Value;
+
+            async fn handle(
+                &self,
+                ctx: &mut Context<'_, $db>,
+                event: serde_json::Value,
+            ) -> Result<(), HandlerError> {
+                let record = ctx.record;
+                let order_id = event
+                    .get("order_id")
+                    .and_then(serde_json::Value::as_str)
+                    .ok_or_else(|| HandlerError::reject("no order_id"))?;
+                let amount = event
+                    .get("amount_cents")
+                    .and_then(serde_json::Value::as_i64)
+                    .unwrap_or(0);
+                let items = event
+                    .get("items")
+                    .and_then(serde_json::Value::as_array)
+                    .map_or(0, |a| a.len() as i32);
+                sqlx::query(self.insert.clone())
+                    .bind(&self.group)
+                    .bind(record.event_id())
+                    .bind(record.partition())
+                    .bind(record.offset())
+                    .bind(order_id)
+                    .bind(amount)
+                    .bind(items)
+                    .bind(record.payload().map_or(0, |p| p.len() as i32))
+                    .execute(&mut *ctx.tx)
+                    .await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+sink_for!(Postgres);
+sink_for!(Sqlite);
+
+fn q(sql: String) -> SqlStr {
+    AssertSqlSafe(sql).into_sql_str()
+}
+
+const EVENTS_COLUMNS: &str = r#"(
+    consumer_group TEXT    NOT NULL,
+    event_id       TEXT    NOT NULL,
+    partition      INTEGER NOT NULL,
+    "offset"       BIGINT  NOT NULL,
+    order_id       TEXT    NOT NULL,
+    amount_cents   BIGINT  NOT NULL,
+    items          INTEGER NOT NULL,
+    payload_bytes  INTEGER NOT NULL,
+    PRIMARY KEY (consumer_group, event_id)
+)"#;
+
+impl BenchDb for Postgres {
+    const LABEL: &'static str = "PostgreSQL";
+    const POOL_SIZE: u32 = 8;
+
+    fn events_table(schema: &str) -> String {
+        format!("{schema}.bench_events")
+    }
+
+    async fn create_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()> {
+        let table = Self::events_table(schema);
+        sqlx::query(q(format!("CREATE TABLE {table} {EVENTS_COLUMNS}")))
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn truncate_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()> {
+        let table = Self::events_table(schema);
+        sqlx::query(q(format!("TRUNCATE {table}")))
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn count_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<i64> {
+        let table = Self::events_table(schema);
+        Ok(
+            sqlx::query_scalar(q(format!("SELECT count(*) FROM {table}")))
+                .fetch_one(pool)
+                .await?,
+        )
+    }
+
+    async fn prefill(
+        pool: &Pool<Self>,
+        schema: &str,
+        group: &str,
+        from: i64,
+        to: i64,
+    ) -> anyhow::Result<()> {
+        sqlx::query(q(format!(
+            r#"INSERT INTO {schema}.processed (consumer_group, event_id, topic, partition, "offset")
+SELECT $1, md5($2 || g::text)::uuid::text, 'bench-prefill', (g % 8)::int, g
+FROM generate_series($3::bigint, $4::bigint - 1) AS g"#
+        )))
+        .bind(group)
+        .bind(schema)
+        .bind(from)
+        .bind(to)
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn after_prefill(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()> {
+        sqlx::query(q(format!("VACUUM ANALYZE {schema}.processed")))
+            .execute(pool)
+            .await?;
+        // Needs superuser or pg_checkpoint; a missed checkpoint only adds noise.
+        if let Err(e) = sqlx::query("CHECKPOINT").execute(pool).await {
+            eprintln!("bench: CHECKPOINT after the pre-fill failed ({e}); continuing");
+        }
+        Ok(())
+    }
+
+    async fn drop_all(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()> {
+        sqlx::query(q(format!("DROP SCHEMA IF EXISTS {schema} CASCADE")))
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+}
+
+impl BenchDb for Sqlite {
+    const LABEL: &'static str = "SQLite";
+    const POOL_SIZE: u32 = 4;
+
+    fn events_table(schema: &str) -> String {
+        format!("{schema}_bench_events")
+    }
+
+    async fn create_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()> {
+        let table = Self::events_table(schema);
+        sqlx::query(q(format!(
+            "CREATE TABLE {table} {EVENTS_COLUMNS} WITHOUT ROWID"
+        )))
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn truncate_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()> {
+        let table = Self::events_table(schema);
+        sqlx::query(q(format!("DELETE FROM {table}")))
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn count_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<i64> {
+        let table = Self::events_table(schema);
+        Ok(
+            sqlx::query_scalar(q(format!("SELECT count(*) FROM {table}")))
+                .fetch_one(pool)
+                .await?,
+        )
+    }
+
+    async fn prefill(
+        pool: &Pool<Self>,
+        schema: &str,
+        group: &str,
+        from: i64,
+        to: i64,
+    ) -> anyhow::Result<()> {
+        sqlx::query(q(format!(
+            r#"WITH RECURSIVE c(x) AS (SELECT $2 UNION ALL SELECT x + 1 FROM c WHERE x + 1 < $3)
+INSERT INTO {schema}_processed (consumer_group, event_id, topic, partition, "offset")
+SELECT $1, lower(hex(randomblob(16))), 'bench-prefill', x % 8, x FROM c WHERE true"#
+        )))
+        .bind(group)
+        .bind(from)
+        .bind(to)
+        .execute(pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn after_prefill(pool: &Pool<Self>, _schema: &str) -> anyhow::Result<()> {
+        sqlx::query("ANALYZE").execute(pool).await?;
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn drop_all(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()> {
+        for table in [
+            Self::events_table(schema),
+            format!("{schema}_processed"),
+            format!("{schema}_consumer_offsets"),
+            format!("{schema}__migrations"),
+        ] {
+            sqlx::query(q(format!("DROP TABLE IF EXISTS {table}")))
+                .execute(pool)
+                .await?;
+        }
+        Ok(())
+    }
+}

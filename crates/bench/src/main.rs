@@ -1,0 +1,963 @@
+//! `bench`: the throughput and peak memory of consumer-runtime's delivery guarantees.
+//!
+//! ```sh
+//! cargo run --release --bin bench -- --messages 200000 --partitions 8 \
+//!     [--database-url postgres://postgres@127.0.0.1:5432/test] [--ledger-rows K] --json FILE
+//! ```
+//!
+//! It produces N order events (JSON, 200–500 bytes, an `event-id` header holding a UUID) into a
+//! librdkafka mock cluster hosted in this process, then measures, in one run on one database,
+//! each scenario of [`SCENARIOS`] with a handler that inserts one row per event. It prints a
+//! table and the issue's targets as met / not met, and writes the same as JSON.
+//!
+//! Runtime scenarios are timed from their first commit (the mock broker's group join takes
+//! about 3 s and is not throughput) until the stored offsets reach the end of every partition;
+//! the messages counted are those committed after the clock started. Each scenario uses a fresh
+//! consumer group; the handler's table is emptied before each one. Everything lives in a schema
+//! (PostgreSQL) or table prefix (SQLite) `bench_<random>` dropped at the end.
+
+mod db;
+mod workload;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use consumer_runtime::rdkafka::Message as _;
+use consumer_runtime::rdkafka::config::ClientConfig;
+use consumer_runtime::rdkafka::consumer::{BaseConsumer, Consumer};
+use consumer_runtime::rdkafka::mocking::MockCluster;
+use consumer_runtime::rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use consumer_runtime::sqlx::{Pool, Postgres, Sqlite};
+use consumer_runtime::{
+    BatchOutcome, DatabaseKind, EventId, Guarantee, Handler, PartitionKey, PartitionWriter,
+    Runtime, WriterConfig,
+};
+use tokio::sync::Semaphore;
+
+use crate::db::{BenchDb, Sink};
+use crate::workload::Workload;
+
+const TOPIC: &str = "bench-orders";
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// The runtime's default batch size, used by `sql_only_limit` too.
+const BATCH: usize = 500;
+/// How long a scenario may wait for its first commit (the group join) before giving up.
+const JOIN_LIMIT: Duration = Duration::from_secs(120);
+/// How long a scenario may go without any progress before the benchmark gives up.
+const STALL_LIMIT: Duration = Duration::from_secs(120);
+
+/// Every scenario, in the order they run.
+const SCENARIOS: [&str; 7] = [
+    "raw_consume",
+    "sql_only_limit",
+    "at_most_once",
+    "at_least_once",
+    "effectively_once_per_message",
+    "effectively_once",
+    "replay_processed",
+];
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{}", usage());
+            return std::process::ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}\n\n{}", usage());
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let result = match args.kind {
+        DatabaseKind::Postgres => run::<Postgres>(&args).await,
+        _ => run::<Sqlite>(&args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn usage() -> String {
+    format!(
+        "usage: cargo run --release --bin bench -- [FLAGS]
+
+  --messages N         messages to produce (default 200000)
+  --partitions P       partitions of the topic (default 8)
+  --database-url URL   postgres://… or sqlite://FILE (default {DEFAULT_URL})
+  --ledger-rows K      pre-fill the ledger with K unrelated rows (random UUID event ids, in the
+                       effectively_once group) before the runtime scenarios; effectively_once is
+                       then also measured on the empty ledger first, as effectively_once_empty_ledger
+  --scenarios A,B,…    run only these (default: all: {})
+  --json FILE          write the results as JSON
+  --help               this text",
+        SCENARIOS.join(",")
+    )
+}
+
+struct Args {
+    messages: u64,
+    partitions: i32,
+    url: String,
+    kind: DatabaseKind,
+    ledger_rows: u64,
+    scenarios: Vec<String>,
+    json: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<Args>> {
+        let mut out = Args {
+            messages: 200_000,
+            partitions: 8,
+            url: DEFAULT_URL.to_owned(),
+            kind: DatabaseKind::Postgres,
+            ledger_rows: 0,
+            scenarios: SCENARIOS.iter().map(|s| (*s).to_owned()).collect(),
+            json: None,
+        };
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .with_context(|| format!("{flag} needs a value"))
+            };
+            let number = |v: String, what: &str| -> anyhow::Result<u64> {
+                v.replace('_', "")
+                    .parse()
+                    .with_context(|| format!("{what} wants a whole number, not `{v}`"))
+            };
+            match flag.as_str() {
+                "--help" | "-h" => return Ok(None),
+                "--messages" => out.messages = number(value()?, "--messages")?,
+                "--partitions" => {
+                    out.partitions = i32::try_from(number(value()?, "--partitions")?)
+                        .context("--partitions is too large")?;
+                }
+                "--database-url" => out.url = value()?,
+                "--ledger-rows" => out.ledger_rows = number(value()?, "--ledger-rows")?,
+                "--json" => out.json = Some(value()?.into()),
+                "--scenarios" => {
+                    let v = value()?;
+                    out.scenarios = v.split(',').map(|s| s.trim().to_owned()).collect();
+                    for s in &out.scenarios {
+                        if !SCENARIOS.contains(&s.as_str()) {
+                            bail!("unknown scenario `{s}`; the scenarios are {SCENARIOS:?}");
+                        }
+                    }
+                    if out.wants("replay_processed") && !out.wants("effectively_once") {
+                        bail!(
+                            "replay_processed replays effectively_once's group; add effectively_once"
+                        );
+                    }
+                }
+                other => bail!("unknown argument `{other}`"),
+            }
+        }
+        if out.messages == 0 || out.partitions <= 0 {
+            bail!("--messages and --partitions must be positive");
+        }
+        out.kind = DatabaseKind::from_url(&out.url)?;
+        Ok(Some(out))
+    }
+
+    fn wants(&self, scenario: &str) -> bool {
+        self.scenarios.iter().any(|s| s == scenario)
+    }
+}
+
+/// One measured scenario.
+struct Outcome {
+    scenario: String,
+    messages: u64,
+    seconds: f64,
+    peak_rss_mb: f64,
+    start_rss_mb: f64,
+    /// CPU seconds of this process (all threads) during the timed window.
+    process_cpu_s: f64,
+    /// How busy the whole machine's CPUs were during the timed window, percent.
+    machine_busy_pct: f64,
+}
+
+impl Outcome {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.seconds.max(1e-9)
+    }
+}
+
+/// What every scenario shares.
+struct Env<DB: BenchDb> {
+    args_messages: u64,
+    partitions: i32,
+    pool: Pool<DB>,
+    /// A small pool for watching stored offsets, so that watching takes no connection from
+    /// the runtime under test.
+    watch_pool: Pool<DB>,
+    schema: String,
+    brokers: String,
+    workload: Workload,
+    /// Each partition's end offset.
+    ends: Vec<i64>,
+}
+
+async fn run<DB: BenchDb>(args: &Args) -> anyhow::Result<()>
+where
+    Sink: Handler<DB>,
+{
+    let wall = Instant::now();
+    let schema = format!("bench_{:08x}", workload::random_u64() as u32);
+    let workload = Workload::new(workload::random_u64());
+    let n = args.messages;
+    let p = args.partitions;
+    eprintln!(
+        "bench: {n} messages, {p} partitions, {} ({}), schema {schema}",
+        DB::LABEL,
+        consumer_runtime::error::redact_url(&args.url)
+    );
+
+    let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
+    cluster
+        .create_topic(TOPIC, p, 1)
+        .context("creating the topic")?;
+    let brokers = cluster.bootstrap_servers();
+    let produced = Instant::now();
+    let (ends, sizes) = workload
+        .produce(&brokers, TOPIC, n, p)
+        .context("producing the messages")?;
+    eprintln!(
+        "bench: produced {n} messages in {:.1} s; payload bytes min {} avg {:.0} max {} (plus a 36-byte event-id header and a key; gzip-compressed on the broker)",
+        produced.elapsed().as_secs_f64(),
+        sizes.min,
+        sizes.total as f64 / n as f64,
+        sizes.max
+    );
+
+    let pool = consumer_runtime::connect::<DB>(&args.url, DB::POOL_SIZE).await?;
+    let watch_pool = consumer_runtime::connect::<DB>(&args.url, 2).await?;
+    consumer_runtime::migrate(&pool, &schema)
+        .await
+        .context("creating the runtime's tables")?;
+    DB::create_events(&pool, &schema)
+        .await
+        .context("creating the handler's table")?;
+    let env = Env {
+        args_messages: n,
+        partitions: p,
+        pool,
+        watch_pool,
+        schema,
+        brokers,
+        workload,
+        ends,
+    };
+    let result = scenarios(&env, args).await;
+    if let Err(e) = DB::drop_all(&env.pool, &env.schema).await {
+        eprintln!("bench: could not drop {}: {e:#}", env.schema);
+    }
+    let outcomes = result?;
+    drop(cluster);
+
+    report(&outcomes, args, DB::LABEL)?;
+    println!("wall time {:.1} s", wall.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn scenarios<DB: BenchDb>(env: &Env<DB>, args: &Args) -> anyhow::Result<Vec<Outcome>>
+where
+    Sink: Handler<DB>,
+{
+    let mut out = Vec::new();
+    let eo_group = format!("{}-effectively_once", env.schema);
+    if args.wants("raw_consume") {
+        out.push(raw_consume(env).await?);
+    }
+    if args.ledger_rows > 0 {
+        if args.wants("effectively_once") {
+            out.push(
+                runtime_scenario(
+                    env,
+                    "effectively_once_empty_ledger",
+                    Guarantee::EffectivelyOnce,
+                    BATCH,
+                    false,
+                )
+                .await?
+                .remove(0),
+            );
+        }
+        prefill(env, &eo_group, args.ledger_rows).await?;
+    }
+    if args.wants("sql_only_limit") {
+        out.push(sql_only_limit(env).await?);
+    }
+    for (name, guarantee, batch) in [
+        ("at_most_once", Guarantee::AtMostOnce, BATCH),
+        ("at_least_once", Guarantee::AtLeastOnce, BATCH),
+        (
+            "effectively_once_per_message",
+            Guarantee::EffectivelyOnce,
+            1,
+        ),
+        ("effectively_once", Guarantee::EffectivelyOnce, BATCH),
+    ] {
+        if args.wants(name) {
+            let replay = name == "effectively_once" && args.wants("replay_processed");
+            out.extend(runtime_scenario(env, name, guarantee, batch, replay).await?);
+        }
+    }
+    Ok(out)
+}
+
+/// Peak resident memory: resets the kernel's high-water mark (`VmHWM`) to the current RSS.
+struct Memory {
+    start_kb: u64,
+}
+
+impl Memory {
+    fn reset() -> Memory {
+        if std::fs::write("/proc/self/clear_refs", "5").is_err() {
+            eprintln!("bench: cannot reset VmHWM (/proc/self/clear_refs); peaks are the process's");
+        }
+        Memory {
+            start_kb: status_kb("VmRSS:").unwrap_or(0),
+        }
+    }
+
+    fn finish(&self, scenario: &str, messages: u64, seconds: f64, cpu: CpuUsed) -> Outcome {
+        let peak = status_kb("VmHWM:").unwrap_or(0);
+        Outcome {
+            scenario: scenario.to_owned(),
+            messages,
+            seconds,
+            peak_rss_mb: peak as f64 / 1024.0,
+            start_rss_mb: self.start_kb as f64 / 1024.0,
+            process_cpu_s: cpu.process_s,
+            machine_busy_pct: cpu.machine_busy_pct,
+        }
+    }
+}
+
+fn status_kb(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line[field.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// CPU time so far: this process's (all threads) and the whole machine's, in clock ticks (USER_HZ,
+/// 100 per second on Linux).
+#[derive(Clone, Copy)]
+struct Cpu {
+    process: u64,
+    busy: u64,
+    total: u64,
+}
+
+/// CPU used between two [`Cpu`] readings.
+#[derive(Clone, Copy, Default)]
+struct CpuUsed {
+    process_s: f64,
+    machine_busy_pct: f64,
+}
+
+impl Cpu {
+    fn now() -> Cpu {
+        let process = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                // Fields after the command name (which is in parentheses): utime is the 12th
+                // and stime the 13th of them.
+                let rest = s.rsplit_once(')')?.1.to_owned();
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            })
+            .unwrap_or(0);
+        let (busy, total) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().next()?;
+                let v: Vec<u64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                let total: u64 = v.iter().take(8).sum();
+                let idle = v.get(3)? + v.get(4)?;
+                Some((total - idle, total))
+            })
+            .unwrap_or((0, 0));
+        Cpu {
+            process,
+            busy,
+            total,
+        }
+    }
+
+    fn since(&self) -> CpuUsed {
+        let now = Cpu::now();
+        CpuUsed {
+            process_s: now.process.saturating_sub(self.process) as f64 / 100.0,
+            machine_busy_pct: 100.0 * now.busy.saturating_sub(self.busy) as f64
+                / now.total.saturating_sub(self.total).max(1) as f64,
+        }
+    }
+}
+
+/// A line on stderr every 2 s while a scenario runs: how far, how fast, how long to go.
+struct Ticker {
+    label: String,
+    done: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Ticker {
+    fn start(label: &str, total: u64) -> Ticker {
+        let done = Arc::new(AtomicU64::new(0));
+        let name = label.to_owned();
+        let label = label.to_owned();
+        let counter = done.clone();
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let mut first: Option<(Instant, u64)> = None;
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let d = counter.load(Ordering::Relaxed);
+                if d == 0 {
+                    eprintln!(
+                        "  [{label}] waiting for the first commit ({:.0} s; the mock broker's group join takes ~3 s)",
+                        started.elapsed().as_secs_f64()
+                    );
+                    continue;
+                }
+                let (t0, d0) = *first.get_or_insert((Instant::now(), d));
+                let secs = t0.elapsed().as_secs_f64();
+                let rate = if secs > 0.5 {
+                    (d - d0) as f64 / secs
+                } else {
+                    0.0
+                };
+                let eta = if rate > 0.0 {
+                    format!(", ~{:.0} s to go", total.saturating_sub(d) as f64 / rate)
+                } else {
+                    String::new()
+                };
+                eprintln!(
+                    "  [{label}] {d} / {total} ({:.1}%), {rate:.0} msg/s{eta}",
+                    100.0 * d as f64 / total.max(1) as f64
+                );
+            }
+        });
+        Ticker {
+            label: name,
+            done,
+            task,
+        }
+    }
+
+    fn set(&self, n: u64) {
+        self.done.store(n, Ordering::Relaxed);
+    }
+
+    fn add(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// rdkafka alone, no database: a consumer assigned every partition from the beginning, counting
+/// records until it has read them all. Timed from the first record.
+async fn raw_consume<DB: BenchDb>(env: &Env<DB>) -> anyhow::Result<Outcome> {
+    let name = "raw_consume";
+    eprintln!("bench: {name}");
+    let total = env.args_messages;
+    let ticker = Ticker::start(name, total);
+    let counter = ticker.done.clone();
+    let memory = Memory::reset();
+    let cpu = Cpu::now();
+    let brokers = env.brokers.clone();
+    let group = format!("{}-{name}", env.schema);
+    let partitions = env.partitions;
+    let (count, secs) = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, f64)> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .create()
+            .context("creating the consumer")?;
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(TOPIC, p, Offset::Beginning)?;
+        }
+        consumer.assign(&tpl)?;
+        let mut count = 0u64;
+        let mut bytes = 0usize;
+        let mut start = None;
+        let mut last_progress = Instant::now();
+        while count < total {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    start.get_or_insert_with(Instant::now);
+                    bytes += m.payload().map_or(0, <[u8]>::len);
+                    count += 1;
+                    last_progress = Instant::now();
+                    if count.is_multiple_of(1000) {
+                        counter.store(count, Ordering::Relaxed);
+                    }
+                }
+                Some(Err(e)) => bail!("consuming: {e}"),
+                None if last_progress.elapsed() > STALL_LIMIT => {
+                    bail!("no record for {} s after {count}", STALL_LIMIT.as_secs())
+                }
+                None => {}
+            }
+        }
+        std::hint::black_box(bytes);
+        Ok((count, start.map_or(0.0, |s| s.elapsed().as_secs_f64())))
+    })
+    .await??;
+    drop(ticker);
+    Ok(memory.finish(name, count, secs, cpu.since()))
+}
+
+/// The runtime's exact per-batch SQL ([`PartitionWriter::write`]: the fence, the ledger claim,
+/// the handler's inserts, the commit) on in-memory records in batches of [`BATCH`], every
+/// partition concurrently and at most as many transactions at once as the runtime allows, with
+/// no Kafka.
+async fn sql_only_limit<DB: BenchDb>(env: &Env<DB>) -> anyhow::Result<Outcome>
+where
+    Sink: Handler<DB>,
+{
+    let name = "sql_only_limit";
+    eprintln!("bench: {name}");
+    DB::truncate_events(&env.pool, &env.schema).await?;
+    let group = format!("{}-{name}", env.schema);
+    let config = Arc::new(WriterConfig {
+        handler: Arc::new(Sink::new::<DB>(&env.schema, &group)),
+        pool: env.pool.clone(),
+        queries: DB::queries(&env.schema)?,
+        guarantee: Guarantee::EffectivelyOnce,
+        event_id: EventId::default(),
+    });
+    let permits = Arc::new(Semaphore::new(DB::max_writers(&env.pool).max(1)));
+    let ticker = Arc::new(Ticker::start(name, env.args_messages));
+    let memory = Memory::reset();
+    let cpu = Cpu::now();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (partition, end) in (0..env.partitions).zip(env.ends.iter().copied()) {
+        let key = PartitionKey {
+            group: group.clone(),
+            topic: TOPIC.to_owned(),
+            partition,
+        };
+        let claim = DB::claim(&env.pool, &config.queries, &key, "bench").await?;
+        let mut writer = PartitionWriter::new(config.clone(), key, claim);
+        let permits = permits.clone();
+        let ticker = ticker.clone();
+        let workload = env.workload.clone();
+        let partitions = env.partitions;
+        tasks.push(tokio::spawn(async move {
+            let mut applied = 0usize;
+            let mut from = 0i64;
+            while from < end {
+                let to = (from + BATCH as i64).min(end);
+                let batch: Vec<_> = (from..to)
+                    .map(|offset| workload.message(TOPIC, partition, offset, partitions))
+                    .collect();
+                let permit = permits.acquire().await?;
+                let outcome = writer.write(&batch).await?;
+                drop(permit);
+                match outcome {
+                    BatchOutcome::Committed { applied: a, .. } => applied += a,
+                    other => bail!("partition {partition}: unexpected outcome {other:?}"),
+                }
+                ticker.add((to - from) as u64);
+                from = to;
+            }
+            Ok::<_, anyhow::Error>(applied)
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        applied += t.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = cpu.since();
+    drop(ticker);
+    let outcome = memory.finish(name, applied as u64, secs, cpu);
+    check_rows(env, name, env.args_messages).await?;
+    Ok(outcome)
+}
+
+/// Sums the group's stored offsets (a partition without a commit counts as 0) and says whether
+/// every partition is at its end.
+async fn progress<DB: BenchDb>(env: &Env<DB>, group: &str) -> anyhow::Result<(u64, Vec<i64>)> {
+    let q = DB::queries(&env.schema)?;
+    let stored = DB::offsets(&env.watch_pool, &q, group).await?;
+    let positions: Vec<i64> = (0..env.partitions)
+        .map(|p| {
+            stored
+                .iter()
+                .find(|s| s.topic == TOPIC && s.partition == p)
+                .and_then(|s| s.next_offset)
+                .unwrap_or(0)
+        })
+        .collect();
+    Ok((positions.iter().sum::<i64>() as u64, positions))
+}
+
+/// The records the runtime has finished with: applied, skipped or lost.
+fn finished(stats: &consumer_runtime::Stats) -> u64 {
+    stats.applied.load(Ordering::Relaxed)
+        + stats.duplicates.load(Ordering::Relaxed)
+        + stats.lost.load(Ordering::Relaxed)
+}
+
+/// Waits for the first commit (the clock starts there), then until every partition's stored
+/// offset is at its end and the runtime's counters have reached `finished_target` (at-most-once
+/// commits the offset before the handler's transaction, so the offsets alone end too early).
+/// Returns the messages committed after the clock started and the seconds.
+async fn time_until_caught_up<DB: BenchDb, F>(
+    env: &Env<DB>,
+    group: &str,
+    ticker: &Ticker,
+    running: &mut std::pin::Pin<&mut F>,
+    stats: &consumer_runtime::Stats,
+    finished_target: u64,
+) -> anyhow::Result<(u64, f64, CpuUsed)>
+where
+    F: Future<Output = Result<Result<(), consumer_runtime::Error>, tokio::task::JoinError>>,
+{
+    // Per partition: seconds from the call (the runtime's start, or the rewind) to its first
+    // commit and to its end, to show how evenly the partitions run.
+    let origin = Instant::now();
+    let mut first = vec![None; env.ends.len()];
+    let mut caught_up = vec![None; env.ends.len()];
+    let mut note = |positions: &[i64]| {
+        let t = origin.elapsed().as_secs_f64();
+        for (i, at) in positions.iter().enumerate() {
+            if *at > 0 && first[i].is_none() {
+                first[i] = Some(t);
+            }
+            if *at == env.ends[i] && caught_up[i].is_none() {
+                caught_up[i] = Some(t);
+            }
+        }
+    };
+    let (start_sum, start, cpu) = loop {
+        let (sum, positions) = progress(env, group).await?;
+        note(&positions);
+        if sum > 0 {
+            break (sum, Instant::now(), Cpu::now());
+        }
+        if origin.elapsed() > JOIN_LIMIT {
+            bail!("no commit within {} s", JOIN_LIMIT.as_secs());
+        }
+        tokio::select! {
+            r = running.as_mut() => bail!("the runtime stopped before its first commit: {:?}", r?),
+            () = tokio::time::sleep(Duration::from_millis(5)) => {}
+        }
+    };
+    let mut last = (start_sum, Instant::now());
+    loop {
+        let (sum, positions) = progress(env, group).await?;
+        note(&positions);
+        ticker.set(sum);
+        let done = positions.iter().zip(&env.ends).all(|(a, e)| a == e);
+        if done && finished(stats) >= finished_target {
+            let secs = start.elapsed().as_secs_f64();
+            let cpu = cpu.since();
+            let show = |v: &[Option<f64>]| {
+                v.iter()
+                    .map(|t| t.map_or("-".to_owned(), |t| format!("{t:.2}")))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            eprintln!(
+                "  [{}] per partition, s after start: first commit [{}], at end [{}]",
+                ticker.label,
+                show(&first),
+                show(&caught_up)
+            );
+            return Ok((sum - start_sum, secs, cpu));
+        }
+        if sum != last.0 {
+            last = (sum, Instant::now());
+        } else if last.1.elapsed() > STALL_LIMIT {
+            bail!("no progress for {} s at {sum}", STALL_LIMIT.as_secs());
+        }
+        tokio::select! {
+            r = running.as_mut() => bail!("the runtime stopped before catching up: {:?}", r?),
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+}
+
+/// One runtime scenario (a fresh group); with `replay`, then rewinds that group to offset 0
+/// while its runtime runs and measures `replay_processed`.
+async fn runtime_scenario<DB: BenchDb>(
+    env: &Env<DB>,
+    name: &str,
+    guarantee: Guarantee,
+    batch_size: usize,
+    replay: bool,
+) -> anyhow::Result<Vec<Outcome>>
+where
+    Sink: Handler<DB>,
+{
+    eprintln!("bench: {name} (guarantee {guarantee}, batch size {batch_size})");
+    DB::truncate_events(&env.pool, &env.schema).await?;
+    let group = format!("{}-{}", env.schema, name.trim_end_matches("_empty_ledger"));
+    let group = if name.ends_with("_empty_ledger") {
+        format!("{group}-empty")
+    } else {
+        group
+    };
+    let runtime = Runtime::builder(Sink::new::<DB>(&env.schema, &group))
+        .pool(env.pool.clone())
+        .brokers(&env.brokers)
+        .group(&group)
+        .topic(TOPIC)
+        .schema(&env.schema)
+        .guarantee(guarantee)
+        .batch_size(batch_size)
+        .handle_signals(false)
+        // A rewind is noticed within 200 ms instead of 1 s (replay_processed).
+        .epoch_check_interval(Duration::from_millis(200))
+        .kafka_config("session.timeout.ms", "6000")
+        .kafka_config("heartbeat.interval.ms", "1000")
+        .build()?;
+    let stats = runtime.stats();
+    let stop = runtime.shutdown_handle();
+    let memory = Memory::reset();
+    let task = tokio::spawn(runtime.run());
+    tokio::pin!(task);
+    let mut out = Vec::new();
+    let result: anyhow::Result<()> = async {
+        let ticker = Ticker::start(name, env.args_messages);
+        let (messages, secs, cpu) =
+            time_until_caught_up(env, &group, &ticker, &mut task, &stats, env.args_messages)
+                .await?;
+        drop(ticker);
+        out.push(memory.finish(name, messages, secs, cpu));
+        summary(name, &stats);
+        check_rows(env, name, env.args_messages).await?;
+        if replay {
+            let name = "replay_processed";
+            eprintln!("bench: {name} (effectively_once's group rewound to offset 0)");
+            let before = stats.duplicates.load(Ordering::Relaxed);
+            let memory = Memory::reset();
+            let ticker = Ticker::start(name, env.args_messages);
+            let rewind: Vec<(i32, i64)> = (0..env.partitions).map(|p| (p, 0)).collect();
+            consumer_runtime::set_offsets(&env.pool, &env.schema, &group, TOPIC, &rewind).await?;
+            let target = finished(&stats) + env.args_messages;
+            let (messages, secs, cpu) =
+                time_until_caught_up(env, &group, &ticker, &mut task, &stats, target).await?;
+            drop(ticker);
+            out.push(memory.finish(name, messages, secs, cpu));
+            let skipped = stats.duplicates.load(Ordering::Relaxed) - before;
+            summary(name, &stats);
+            if skipped != env.args_messages {
+                eprintln!(
+                    "bench: WARNING: {name} skipped {skipped} records, expected {}",
+                    env.args_messages
+                );
+            }
+            check_rows(env, name, env.args_messages).await?;
+        }
+        Ok(())
+    }
+    .await;
+    stop.shutdown();
+    let stopped = tokio::time::timeout(Duration::from_secs(60), &mut task).await;
+    result?;
+    match stopped {
+        Ok(r) => r?.context("the runtime failed")?,
+        Err(_) => bail!("the runtime did not stop within 60 s"),
+    }
+    Ok(out)
+}
+
+fn summary(name: &str, stats: &consumer_runtime::Stats) {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    eprintln!(
+        "  [{name}] done: applied {} skipped {} lost {} batches {} retries {} fenced {} (runtime totals)",
+        get(&stats.applied),
+        get(&stats.duplicates),
+        get(&stats.lost),
+        get(&stats.batches),
+        get(&stats.retries),
+        get(&stats.fenced),
+    );
+}
+
+/// The handler's table must hold one row per message after each scenario.
+async fn check_rows<DB: BenchDb>(env: &Env<DB>, name: &str, expected: u64) -> anyhow::Result<()> {
+    let rows = DB::count_events(&env.pool, &env.schema).await?;
+    if rows != expected as i64 {
+        eprintln!(
+            "bench: WARNING: after {name} the handler's table holds {rows} rows, expected {expected}"
+        );
+    }
+    Ok(())
+}
+
+/// Fills the ledger with `k` rows of random UUID event ids in `group`, in chunks.
+async fn prefill<DB: BenchDb>(env: &Env<DB>, group: &str, k: u64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    eprintln!("bench: pre-filling the ledger with {k} rows (group {group})");
+    let chunk = 500_000u64;
+    let mut from = 0;
+    let mut last = Instant::now();
+    while from < k {
+        let to = (from + chunk).min(k);
+        DB::prefill(&env.pool, &env.schema, group, from as i64, to as i64).await?;
+        from = to;
+        if last.elapsed() > Duration::from_secs(2) || from == k {
+            last = Instant::now();
+            eprintln!(
+                "  [prefill] {from} / {k} ({:.0} s)",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    DB::after_prefill(&env.pool, &env.schema).await?;
+    eprintln!(
+        "bench: ledger pre-filled in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Prints the table and the targets, and writes the JSON file.
+fn report(outcomes: &[Outcome], args: &Args, label: &str) -> anyhow::Result<()> {
+    println!();
+    println!(
+        "{label}, {} messages, {} partitions{}; runtime scenarios timed from their first commit (the mock broker's ~3 s group join excluded)",
+        args.messages,
+        args.partitions,
+        if args.ledger_rows > 0 {
+            format!(", ledger pre-filled with {} rows", args.ledger_rows)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "{:<32} {:>10} {:>9} {:>11} {:>12} {:>13} {:>15} {:>13}",
+        "scenario",
+        "messages",
+        "seconds",
+        "msgs_per_s",
+        "peak_rss_mb",
+        "start_rss_mb",
+        "cpu_us_per_msg",
+        "machine_busy%"
+    );
+    for o in outcomes {
+        println!(
+            "{:<32} {:>10} {:>9.2} {:>11.0} {:>12.1} {:>13.1} {:>15.1} {:>13.0}",
+            o.scenario,
+            o.messages,
+            o.seconds,
+            o.rate(),
+            o.peak_rss_mb,
+            o.start_rss_mb,
+            1e6 * o.process_cpu_s / o.messages.max(1) as f64,
+            o.machine_busy_pct
+        );
+    }
+    println!(
+        "(peak_rss_mb is the process's VmHWM during the scenario, which includes the in-process mock broker holding the whole topic; start_rss_mb is the RSS when the scenario started; cpu_us_per_msg is this process's CPU time (all threads: Kafka client, runtime, handler, sqlx, and SQLite itself, which runs in-process; not a PostgreSQL server's) per message in the timed window; machine_busy% is the whole machine's CPU use then ({} CPUs))",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!("targets (the issue's: PostgreSQL, N = 200,000, P = 8):");
+    let rate = |name: &str| {
+        outcomes
+            .iter()
+            .find(|o| o.scenario == name)
+            .map(Outcome::rate)
+    };
+    let ratio = |a: &str, factor: f64, b: &str| {
+        let line = format!("{a} >= {factor} x {b}");
+        match (rate(a), rate(b)) {
+            (Some(x), Some(y)) => {
+                let r = x / y;
+                let verdict = if r >= factor { "met" } else { "NOT MET" };
+                println!("  {line:<58} ratio {r:>7.2}  {verdict}");
+            }
+            _ => println!("  {line:<58} not measured in this run"),
+        }
+    };
+    ratio("effectively_once", 0.8, "sql_only_limit");
+    ratio("effectively_once", 25.0, "effectively_once_per_message");
+    ratio("effectively_once", 0.85, "at_least_once");
+    ratio("replay_processed", 1.5, "effectively_once");
+    if args.ledger_rows > 0 {
+        ratio("effectively_once", 0.8, "effectively_once_empty_ledger");
+    } else {
+        println!(
+            "  {:<58} run with --ledger-rows 10000000",
+            "effectively_once (10M-row ledger) >= 0.8 x empty ledger"
+        );
+    }
+    let peak = outcomes.iter().map(|o| o.peak_rss_mb).fold(0.0, f64::max);
+    println!(
+        "  {:<58} peak  {peak:>7.1}  {}",
+        "peak RSS < 150 MB",
+        if peak < 150.0 { "met" } else { "NOT MET" }
+    );
+    println!(
+        "  {:<58} compare the JSON of a --messages 100000 and a --messages 1000000 run",
+        "peak RSS grows < 20% from N=100k to N=1M"
+    );
+    if let Some(path) = &args.json {
+        let rows: Vec<serde_json::Value> = outcomes
+            .iter()
+            .map(|o| {
+                serde_json::json!({
+                    "scenario": o.scenario,
+                    "messages": o.messages,
+                    "seconds": (o.seconds * 1000.0).round() / 1000.0,
+                    "msgs_per_s": o.rate().round(),
+                    "peak_rss_mb": (o.peak_rss_mb * 10.0).round() / 10.0,
+                })
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&rows)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
