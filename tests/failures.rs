@@ -303,6 +303,66 @@ async fn rejected_record_is_parked_and_the_consumer_keeps_running<DB: TestDb>() 
     assert_eq!(ledger_rows(&pool, &group).await, expected.len() as i64);
 }
 
+// ---- Unusual records ---------------------------------------------------------------------------
+
+/// A record without a key, one with an empty key, and a 3 MB record (beyond librdkafka's
+/// default 1 MB per-partition fetch size, which it grows for a larger record) are ordinary
+/// records: each is applied exactly once and nothing is parked.
+async fn records_without_a_key_with_an_empty_key_or_oversized_are_applied_once<DB: TestDb>() {
+    use consumer_runtime::rdkafka::message::{Header, OwnedHeaders};
+    use consumer_runtime::rdkafka::producer::{BaseRecord, Producer};
+    let pool = DB::pool().await;
+    let kafka = Kafka::new();
+    let topic = rand_name("unusual");
+    let group = rand_name("g");
+    kafka.create_topic(&topic, 1);
+    let producer: consumer_runtime::rdkafka::producer::BaseProducer =
+        consumer_runtime::rdkafka::config::ClientConfig::new()
+            .set("bootstrap.servers", &kafka.bootstrap)
+            .set("message.max.bytes", "10000000")
+            .create()
+            .unwrap();
+    let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(3_000_000));
+    let ids: Vec<String> = ["nokey", "emptykey", "big"]
+        .iter()
+        .map(|n| format!("{topic}-{n}"))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "event-id",
+            value: Some(id.as_bytes()),
+        });
+        let payload = if i == 2 {
+            big.as_str()
+        } else {
+            r#"{"small":true}"#
+        };
+        let mut record = BaseRecord::<str, str>::to(&topic)
+            .partition(0)
+            .payload(payload)
+            .headers(headers);
+        if i == 1 {
+            record = record.key("");
+        }
+        producer.send(record).map_err(|(e, _)| e).unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+
+    let rt = runtime(&kafka, &pool, Counter::new(&group), &topic, &group)
+        .build()
+        .unwrap();
+    let stats = rt.stats();
+    let stop = rt.shutdown_handle();
+    let task = tokio::spawn(rt.run());
+    let ends = HashMap::from([(0, 3i64)]);
+    wait_caught_up(&pool, &group, &topic, &ends).await;
+    stop.shutdown();
+    task.await.unwrap().expect("clean shutdown");
+    assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
+    assert_eq!(stats.parked.load(Ordering::SeqCst), 0);
+    assert!(parked(&pool, &group).await.is_empty());
+}
+
 // ---- The circuit breaker ----------------------------------------------------------------------
 
 /// 40 good records, then 60 undecodable ones (a bad deploy of the producer), then 40 good ones,
@@ -895,6 +955,7 @@ async fn a_record_that_cannot_be_parked_stops_the_consumer_before_it<DB: TestDb>
 // ---- The suite, once per backend ------------------------------------------------------------
 
 suite!(
+    records_without_a_key_with_an_empty_key_or_oversized_are_applied_once,
     a_broker_outage_mid_stream_loses_and_duplicates_nothing,
     the_circuit_breaker_stops_the_consumer_when_parking_becomes_the_norm,
     a_disabled_circuit_breaker_parks_the_whole_bad_stretch_and_goes_on,
