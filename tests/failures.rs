@@ -18,7 +18,7 @@ use consumer_runtime::rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use consumer_runtime::sqlx::Pool;
 use consumer_runtime::{
     BatchOutcome, EventId, FailureKind, Guarantee, PartitionKey, PartitionWriter, RetryPolicy,
-    Runtime, WriterConfig,
+    WriterConfig,
 };
 use support::*;
 
@@ -33,40 +33,7 @@ fn runtime<DB: TestDb>(
     topic: &str,
     group: &str,
 ) -> consumer_runtime::RuntimeBuilder<Counter, DB> {
-    Runtime::builder(handler)
-        .pool(pool.clone())
-        .brokers(kafka.bootstrap.clone())
-        .topic(topic)
-        .group(group)
-        .handle_signals(false)
-        .kafka_config("session.timeout.ms", "6000")
-        .kafka_config("heartbeat.interval.ms", "500")
-}
-
-fn ends_of(records: &[(i32, String, String)]) -> HashMap<i32, i64> {
-    let mut ends = HashMap::new();
-    for (p, _, _) in records {
-        *ends.entry(*p).or_insert(0) += 1;
-    }
-    ends
-}
-
-async fn wait_caught_up<DB: TestDb>(
-    pool: &Pool<DB>,
-    group: &str,
-    topic: &str,
-    ends: &HashMap<i32, i64>,
-) {
-    wait_until(
-        WAIT,
-        "stored offsets to reach the end of the topic",
-        || async {
-            let stored = stored_offsets(pool, group).await;
-            ends.iter()
-                .all(|(p, end)| stored.get(&(topic.to_owned(), *p)) == Some(end))
-        },
-    )
-    .await;
+    test_runtime(kafka, pool, handler, topic).group(group)
 }
 
 /// A record with a JSON payload, key `key` and the headers given (the event id is one of them

@@ -105,14 +105,6 @@ fn epochs(rows: &[StoredOffset]) -> HashMap<i32, i64> {
     rows.iter().map(|r| (r.partition, r.epoch)).collect()
 }
 
-fn ends_of(records: &[(i32, String, String)]) -> HashMap<i32, i64> {
-    let mut ends = HashMap::new();
-    for (p, _, _) in records {
-        *ends.entry(*p).or_insert(0) += 1;
-    }
-    ends
-}
-
 /// The event ids of one partition, in offset order.
 fn partition_ids(records: &[(i32, String, String)], partition: i32) -> Vec<String> {
     records
@@ -120,24 +112,6 @@ fn partition_ids(records: &[(i32, String, String)], partition: i32) -> Vec<Strin
         .filter(|(p, _, _)| *p == partition)
         .map(|(_, id, _)| id.clone())
         .collect()
-}
-
-async fn wait_caught_up<DB: TestDb>(
-    pool: &Pool<DB>,
-    group: &str,
-    topic: &str,
-    ends: &HashMap<i32, i64>,
-) {
-    wait_until(
-        WAIT,
-        "stored offsets to reach the end of the topic",
-        || async {
-            let stored = stored_offsets(pool, group).await;
-            ends.iter()
-                .all(|(p, end)| stored.get(&(topic.to_owned(), *p)) == Some(end))
-        },
-    )
-    .await;
 }
 
 /// A running consumer with the non-idempotent `Counter` handler.
@@ -218,7 +192,7 @@ async fn consumed<DB: TestDb>(n: usize, partitions: i32, dups: usize) -> Consume
     kafka.produce(&topic, &records);
     let ends = ends_of(&records);
     let consumer = Consumer::start(&kafka, &pool, &group, &topic);
-    wait_caught_up(&pool, &group, &topic, &ends).await;
+    wait_caught_up_within(WAIT, &pool, &group, &topic, &ends).await;
     assert_eq!(consumer.counter.applied(), n as u64);
     Consumed {
         pool,
@@ -344,7 +318,7 @@ async fn applied_replay_fences_the_running_consumer_which_reapplies_nothing<DB: 
         c.consumer.duplicates() >= seen + c.records.len() as u64
     })
     .await;
-    wait_caught_up(&c.pool, &c.group, &c.topic, &c.ends).await;
+    wait_caught_up_within(WAIT, &c.pool, &c.group, &c.topic, &c.ends).await;
     assert!(
         rows(&c.pool, &c.group)
             .await
@@ -402,7 +376,7 @@ async fn rebuild_reruns_exactly_the_events_of_its_range_once<DB: TestDb>() {
         c.consumer.counter.applied() >= 300 + rerun.len() as u64
     })
     .await;
-    wait_caught_up(&c.pool, &c.group, &c.topic, &c.ends).await;
+    wait_caught_up_within(WAIT, &c.pool, &c.group, &c.topic, &c.ends).await;
     c.consumer.stop().await;
 
     let counts = effect_counts(&c.pool, &c.group).await;
@@ -455,7 +429,7 @@ async fn rebuild_while_the_consumer_is_busy_reruns_exactly_the_reported_range<DB
         consumer.counter.applied() >= 400 + (to - from) as u64
     })
     .await;
-    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+    wait_caught_up_within(WAIT, &pool, &group, &topic, &ends_of(&records)).await;
     consumer.stop().await;
     let counts = effect_counts(&pool, &group).await;
     for (offset, id) in ids.iter().enumerate() {

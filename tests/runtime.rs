@@ -22,58 +22,6 @@ use support::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn runtime<DB: TestDb>(
-    kafka: &Kafka,
-    pool: &Pool<DB>,
-    handler: Counter,
-    topic: &str,
-) -> consumer_runtime::RuntimeBuilder<Counter, DB> {
-    Runtime::builder(handler)
-        .pool(pool.clone())
-        .brokers(kafka.bootstrap.clone())
-        .topic(topic)
-        .handle_signals(false)
-        .kafka_config("session.timeout.ms", "6000")
-        .kafka_config("heartbeat.interval.ms", "500")
-}
-
-/// Waits until the stored offsets of `group` reach the end of every partition.
-async fn wait_caught_up<DB: TestDb>(
-    pool: &Pool<DB>,
-    group: &str,
-    topic: &str,
-    ends: &HashMap<i32, i64>,
-) {
-    wait_caught_up_within(WAIT, pool, group, topic, ends).await;
-}
-
-async fn wait_caught_up_within<DB: TestDb>(
-    timeout: Duration,
-    pool: &Pool<DB>,
-    group: &str,
-    topic: &str,
-    ends: &HashMap<i32, i64>,
-) {
-    wait_until(
-        timeout,
-        "stored offsets to reach the end of the topic",
-        || async {
-            let stored = stored_offsets(pool, group).await;
-            ends.iter()
-                .all(|(p, end)| stored.get(&(topic.to_owned(), *p)) == Some(end))
-        },
-    )
-    .await;
-}
-
-fn ends_of(records: &[(i32, String, String)]) -> HashMap<i32, i64> {
-    let mut ends = HashMap::new();
-    for (p, _, _) in records {
-        *ends.entry(*p).or_insert(0) += 1;
-    }
-    ends
-}
-
 async fn consume_all_once<DB: TestDb>(batch_size: usize) {
     let pool = DB::pool().await;
     let kafka = Kafka::new();
@@ -84,7 +32,7 @@ async fn consume_all_once<DB: TestDb>(batch_size: usize) {
     kafka.produce(&topic, &records);
 
     let counter = Counter::new(&group);
-    let rt = runtime(&kafka, &pool, counter.clone(), &topic)
+    let rt = test_runtime(&kafka, &pool, counter.clone(), &topic)
         .group(&group)
         .batch_size(batch_size)
         .build()
@@ -125,7 +73,7 @@ async fn crash_mid_stream_resumes_from_database_offset_and_ignores_kafka_offsets
 
     // First run: slow handler, dropped without a clean shutdown once some work committed.
     let counter = Counter::new(&group).with_delay(Duration::from_millis(1));
-    let rt = runtime(&kafka, &pool, counter.clone(), &topic)
+    let rt = test_runtime(&kafka, &pool, counter.clone(), &topic)
         .group(&group)
         .batch_size(50)
         .build()
@@ -144,7 +92,7 @@ async fn crash_mid_stream_resumes_from_database_offset_and_ignores_kafka_offsets
     // A bogus offset in Kafka (the end of the topic) must not make the runtime skip anything.
     kafka.commit_kafka_offsets(&group, &topic, 2, *ends.values().max().unwrap());
 
-    let rt = runtime(&kafka, &pool, Counter::new(&group), &topic)
+    let rt = test_runtime(&kafka, &pool, Counter::new(&group), &topic)
         .group(&group)
         .batch_size(50)
         .build()
@@ -172,7 +120,7 @@ async fn second_instance_joins_mid_stream<DB: TestDb>(assignor: Assignor) {
     let a = Counter::new(&group).with_delay(delay);
     let b = Counter::new(&group).with_delay(delay);
     let build = |c: &Counter| {
-        runtime(&kafka, &pool, c.clone(), &topic)
+        test_runtime(&kafka, &pool, c.clone(), &topic)
             .group(&group)
             .batch_size(20)
             .assignor(assignor)
@@ -217,7 +165,7 @@ async fn rewinding_stored_offsets_reapplies_nothing<DB: TestDb>() {
     let ends = ends_of(&records);
 
     let counter = Counter::new(&group);
-    let rt = runtime(&kafka, &pool, counter.clone(), &topic)
+    let rt = test_runtime(&kafka, &pool, counter.clone(), &topic)
         .group(&group)
         .build()
         .unwrap();
@@ -256,7 +204,7 @@ async fn two_groups_each_apply_every_event_once<DB: TestDb>() {
     let mut stops = Vec::new();
     let mut tasks = Vec::new();
     for g in [&g1, &g2] {
-        let rt = runtime(&kafka, &pool, Counter::new(g), &topic)
+        let rt = test_runtime(&kafka, &pool, Counter::new(g), &topic)
             .group(g)
             .build()
             .unwrap();
@@ -285,7 +233,7 @@ async fn many_partitions_commit_without_lock_errors<DB: TestDb>() {
     kafka.create_topic(&topic, 8);
     let (records, ids) = events_with_duplicates(&topic, 1600, 8, 80);
     kafka.produce(&topic, &records);
-    let rt = runtime(&kafka, &pool, Counter::new(&group), &topic)
+    let rt = test_runtime(&kafka, &pool, Counter::new(&group), &topic)
         .group(&group)
         .batch_size(5)
         .concurrency(8)
@@ -470,7 +418,7 @@ async fn duplicate_ids_within_one_batch_run_the_handler_once<DB: TestDb>() {
 async fn unknown_topic_is_a_clear_error<DB: TestDb>() {
     let pool = DB::pool().await;
     let kafka = Kafka::new();
-    let rt = runtime(&kafka, &pool, Counter::new("x"), "no_such_topic")
+    let rt = test_runtime(&kafka, &pool, Counter::new("x"), "no_such_topic")
         .group(rand_name("g"))
         .build()
         .unwrap();
@@ -530,7 +478,7 @@ async fn schema_behind_the_migrations_is_refused<DB: TestDb>() {
     let pool = DB::pool().await;
     let kafka = Kafka::new();
     let schema = rand_name("unmigrated");
-    let rt = runtime(&kafka, &pool, Counter::new("x"), "t")
+    let rt = test_runtime(&kafka, &pool, Counter::new("x"), "t")
         .group(rand_name("g"))
         .schema(&schema)
         .build()
@@ -550,7 +498,7 @@ async fn rejected_record_is_parked_and_the_partition_goes_on<DB: TestDb>() {
     kafka.produce(&topic, &records);
     let mut handler = Counter::new(&group);
     handler.fail_on = Some((format!("{topic}-4"), true));
-    let rt = runtime(&kafka, &pool, handler, &topic)
+    let rt = test_runtime(&kafka, &pool, handler, &topic)
         .group(&group)
         .batch_size(3)
         .build()
@@ -604,7 +552,7 @@ async fn rough_throughput<DB: TestDb>() {
         (Guarantee::EffectivelyOnce, 1),
     ] {
         let group = rand_name("g");
-        let rt = runtime(&kafka, &pool, Counter::new(&group), &topic)
+        let rt = test_runtime(&kafka, &pool, Counter::new(&group), &topic)
             .group(&group)
             .guarantee(guarantee)
             .batch_size(batch_size)
@@ -641,7 +589,7 @@ async fn sigterm_shuts_down_gracefully() {
     kafka.create_topic(&topic, 2);
     let (records, ids) = events_with_duplicates(&topic, 100, 2, 0);
     kafka.produce(&topic, &records);
-    let rt = runtime(&kafka, &pool, Counter::new(&group), &topic)
+    let rt = test_runtime(&kafka, &pool, Counter::new(&group), &topic)
         .group(&group)
         .handle_signals(true)
         .build()
@@ -727,7 +675,7 @@ async fn crash_and_restart<DB: TestDb>(
     let (records, ids) = events_with_duplicates(&topic, CRASH_EVENTS, 1, 0);
     kafka.produce(&topic, &records);
     let build = |handler: Counter| {
-        runtime(&kafka, &pool, handler, &topic)
+        test_runtime(&kafka, &pool, handler, &topic)
             .group(&group)
             .guarantee(guarantee)
             .batch_size(10)

@@ -271,6 +271,66 @@ pub async fn stored_offsets<DB: Backend>(
         .collect()
 }
 
+/// The end offset of each partition after producing `records` to an empty topic.
+pub fn ends_of(records: &[(i32, String, String)]) -> HashMap<i32, i64> {
+    let mut ends = HashMap::new();
+    for (p, _, _) in records {
+        *ends.entry(*p).or_insert(0) += 1;
+    }
+    ends
+}
+
+/// How long a test waits for a consumer to catch up, unless it says otherwise.
+pub const CAUGHT_UP: Duration = Duration::from_secs(60);
+
+/// Waits (up to [`CAUGHT_UP`]) until the stored offsets of `group` reach the end of every
+/// partition.
+pub async fn wait_caught_up<DB: Backend>(
+    pool: &Pool<DB>,
+    group: &str,
+    topic: &str,
+    ends: &HashMap<i32, i64>,
+) {
+    wait_caught_up_within(CAUGHT_UP, pool, group, topic, ends).await;
+}
+
+/// [`wait_caught_up`] with its own deadline.
+pub async fn wait_caught_up_within<DB: Backend>(
+    timeout: Duration,
+    pool: &Pool<DB>,
+    group: &str,
+    topic: &str,
+    ends: &HashMap<i32, i64>,
+) {
+    wait_until(
+        timeout,
+        "stored offsets to reach the end of the topic",
+        || async {
+            let stored = stored_offsets(pool, group).await;
+            ends.iter()
+                .all(|(p, end)| stored.get(&(topic.to_owned(), *p)) == Some(end))
+        },
+    )
+    .await;
+}
+
+/// A runtime for the test handler on `topic` of the mock cluster, with signals left alone and
+/// a short session timeout so that a crashed member's partitions move quickly.
+pub fn test_runtime<DB: TestDb>(
+    kafka: &Kafka,
+    pool: &Pool<DB>,
+    handler: Counter,
+    topic: &str,
+) -> consumer_runtime::RuntimeBuilder<Counter, DB> {
+    consumer_runtime::Runtime::builder(handler)
+        .pool(pool.clone())
+        .brokers(kafka.bootstrap.clone())
+        .topic(topic)
+        .handle_signals(false)
+        .kafka_config("session.timeout.ms", "6000")
+        .kafka_config("heartbeat.interval.ms", "500")
+}
+
 /// Asserts that every expected event id was applied exactly once, and nothing else was.
 pub fn assert_exactly_once(counts: &HashMap<String, i64>, expected: &[String]) {
     let mut missing = Vec::new();
