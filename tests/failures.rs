@@ -939,3 +939,63 @@ suite!(
     a_writer_that_does_not_park_rolls_back_and_parks_nothing,
     a_record_that_cannot_be_parked_stops_the_consumer_before_it,
 );
+
+/// PostgreSQL only: the server restarts while the consumer runs.
+mod database_restart {
+    use super::*;
+    use consumer_runtime::sqlx::Postgres;
+    use support::private_pg::{PrivatePostgres, Stop};
+
+    /// PostgreSQL restarts twice while the consumer runs, once cleanly and once as a crash
+    /// (its processes killed, recovery from the WAL): the batches in flight roll back, the
+    /// consumer waits for the database and goes on, and every event is applied exactly once.
+    /// The server is a private one (own data directory and port, from the installed server
+    /// binaries), so that the restarts disturb no other test.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_restarts_mid_stream_lose_and_duplicate_nothing() {
+        let dir = std::env::temp_dir().join(rand_name("consumer-runtime-test-pg"));
+        let server = Arc::new(PrivatePostgres::start(&dir).expect("start a private PostgreSQL"));
+        let pool: Pool<Postgres> = pg_pool_at(&server.url("postgres")).await;
+        let kafka = Kafka::new();
+        let topic = rand_name("pg-restart");
+        let group = rand_name("g");
+        kafka.create_topic(&topic, 3);
+        let (records, ids) = events_with_duplicates(&topic, 3000, 3, 100);
+        kafka.produce(&topic, &records);
+        let counter = Counter::new(&group).with_delay(Duration::from_millis(1));
+        let rt = runtime(&kafka, &pool, counter.clone(), &topic, &group)
+            .batch_size(50)
+            .build()
+            .unwrap();
+        let stats = rt.stats();
+        let stop = rt.shutdown_handle();
+        let task = tokio::spawn(rt.run());
+
+        for (at_least, how) in [(300, Stop::Fast), (1200, Stop::Immediate)] {
+            wait_until(WAIT, "progress before the restart", || async {
+                counter.applied() >= at_least
+            })
+            .await;
+            let s = server.clone();
+            tokio::task::spawn_blocking(move || s.restart(how))
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("restarting PostgreSQL ({how:?}): {e:#}"));
+            assert!(!task.is_finished(), "the consumer gave up on a restart");
+        }
+        assert!(
+            counter.applied() < 3000,
+            "the restarts must come mid-stream (raise the event count)"
+        );
+
+        wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+        stop.shutdown();
+        task.await.unwrap().expect("clean shutdown");
+        assert!(
+            stats.retries.load(Ordering::Relaxed) >= 1,
+            "a restart mid-stream must have rolled back at least one batch"
+        );
+        assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
+        pool.close().await;
+    }
+}

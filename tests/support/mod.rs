@@ -3,6 +3,8 @@
 //! deadline.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod private_pg;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -200,8 +202,13 @@ pub async fn sqlite_pool() -> Pool<Sqlite> {
 /// A PostgreSQL pool with the runtime's migrations applied, the test effects table and the
 /// crash-point trigger.
 pub async fn pg_pool() -> Pool<Postgres> {
+    pg_pool_at(&database_url()).await
+}
+
+/// [`pg_pool`] on the PostgreSQL server at `url`.
+pub async fn pg_pool_at(url: &str) -> Pool<Postgres> {
     init_tracing();
-    let pool = consumer_runtime::connect::<Postgres>(&database_url(), 10)
+    let pool = consumer_runtime::connect::<Postgres>(url, 10)
         .await
         .expect("PostgreSQL must be running (see README: Running the tests)");
     consumer_runtime::migrate(&pool, SCHEMA)

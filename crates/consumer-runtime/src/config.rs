@@ -188,10 +188,17 @@ impl Default for CircuitBreaker {
     fn default() -> Self {
         CircuitBreaker {
             max_consecutive: Some(100),
-            ratio: Some(ParkedRatio {
-                max_ratio: 0.5,
-                window: 1000,
-            }),
+            ratio: Some(ParkedRatio::default()),
+        }
+    }
+}
+
+impl Default for ParkedRatio {
+    /// More than half of the last 1,000 records.
+    fn default() -> Self {
+        ParkedRatio {
+            max_ratio: 0.5,
+            window: 1000,
         }
     }
 }

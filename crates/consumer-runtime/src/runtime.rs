@@ -19,7 +19,7 @@ use rdkafka::Message;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -856,7 +856,11 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                         continue;
                     }
                     let delay = self.retry.delay(attempt).max(after.unwrap_or_default());
-                    warn!(parent: &span, attempt, ?delay, error = %source, record = ?at.map(|a| a.to_string()), "batch rolled back; retrying");
+                    if infrastructure {
+                        warn!(parent: &span, attempt, ?delay, error = %source, "the database is unreachable or failing; batch rolled back, waiting for the database before retrying");
+                    } else {
+                        warn!(parent: &span, attempt, ?delay, error = %source, record = ?at.map(|a| a.to_string()), "batch rolled back; retrying");
+                    }
                     tokio::select! {
                         biased;
                         _ = stop.wait_for(|s| *s) => return Some(Exit::Stopped),
@@ -895,7 +899,12 @@ impl<H: Handler<DB>, DB: Backend> ClientContext for RuntimeContext<H, DB> {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        warn!(target: "librdkafka", %error, "{reason}");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            // librdkafka keeps reconnecting; records resume where the stored offsets say.
+            warn!(target: "librdkafka", %error, "no Kafka broker is reachable; waiting for the brokers (librdkafka reconnects on its own): {reason}");
+        } else {
+            warn!(target: "librdkafka", %error, "{reason}");
+        }
     }
 }
 
@@ -1050,7 +1059,9 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
                     let m = m.detach();
                     self.route(m);
                 }
-                Some(Err(e)) => warn!(error = %e, "Kafka consumer error"),
+                Some(Err(e)) => {
+                    warn!(error = %e, "Kafka consumer error; librdkafka retries it (waiting for the broker)")
+                }
                 None => {}
             }
         }

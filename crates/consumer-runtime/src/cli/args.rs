@@ -275,6 +275,34 @@ pub(super) struct RunArgs {
     /// `unlimited` retries forever. [default: 10] [config: max_attempts]
     #[arg(long, value_name = "N|unlimited")]
     pub(super) max_attempts: Option<MaxAttempts>,
+
+    /// The delay before a failing batch's first retry; it doubles with each attempt (minus up
+    /// to half of it at random, so that partitions do not retry in lockstep). [default: 100ms]
+    /// [config: retry_delay]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(super) retry_delay: Option<Duration>,
+
+    /// The longest delay between two attempts of a failing batch. [default: 30s] [config:
+    /// retry_max_delay]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(super) retry_max_delay: Option<Duration>,
+
+    /// Circuit breaker: stop the consumer with an error after this many records in a row were
+    /// parked as dead letters (none applied in between); `off` never stops for that.
+    /// [default: 100] [config: breaker_consecutive]
+    #[arg(long, value_name = "N|off")]
+    pub(super) breaker_consecutive: Option<Limit>,
+
+    /// Circuit breaker: stop the consumer with an error when more than this share (0 to 1, or
+    /// a percentage such as 50%) of the last --breaker-window records were parked; `off`
+    /// never stops for that. [default: 0.5] [config: breaker_ratio]
+    #[arg(long, value_name = "RATIO|off")]
+    pub(super) breaker_ratio: Option<Ratio>,
+
+    /// How many of the most recent records --breaker-ratio is taken over (it is checked once
+    /// that many have been seen). [default: 1000] [config: breaker_window]
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub(super) breaker_window: Option<usize>,
 }
 
 /// `offsets`' flags and its `set` subcommand.
@@ -409,6 +437,51 @@ impl FromStr for MaxAttempts {
             Ok(n) if n >= 1 => Ok(MaxAttempts(Some(n))),
             _ => Err(format!(
                 "`{s}` is not a number of attempts; use a number from 1 up, or unlimited"
+            )),
+        }
+    }
+}
+
+/// `--breaker-consecutive`: a count from 1 up, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Limit(pub(super) Option<u64>);
+
+impl FromStr for Limit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(Limit(None));
+        }
+        match s.parse::<u64>() {
+            Ok(n) if n >= 1 => Ok(Limit(Some(n))),
+            _ => Err(format!(
+                "`{s}` is not a number of records; use a number from 1 up, or off"
+            )),
+        }
+    }
+}
+
+/// `--breaker-ratio`: a share strictly between 0 and 1 (`0.5` or `50%`), or `off`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Ratio(pub(super) Option<f64>);
+
+impl FromStr for Ratio {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(Ratio(None));
+        }
+        let value = match s.strip_suffix('%') {
+            Some(percent) => percent.trim().parse::<f64>().map(|p| p / 100.0),
+            None => s.parse::<f64>(),
+        };
+        match value {
+            Ok(r) if r > 0.0 && r < 1.0 => Ok(Ratio(Some(r))),
+            _ => Err(format!(
+                "`{s}` is not a share of parked records; use a number between 0 and 1 \
+                 (exclusive, e.g. 0.5) or a percentage (e.g. 50%), or off"
             )),
         }
     }

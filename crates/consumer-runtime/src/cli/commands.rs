@@ -14,7 +14,7 @@ use super::settings::{
     Action, DeadLetters, PurgeTarget, RedriveTarget, ReplaySettings, RunSettings, Settings,
 };
 use super::{App, CliError};
-use crate::config::RetryPolicy;
+use crate::config::{CircuitBreaker, ParkedRatio, RetryPolicy};
 use crate::dead_letters::{self, DeadLetter, Redriven};
 use crate::error::{Error, redact_url};
 use crate::event_id::EventId;
@@ -178,6 +178,44 @@ fn or_dash(v: Option<i64>) -> String {
 
 /// The event-id strategy: `--event-id` (or the file's `event_id`), else the program's own,
 /// else the `event-id` header.
+/// `run`'s retry policy: the defaults with the given settings on top.
+pub(super) fn retry_policy(run: &RunSettings) -> Result<RetryPolicy, CliError> {
+    let defaults = RetryPolicy::default();
+    let policy = RetryPolicy {
+        initial_delay: run.retry_delay.unwrap_or(defaults.initial_delay),
+        max_delay: run.retry_max_delay.unwrap_or(defaults.max_delay),
+        max_attempts: run.max_attempts.unwrap_or(defaults.max_attempts),
+    };
+    if policy.initial_delay > policy.max_delay {
+        return Err(CliError::Usage(format!(
+            "the retry delay ({:?}) is longer than the longest retry delay ({:?}); lower \
+             --retry-delay or raise --retry-max-delay",
+            policy.initial_delay, policy.max_delay
+        )));
+    }
+    Ok(policy)
+}
+
+/// `run`'s circuit breaker: the defaults with the given settings on top.
+pub(super) fn circuit_breaker(run: &RunSettings) -> CircuitBreaker {
+    let defaults = CircuitBreaker::default();
+    let mut ratio = match run.breaker_ratio {
+        None => defaults.ratio,
+        Some(None) => None,
+        Some(Some(max_ratio)) => Some(ParkedRatio {
+            max_ratio,
+            ..ParkedRatio::default()
+        }),
+    };
+    if let (Some(ratio), Some(window)) = (&mut ratio, run.breaker_window) {
+        ratio.window = window as u64;
+    }
+    CircuitBreaker {
+        max_consecutive: run.breaker_consecutive.unwrap_or(defaults.max_consecutive),
+        ratio,
+    }
+}
+
 fn event_id<E>(chosen: Option<EventIdArg>, program_default: Option<EventId<E>>) -> EventId<E> {
     match chosen {
         Some(EventIdArg::Header(name)) => EventId::header(name),
@@ -214,6 +252,7 @@ async fn run_consumer<H: Handler<DB>, DB: Backend>(
         "{} run: connecting",
         app.name
     );
+    let (retry, breaker) = (retry_policy(&run)?, circuit_breaker(&run));
     let pool = connect::<DB>(url, pool_size).await?;
     let mut builder = Runtime::<H, DB>::builder(app.handler)
         .pool(pool)
@@ -239,12 +278,7 @@ async fn run_consumer<H: Handler<DB>, DB: Backend>(
     if let Some(assignor) = run.assignor {
         builder = builder.assignor(assignor);
     }
-    if let Some(max_attempts) = run.max_attempts {
-        builder = builder.retry_policy(RetryPolicy {
-            max_attempts,
-            ..RetryPolicy::default()
-        });
-    }
+    builder = builder.retry_policy(retry).circuit_breaker(breaker);
     for (k, v) in kafka {
         builder = builder.kafka_config(k, v);
     }

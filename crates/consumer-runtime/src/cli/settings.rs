@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::CliError;
 use super::args::{
-    Cli, Command, DeadLettersCommand, EventIdArg, MaxAttempts, OffsetsAction, parse_duration,
-    parse_kafka_property,
+    Cli, Command, DeadLettersCommand, EventIdArg, Limit, MaxAttempts, OffsetsAction, Ratio,
+    parse_duration, parse_kafka_property,
 };
 use crate::config::{Assignor, Guarantee, OffsetReset};
 use crate::replay::ReplayFrom;
@@ -43,16 +43,33 @@ struct FileConfig {
     event_id: Option<String>,
     offset_reset: Option<String>,
     assignor: Option<String>,
-    max_attempts: Option<FileMaxAttempts>,
+    max_attempts: Option<FileScalar>,
+    retry_delay: Option<String>,
+    retry_max_delay: Option<String>,
+    breaker_consecutive: Option<FileScalar>,
+    breaker_ratio: Option<FileScalar>,
+    breaker_window: Option<usize>,
     kafka: Option<toml::Table>,
 }
 
-/// `max_attempts = 5` or `max_attempts = "unlimited"`.
-#[derive(Debug, Deserialize)]
+/// A key that takes a number or a word: `max_attempts = 5` or `max_attempts = "unlimited"`,
+/// `breaker_ratio = 0.5` or `breaker_ratio = "off"`.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-enum FileMaxAttempts {
-    Number(i64),
+enum FileScalar {
+    Integer(i64),
+    Float(f64),
     Text(String),
+}
+
+impl FileScalar {
+    fn text(&self) -> String {
+        match self {
+            FileScalar::Integer(n) => n.to_string(),
+            FileScalar::Float(x) => x.to_string(),
+            FileScalar::Text(t) => t.clone(),
+        }
+    }
 }
 
 /// The config file's text and the name to show in errors.
@@ -158,6 +175,11 @@ pub(super) struct RunSettings {
     pub(super) offset_reset: Option<OffsetReset>,
     pub(super) assignor: Option<Assignor>,
     pub(super) max_attempts: Option<Option<u32>>,
+    pub(super) retry_delay: Option<Duration>,
+    pub(super) retry_max_delay: Option<Duration>,
+    pub(super) breaker_consecutive: Option<Option<u64>>,
+    pub(super) breaker_ratio: Option<Option<f64>>,
+    pub(super) breaker_window: Option<usize>,
 }
 
 /// `replay`'s settings.
@@ -287,20 +309,6 @@ impl Layers<'_> {
         clean(self.file.topics.clone().unwrap_or_default())
     }
 
-    fn max_attempts(&self, flag: Option<MaxAttempts>) -> Result<Option<Option<u32>>, CliError> {
-        if let Some(MaxAttempts(n)) = flag {
-            return Ok(Some(n));
-        }
-        let parsed = match &self.file.max_attempts {
-            None => return Ok(None),
-            Some(FileMaxAttempts::Text(t)) => t.parse::<MaxAttempts>(),
-            Some(FileMaxAttempts::Number(n)) => n.to_string().parse::<MaxAttempts>(),
-        };
-        parsed
-            .map(|MaxAttempts(n)| Some(n))
-            .map_err(|e| self.bad("max_attempts", &e))
-    }
-
     /// The file's `[kafka]` table, flattened (`[kafka] session.timeout.ms = 6000` and
     /// `"session.timeout.ms" = "6000"` are the same property), then `-X` on top.
     fn kafka(&self, flags: &[String]) -> Result<Vec<(String, String)>, CliError> {
@@ -408,13 +416,15 @@ pub(super) fn resolve(
             if topics.is_empty() {
                 return Err(TOPICS.missing());
             }
-            let batch_wait = match (r.batch_wait, &f.batch_wait) {
-                (Some(w), _) => Some(w),
-                (None, Some(text)) => {
-                    Some(parse_duration(text).map_err(|e| layers.bad("batch_wait", &e))?)
-                }
-                (None, None) => None,
-            };
+            let duration =
+                |key: &str, flag: Option<Duration>, file: &Option<String>| match (flag, file) {
+                    (Some(w), _) => Ok(Some(w)),
+                    (None, Some(text)) => parse_duration(text)
+                        .map(Some)
+                        .map_err(|e| layers.bad(key, &e)),
+                    (None, None) => Ok(None),
+                };
+            let scalar = |v: &Option<FileScalar>| v.as_ref().map(FileScalar::text);
             let positive = |key: &str, v: Option<usize>| match v {
                 Some(0) => Err(layers.bad(key, "must be at least 1")),
                 other => Ok(other),
@@ -424,7 +434,7 @@ pub(super) fn resolve(
                 group: group(r.group)?,
                 topics,
                 batch_size: r.batch_size.or(positive("batch_size", f.batch_size)?),
-                batch_wait,
+                batch_wait: duration("batch_wait", r.batch_wait, &f.batch_wait)?,
                 concurrency: r.concurrency.or(positive("concurrency", f.concurrency)?),
                 guarantee: layers.parsed(r.guarantee, "guarantee", f.guarantee.clone())?,
                 event_id: event_id(r.event_id)?,
@@ -434,7 +444,28 @@ pub(super) fn resolve(
                     f.offset_reset.clone(),
                 )?,
                 assignor: layers.parsed(r.assignor, "assignor", f.assignor.clone())?,
-                max_attempts: layers.max_attempts(r.max_attempts)?,
+                max_attempts: layers
+                    .parsed(r.max_attempts, "max_attempts", scalar(&f.max_attempts))?
+                    .map(|MaxAttempts(n)| n),
+                retry_delay: duration("retry_delay", r.retry_delay, &f.retry_delay)?,
+                retry_max_delay: duration(
+                    "retry_max_delay",
+                    r.retry_max_delay,
+                    &f.retry_max_delay,
+                )?,
+                breaker_consecutive: layers
+                    .parsed(
+                        r.breaker_consecutive,
+                        "breaker_consecutive",
+                        scalar(&f.breaker_consecutive),
+                    )?
+                    .map(|Limit(n)| n),
+                breaker_ratio: layers
+                    .parsed(r.breaker_ratio, "breaker_ratio", scalar(&f.breaker_ratio))?
+                    .map(|Ratio(r)| r),
+                breaker_window: r
+                    .breaker_window
+                    .or(positive("breaker_window", f.breaker_window)?),
             })
         }
         Command::Offsets(o) => match o.action {

@@ -160,6 +160,105 @@ fn flags_win_over_environment_which_wins_over_the_file() {
 }
 
 #[test]
+fn retry_and_circuit_breaker_settings_layer_and_build_the_policies() {
+    use super::commands::{circuit_breaker, retry_policy};
+    use crate::config::{CircuitBreaker, ParkedRatio, RetryPolicy};
+    let base = [
+        "run",
+        "--database-url",
+        "sqlite://x.db",
+        "-b",
+        "k:9092",
+        "-g",
+        "g",
+        "-t",
+        "t",
+    ];
+    let with = |extra: &[&str], file: Option<&str>| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        resolve_with(&args, &[], file).map(run_settings)
+    };
+
+    // Nothing set: the library's defaults.
+    let r = with(&[], None).unwrap();
+    assert_eq!(retry_policy(&r).unwrap(), RetryPolicy::default());
+    assert_eq!(circuit_breaker(&r), CircuitBreaker::default());
+
+    // The file sets them; a flag wins over its key.
+    let file = r#"
+        retry_delay = "1s"
+        retry_max_delay = "1m"
+        max_attempts = 4
+        breaker_consecutive = "off"
+        breaker_ratio = 0.25
+        breaker_window = 200
+    "#;
+    let r = with(&["--breaker-ratio", "90%"], Some(file)).unwrap();
+    assert_eq!(
+        retry_policy(&r).unwrap(),
+        RetryPolicy {
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+            max_attempts: Some(4),
+        }
+    );
+    assert_eq!(
+        circuit_breaker(&r),
+        CircuitBreaker {
+            max_consecutive: None,
+            ratio: Some(ParkedRatio {
+                max_ratio: 0.9,
+                window: 200
+            }),
+        }
+    );
+    let r = with(
+        &["--breaker-consecutive", "7", "--breaker-ratio", "off"],
+        Some(file),
+    )
+    .unwrap();
+    assert_eq!(
+        circuit_breaker(&r),
+        CircuitBreaker {
+            max_consecutive: Some(7),
+            ratio: None
+        }
+    );
+    let r = with(
+        &["--breaker-ratio", "off", "--breaker-consecutive", "off"],
+        None,
+    )
+    .unwrap();
+    assert_eq!(circuit_breaker(&r), CircuitBreaker::disabled());
+
+    // Bad values name the problem and the fix.
+    let flag_err = |extra: &[&str]| {
+        let args = std::iter::once("orders")
+            .chain(base)
+            .chain(extra.iter().copied());
+        Cli::try_parse_from(args).unwrap_err().to_string()
+    };
+    let e = flag_err(&["--breaker-ratio", "1.5"]);
+    assert!(
+        e.contains("`1.5` is not a share") && e.contains("e.g. 50%"),
+        "{e}"
+    );
+    let e = flag_err(&["--breaker-consecutive", "0"]);
+    assert!(e.contains("from 1 up, or off"), "{e}");
+    let err = |extra: &[&str], file: Option<&str>| match with(extra, file) {
+        Ok(r) => retry_policy(&r).unwrap_err().to_string(),
+        Err(e) => e.to_string(),
+    };
+    let e = err(&[], Some("breaker_ratio = \"most\""));
+    assert!(e.contains("`breaker_ratio`") && e.contains("`most`"), "{e}");
+    let e = err(&["--retry-delay", "1m"], None);
+    assert!(
+        e.contains("lower --retry-delay or raise --retry-max-delay"),
+        "{e}"
+    );
+}
+
+#[test]
 fn an_empty_environment_variable_counts_as_unset() {
     let s = resolve_with(&["migrate"], &[("DATABASE_URL", "")], Some(FILE)).unwrap();
     assert_eq!(s.database_url, "postgres://file@db/app");
