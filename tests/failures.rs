@@ -601,6 +601,78 @@ async fn a_record_that_never_stops_failing_is_parked_after_max_attempts<DB: Test
     assert!(!in_ledger(&pool, &group, &bad).await);
 }
 
+/// A record retried for longer than `max.poll.interval.ms` (and the session timeout) does not
+/// cost the consumer its group membership: the poll loop keeps polling while the partition's
+/// worker backs off, that partition waits (order is kept), the other goes on, and nothing is
+/// reassigned or fenced.
+async fn retrying_longer_than_max_poll_interval_keeps_the_partitions<DB: TestDb>() {
+    let pool = DB::pool().await;
+    let kafka = Kafka::new();
+    let topic = rand_name("long-retry");
+    let group = rand_name("g");
+    kafka.create_topic(&topic, 2);
+    let (records, all) = events_with_duplicates(&topic, 40, 2, 0);
+    kafka.produce(&topic, &records);
+    let bad = format!("{topic}-4"); // partition 0, offset 2
+    let mut handler = Counter::new(&group);
+    handler.fail_on = Some((bad.clone(), false));
+    let attempts = 16;
+    let rt = runtime(&kafka, &pool, handler, &topic, &group)
+        .kafka_config("max.poll.interval.ms", "6000")
+        .batch_size(5)
+        .retry_policy(RetryPolicy {
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(1),
+            max_attempts: Some(attempts),
+        })
+        .build()
+        .unwrap();
+    let stats = rt.stats();
+    let stop = rt.shutdown_handle();
+    let started = std::time::Instant::now();
+    let task = tokio::spawn(rt.run());
+
+    // While partition 0 retries, partition 1 is consumed to its end.
+    let ends = ends_of(&records);
+    wait_until(WAIT, "partition 1 to be caught up", || async {
+        stored_offsets(&pool, &group).await.get(&(topic.clone(), 1)) == ends.get(&1)
+    })
+    .await;
+    assert!(
+        parked(&pool, &group).await.is_empty(),
+        "the failing record was parked before partition 1 finished"
+    );
+    assert!(
+        stored_offsets(&pool, &group)
+            .await
+            .get(&(topic.clone(), 0))
+            .is_none_or(|next| *next <= 2),
+        "partition 0 went past its failing record"
+    );
+
+    wait_caught_up(&pool, &group, &topic, &ends).await;
+    // 15 back-offs of 0.5–1 s each: well past the 6 s poll interval and session timeout.
+    assert!(started.elapsed() > Duration::from_secs(7));
+    assert!(!task.is_finished(), "the consumer stopped");
+    stop.shutdown();
+    task.await.unwrap().expect("clean shutdown");
+
+    assert_eq!(
+        stats.assignments.load(Ordering::SeqCst),
+        2,
+        "a partition was revoked and assigned again: the group membership was lost"
+    );
+    assert_eq!(stats.fenced.load(Ordering::SeqCst), 0);
+    let letters = parked(&pool, &group).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(
+        (letters[0].offset, letters[0].kind, letters[0].attempts),
+        (2, FailureKind::RetriesExhausted, attempts)
+    );
+    let expected: Vec<String> = all.into_iter().filter(|i| *i != bad).collect();
+    assert_exactly_once(&effect_counts(&pool, &group).await, &expected);
+}
+
 // ---- (e) redrive -----------------------------------------------------------------------------
 
 async fn redrive_applies_the_effect_exactly_once_even_concurrently<DB: TestDb>() {
@@ -931,6 +1003,7 @@ suite!(
     undecodable_and_id_less_records_are_parked_without_running_the_handler,
     a_panicking_handler_parks_its_record_and_the_consumer_keeps_running,
     a_record_that_never_stops_failing_is_parked_after_max_attempts,
+    retrying_longer_than_max_poll_interval_keeps_the_partitions,
     redrive_applies_the_effect_exactly_once_even_concurrently,
     redrive_of_an_event_already_applied_is_a_no_op,
     purge_and_delete_remove_dead_letters,
