@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::CliError;
 use super::args::{
-    Cli, Command, DeadLettersCommand, EventIdArg, MaxAttempts, OffsetsAction, parse_duration,
-    parse_kafka_property,
+    Cli, Command, DeadLettersCommand, EventIdArg, LogFormat, MaxAttempts, MetricsAddr,
+    OffsetsAction, parse_duration, parse_kafka_property,
 };
 use crate::config::{Assignor, Guarantee, OffsetReset};
 use crate::replay::ReplayFrom;
@@ -25,6 +25,9 @@ pub(super) const ENV_SCHEMA: &str = "CONSUMER_RUNTIME_SCHEMA";
 pub(super) const ENV_CONFIG: &str = "CONSUMER_CONFIG";
 pub(super) const ENV_GROUP: &str = "CONSUMER_GROUP";
 pub(super) const ENV_TOPICS: &str = "KAFKA_TOPICS";
+pub(super) const ENV_LOG_FORMAT: &str = "CONSUMER_LOG_FORMAT";
+pub(super) const ENV_METRICS_ADDR: &str = "CONSUMER_METRICS_ADDR";
+pub(super) const ENV_METRICS_INTERVAL: &str = "CONSUMER_METRICS_INTERVAL";
 
 /// The config file: every key is optional; an unknown key is an error that names it.
 #[derive(Debug, Default, Deserialize)]
@@ -34,6 +37,7 @@ struct FileConfig {
     brokers: Option<String>,
     schema: Option<String>,
     log_level: Option<String>,
+    log_format: Option<String>,
     group: Option<String>,
     topics: Option<Vec<String>>,
     batch_size: Option<usize>,
@@ -44,6 +48,8 @@ struct FileConfig {
     offset_reset: Option<String>,
     assignor: Option<String>,
     max_attempts: Option<FileMaxAttempts>,
+    metrics_addr: Option<String>,
+    metrics_interval: Option<String>,
     kafka: Option<toml::Table>,
 }
 
@@ -71,6 +77,7 @@ pub(super) struct Settings {
     pub(super) schema: String,
     pub(super) kafka: Vec<(String, String)>,
     pub(super) log_level: String,
+    pub(super) log_format: LogFormat,
     pub(super) action: Action,
 }
 
@@ -158,6 +165,10 @@ pub(super) struct RunSettings {
     pub(super) offset_reset: Option<OffsetReset>,
     pub(super) assignor: Option<Assignor>,
     pub(super) max_attempts: Option<Option<u32>>,
+    /// `--metrics-addr`: serve Prometheus metrics there.
+    pub(super) metrics_addr: Option<MetricsAddr>,
+    /// `--metrics-interval`.
+    pub(super) metrics_interval: Option<Duration>,
 }
 
 /// `replay`'s settings.
@@ -263,6 +274,52 @@ impl Layers<'_> {
                 .map_err(|e: String| self.bad(key, &e)),
             (None, None) => Ok(None),
         }
+    }
+
+    /// flag > env > file, for a value the environment and the file give as text.
+    fn layered<T: FromStr<Err = String>>(
+        &self,
+        flag: Option<T>,
+        env: &str,
+        key: &str,
+        file: Option<String>,
+    ) -> Result<Option<T>, CliError> {
+        if flag.is_some() {
+            return Ok(flag);
+        }
+        if let Some(text) = self.env(env) {
+            return text
+                .parse::<T>()
+                .map(Some)
+                .map_err(|e| CliError::Usage(format!("{env}: {e}")));
+        }
+        self.parsed(None, key, file)
+    }
+
+    /// `--metrics-interval` > CONSUMER_METRICS_INTERVAL > `metrics_interval`; never zero.
+    fn metrics_interval(&self, flag: Option<Duration>) -> Result<Option<Duration>, CliError> {
+        let (interval, bad) = match (flag, self.env(ENV_METRICS_INTERVAL)) {
+            (Some(d), _) => (
+                d,
+                CliError::Usage("--metrics-interval must be longer than 0".into()),
+            ),
+            (None, Some(text)) => (
+                parse_duration(&text)
+                    .map_err(|e| CliError::Usage(format!("{ENV_METRICS_INTERVAL}: {e}")))?,
+                CliError::Usage(format!("{ENV_METRICS_INTERVAL} must be longer than 0")),
+            ),
+            (None, None) => match &self.file.metrics_interval {
+                Some(text) => (
+                    parse_duration(text).map_err(|e| self.bad("metrics_interval", &e))?,
+                    self.bad("metrics_interval", "must be longer than 0"),
+                ),
+                None => return Ok(None),
+            },
+        };
+        if interval.is_zero() {
+            return Err(bad);
+        }
+        Ok(Some(interval))
     }
 
     fn bad(&self, key: &str, why: &str) -> CliError {
@@ -396,6 +453,14 @@ pub(super) fn resolve(
         .log_level
         .or_else(|| f.log_level.clone())
         .unwrap_or_else(|| "info".to_owned());
+    let log_format = layers
+        .layered(
+            g.log_format,
+            ENV_LOG_FORMAT,
+            "log_format",
+            f.log_format.clone(),
+        )?
+        .unwrap_or_default();
     let kafka = layers.kafka(&g.kafka)?;
     let brokers = || layers.required(&BROKERS, g.brokers.clone(), f.brokers.clone());
     let group = |flag: Option<String>| layers.required(&GROUP, flag, f.group.clone());
@@ -435,6 +500,13 @@ pub(super) fn resolve(
                 )?,
                 assignor: layers.parsed(r.assignor, "assignor", f.assignor.clone())?,
                 max_attempts: layers.max_attempts(r.max_attempts)?,
+                metrics_addr: layers.layered(
+                    r.metrics_addr,
+                    ENV_METRICS_ADDR,
+                    "metrics_addr",
+                    f.metrics_addr.clone(),
+                )?,
+                metrics_interval: layers.metrics_interval(r.metrics_interval)?,
             })
         }
         Command::Offsets(o) => match o.action {
@@ -533,6 +605,7 @@ pub(super) fn resolve(
         schema,
         kafka,
         log_level,
+        log_format,
         action,
     })
 }
