@@ -298,26 +298,23 @@ impl Layers<'_> {
 
     /// `--metrics-interval` > CONSUMER_METRICS_INTERVAL > `metrics_interval`; never zero.
     fn metrics_interval(&self, flag: Option<Duration>) -> Result<Option<Duration>, CliError> {
-        let (interval, bad) = match (flag, self.env(ENV_METRICS_INTERVAL)) {
-            (Some(d), _) => (
-                d,
-                CliError::Usage("--metrics-interval must be longer than 0".into()),
-            ),
+        let (interval, source) = match (flag, self.env(ENV_METRICS_INTERVAL)) {
+            (Some(d), _) => (d, "--metrics-interval".to_owned()),
             (None, Some(text)) => (
                 parse_duration(&text)
                     .map_err(|e| CliError::Usage(format!("{ENV_METRICS_INTERVAL}: {e}")))?,
-                CliError::Usage(format!("{ENV_METRICS_INTERVAL} must be longer than 0")),
+                ENV_METRICS_INTERVAL.to_owned(),
             ),
             (None, None) => match &self.file.metrics_interval {
                 Some(text) => (
                     parse_duration(text).map_err(|e| self.bad("metrics_interval", &e))?,
-                    self.bad("metrics_interval", "must be longer than 0"),
+                    format!("config file `{}`: `metrics_interval`", self.file_name),
                 ),
                 None => return Ok(None),
             },
         };
         if interval.is_zero() {
-            return Err(bad);
+            return Err(CliError::Usage(format!("{source} must be longer than 0")));
         }
         Ok(Some(interval))
     }
