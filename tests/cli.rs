@@ -1011,11 +1011,15 @@ async fn metrics_over_http_match_the_database_once_caught_up() {
         .unwrap();
     let group = s.group.as_str();
     let g = ("group", group);
-    // The gauges refresh every 200 ms: wait until they show the caught-up state.
+    // The gauges refresh every 200 ms, and a batch's counters move just after its commit:
+    // wait until the scrape shows the caught-up state.
     let mut text = String::new();
-    wait_until(WAIT, "the gauges to show the caught-up state", || {
+    wait_until(WAIT, "the metrics to show the caught-up state", || {
         text = scrape(&addr);
+        let outcome = |o: &str| sample(&text, "consumer_records_total", &[g, ("outcome", o)]);
         let settled = sample(&text, "consumer_ledger_rows", &[g]) == Some(ledger as f64)
+            && outcome("processed") == Some(ledger as f64)
+            && outcome("parked") == Some(dead as f64)
             && (0..3).all(|p| {
                 sample(&text, "consumer_lag", &[g, ("partition", &p.to_string())]) == Some(0.0)
             });
