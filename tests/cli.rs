@@ -171,6 +171,9 @@ fn orders<S: AsRef<str>>(args: &[S]) -> Command {
         .env_remove("KAFKA_TOPICS")
         .env_remove("CONSUMER_RUNTIME_SCHEMA")
         .env_remove("CONSUMER_CONFIG")
+        .env_remove("CONSUMER_LOG_FORMAT")
+        .env_remove("CONSUMER_METRICS_ADDR")
+        .env_remove("CONSUMER_METRICS_INTERVAL")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null());
     cmd
@@ -901,6 +904,186 @@ async fn bad_input_fails_with_one_line_that_names_the_problem() {
             .await
             .unwrap();
     assert!(!exists, "`run` created the schema it refused");
+    s.drop_schema().await;
+}
+
+/// One scrape of `http://<addr>/metrics`: the body of a `200 OK`.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(conn, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response: {response:?}"));
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The sum of the samples of metric `name` whose labels include every one of `labels`
+/// (`None`: no such series).
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').expect("`series value`");
+        let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+        if metric != name {
+            continue;
+        }
+        let have: Vec<(&str, &str)> = rest
+            .trim_end_matches('}')
+            .split("\",")
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once("=\"").expect("k=\"v\"");
+                (k, v.trim_end_matches('"'))
+            })
+            .collect();
+        if labels.iter().all(|l| have.contains(l)) {
+            *found.get_or_insert(0.0) += value.parse::<f64>().expect("a number");
+        }
+    }
+    found
+}
+
+/// `run --metrics-addr 127.0.0.1:0 --log-format json` logs (as JSON) where it serves its
+/// metrics; once it caught up, a scrape over HTTP says what the database says: records
+/// processed = ledger rows, producer duplicates, parked = dead letters, lag 0 = high watermark
+/// − stored offset on every partition, the ledger size, and a rebalance.
+#[tokio::test]
+async fn metrics_over_http_match_the_database_once_caught_up() {
+    let s = Setup::new(3).await;
+    let (mut records, ids) = order_events(&s.topic, 20, 3, 6);
+    // A poison record: version 0, which the handler rejects (it is parked).
+    let bad_order = format!("{}-bad", s.topic);
+    records.push((
+        1,
+        format!("{bad_order}-v0"),
+        format!(r#"{{"type":"placed","order_id":"{bad_order}","version":0}}"#),
+    ));
+    s.kafka.produce(&s.topic, &records);
+    let mut flags = vec![
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--metrics-interval",
+        "200ms",
+        "--log-format",
+        "json",
+    ];
+    flags.extend(QUICK_SESSION);
+    let mut run = s.run("run", &flags);
+
+    // Every log line is a JSON object; one names the bound address.
+    let mut addr = None;
+    wait_until(WAIT, "the metrics address in the log", || {
+        let stderr = run.stderr();
+        addr = stderr.lines().find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+            v["fields"]["addr"].as_str().map(str::to_owned)
+        });
+        let found = addr.is_some();
+        async move { found }
+    })
+    .await;
+    let addr = addr.unwrap();
+
+    let ends = ends_of(&records);
+    s.wait_caught_up(&ends).await;
+    let q = |sql: &str| {
+        sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.replace("{s}", &s.schema)))
+            .bind(s.group.clone())
+    };
+    let ledger = q("SELECT count(*) FROM {s}.processed WHERE consumer_group = $1")
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    let dead = q("SELECT count(*) FROM {s}.dead_letters WHERE consumer_group = $1")
+        .fetch_one(&s.pool)
+        .await
+        .unwrap();
+    let group = s.group.as_str();
+    let g = ("group", group);
+    // The gauges refresh every 200 ms, and a batch's counters move just after its commit:
+    // wait until the scrape shows the caught-up state.
+    let mut text = String::new();
+    wait_until(WAIT, "the metrics to show the caught-up state", || {
+        text = scrape(&addr);
+        let outcome = |o: &str| sample(&text, "consumer_records_total", &[g, ("outcome", o)]);
+        let settled = sample(&text, "consumer_ledger_rows", &[g]) == Some(ledger as f64)
+            && outcome("processed") == Some(ledger as f64)
+            && outcome("parked") == Some(dead as f64)
+            && (0..3).all(|p| {
+                sample(&text, "consumer_lag", &[g, ("partition", &p.to_string())]) == Some(0.0)
+            });
+        async move { settled }
+    })
+    .await;
+    eprintln!("scrape:\n{text}");
+
+    let records_of = |outcome: &str| {
+        sample(&text, "consumer_records_total", &[g, ("outcome", outcome)]).unwrap_or(0.0)
+    };
+    assert_eq!(ledger, ids.len() as i64, "ledger rows");
+    assert_eq!(records_of("processed"), ledger as f64, "{text}");
+    assert_eq!(records_of("duplicate"), 6.0, "{text}");
+    assert_eq!(dead, 1);
+    assert_eq!(records_of("parked"), dead as f64, "{text}");
+    assert_eq!(records_of("retried"), 0.0, "{text}");
+    assert_eq!(records_of("lost"), 0.0, "{text}");
+    let positions = s.positions().await;
+    for (p, end) in &ends {
+        let lag = sample(&text, "consumer_lag", &[g, ("partition", &p.to_string())]);
+        assert_eq!(
+            lag,
+            Some((end - positions[p]) as f64),
+            "partition {p}: {text}"
+        );
+    }
+    assert_eq!(
+        sample(&text, "consumer_ledger_rows", &[g]),
+        Some(ledger as f64)
+    );
+    assert!(
+        sample(
+            &text,
+            "consumer_rebalances_total",
+            &[g, ("event", "assigned")]
+        ) >= Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "consumer_fenced_commits_total", &[g]),
+        Some(0.0),
+        "{text}"
+    );
+    // Every record went through exactly one committed batch.
+    let total = records.len() as f64;
+    assert_eq!(sample(&text, "consumer_batch_size_sum", &[g]), Some(total));
+    let batches = sample(&text, "consumer_batch_size_count", &[g]).unwrap();
+    assert!(batches >= 1.0, "{text}");
+    for name in [
+        "consumer_batch_duration_seconds_count",
+        "consumer_commit_duration_seconds_count",
+    ] {
+        assert_eq!(sample(&text, name, &[g]), Some(batches), "{name}: {text}");
+    }
+    assert!(
+        text.contains("# TYPE consumer_batch_duration_seconds histogram"),
+        "{text}"
+    );
+
+    run.terminate();
+    run.wait(WAIT)
+        .assert_success("orders run stopped by SIGTERM");
+    assert_exactly_once(&s.applied().await, &ids);
     s.drop_schema().await;
 }
 

@@ -54,6 +54,7 @@ pub mod handler;
 pub mod replay;
 pub mod runtime;
 pub mod store;
+pub mod telemetry;
 pub mod unit;
 mod util;
 

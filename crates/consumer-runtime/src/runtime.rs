@@ -33,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::event_id::EventId;
 use crate::handler::Handler;
 use crate::store::{Backend, Claim, PartitionKey, check_schema};
+use crate::telemetry::{self, KafkaStats, PartitionMetrics};
 use crate::unit::{BatchError, BatchOutcome, PartitionWriter, WriterConfig};
 
 /// Counters of what the runtime has done since it started.
@@ -94,6 +95,7 @@ pub struct RuntimeBuilder<H: Handler<DB>, DB: Backend> {
     handle_signals: bool,
     startup_timeout: Duration,
     epoch_check: Duration,
+    metrics_refresh: Option<Duration>,
 }
 
 impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
@@ -199,6 +201,17 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
         self
     }
 
+    /// Keeps the gauges that cost something current, every `every`: each assigned partition's
+    /// lag (from librdkafka's statistics, `statistics.interval.ms`, unless a
+    /// [`kafka_config`](Self::kafka_config) sets it) and the ledger size (a `count(*)` of the
+    /// group's ledger rows, never more often than 100 times the last count took). Default:
+    /// off. Counters and histograms are always recorded (see [`crate::telemetry`]); without a
+    /// `metrics` recorder installed they cost next to nothing.
+    pub fn metrics_refresh(mut self, every: Duration) -> Self {
+        self.metrics_refresh = Some(every);
+        self
+    }
+
     /// Checks the configuration and builds the runtime.
     pub fn build(self) -> Result<Runtime<H, DB>> {
         let missing = |what: &str, how: &str| Error::Config(format!("no {what} given; {how}"));
@@ -250,6 +263,7 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
             handle_signals: self.handle_signals,
             startup_timeout: self.startup_timeout,
             epoch_check: self.epoch_check,
+            metrics_refresh: self.metrics_refresh,
             shutdown: Arc::new(shutdown_tx),
             stats: Arc::new(Stats::default()),
         })
@@ -274,6 +288,7 @@ pub struct Runtime<H: Handler<DB>, DB: Backend> {
     handle_signals: bool,
     startup_timeout: Duration,
     epoch_check: Duration,
+    metrics_refresh: Option<Duration>,
     shutdown: Arc<watch::Sender<bool>>,
     stats: Arc<Stats>,
 }
@@ -301,6 +316,7 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             handle_signals: true,
             startup_timeout: Duration::from_secs(10),
             epoch_check: Duration::from_secs(1),
+            metrics_refresh: None,
         }
     }
 
@@ -327,6 +343,13 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
                     OffsetReset::Latest => "latest",
                 },
             );
+        if let Some(every) = self.metrics_refresh {
+            // The lag gauges read the high watermarks from librdkafka's statistics.
+            c.set(
+                "statistics.interval.ms",
+                every.as_millis().clamp(1, i32::MAX as u128).to_string(),
+            );
+        }
         for (k, v) in &self.kafka {
             c.set(k, v);
         }
@@ -361,6 +384,7 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             "starting consumer"
         );
 
+        telemetry::describe();
         let (control_tx, control_rx) = std_mpsc::channel();
         let core = Arc::new(Core {
             writer: self.writer.clone(),
@@ -417,6 +441,9 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             })
             .map_err(|e| Error::Internal(format!("cannot start the poll thread: {e}")))?;
         let guard = AbortOnDrop(Some(abort));
+        let _ledger = self.metrics_refresh.map(|every| {
+            AbortTaskOnDrop(tokio::spawn(count_ledger(core_for_watch.clone(), every)))
+        });
         let watcher = tokio::spawn(watch_epochs(core_for_watch, self.epoch_check));
         let _watcher = AbortTaskOnDrop(watcher);
 
@@ -499,6 +526,20 @@ async fn watch_epochs<H: Handler<DB>, DB: Backend>(core: Arc<Core<H, DB>>, every
     }
 }
 
+/// Keeps the ledger size gauge current: a count every `every`, but never more often than 100
+/// times the last count took (at most 1% of one connection, however large the ledger).
+async fn count_ledger<H: Handler<DB>, DB: Backend>(core: Arc<Core<H, DB>>, every: Duration) {
+    loop {
+        let started = Instant::now();
+        match DB::ledger_size(&core.writer.pool, &core.writer.queries, &core.group).await {
+            Ok(rows) => telemetry::ledger_rows(&core.group, rows),
+            Err(e) => debug!(error = %e, "counting the ledger rows failed"),
+        }
+        let took = started.elapsed();
+        tokio::time::sleep(every.max(took.saturating_mul(100))).await;
+    }
+}
+
 struct AbortTaskOnDrop(JoinHandle<()>);
 
 impl Drop for AbortTaskOnDrop {
@@ -553,6 +594,7 @@ struct Active {
     task: JoinHandle<()>,
     pending: VecDeque<OwnedMessage>,
     paused: bool,
+    metrics: Arc<PartitionMetrics>,
 }
 
 enum Slot {
@@ -669,11 +711,18 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             next_offset = ?claim.next_offset,
             "partition claimed"
         );
+        let metrics = Arc::new(PartitionMetrics::new(
+            &self.group,
+            topic,
+            partition,
+            claim.next_offset,
+        ));
         let writer = PartitionWriter::new(self.writer.clone(), key, claim).park_failures(true);
         let core = self.clone();
+        let worker_metrics = metrics.clone();
         let task = self.handle.spawn(async move {
             let key = writer.key().clone();
-            let exit = core.work(writer, receiver, stop_rx).await;
+            let exit = core.work(writer, receiver, stop_rx, &worker_metrics).await;
             let control = match exit {
                 Exit::Stopped => return,
                 Exit::Fenced => Control::Fenced { key, generation },
@@ -693,6 +742,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             task,
             pending: VecDeque::new(),
             paused: false,
+            metrics,
         }
     }
 
@@ -702,6 +752,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
         mut writer: PartitionWriter<H, DB>,
         mut rx: mpsc::Receiver<OwnedMessage>,
         mut stop: watch::Receiver<bool>,
+        metrics: &PartitionMetrics,
     ) -> Exit {
         let mut batch = Vec::with_capacity(self.batch_size);
         loop {
@@ -733,7 +784,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                     },
                 }
             }
-            if let Some(exit) = self.commit(&mut writer, &batch, &mut stop).await {
+            if let Some(exit) = self.commit(&mut writer, &batch, &mut stop, metrics).await {
                 return exit;
             }
             batch.clear();
@@ -780,6 +831,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
         writer: &mut PartitionWriter<H, DB>,
         batch: &[OwnedMessage],
         stop: &mut watch::Receiver<bool>,
+        metrics: &PartitionMetrics,
     ) -> Option<Exit> {
         let key = writer.key().clone();
         let span = tracing::debug_span!(
@@ -791,6 +843,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             size = batch.len(),
         );
         let mut attempt = 0u32;
+        let started = Instant::now();
         loop {
             let permit = tokio::select! {
                 biased;
@@ -813,12 +866,21 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                     bump(&self.stats.lost, lost);
                     bump(&self.stats.parked, writer.parked().len());
                     bump(&self.stats.batches, 1);
+                    metrics.processed.increment(applied as u64);
+                    metrics.duplicate.increment(duplicates as u64);
+                    metrics.lost.increment(lost as u64);
+                    metrics.parked.increment(writer.parked().len() as u64);
+                    metrics.batch_size.record(batch.len() as f64);
+                    metrics.batch_duration.record(started.elapsed());
+                    metrics.commit_duration.record(writer.commit_duration());
+                    metrics.set_stored(next_offset);
                     debug!(parent: &span, applied, duplicates, parked = writer.parked().len(), next_offset, "batch committed");
                     return self.check_breaker(writer, batch).map(Exit::Failed);
                 }
                 Ok(BatchOutcome::Empty) => return None,
                 Ok(BatchOutcome::Fenced) => {
                     bump(&self.stats.fenced, 1);
+                    metrics.fenced.increment(1);
                     warn!(parent: &span, epoch = writer.epoch(), "commit fenced: the partition's epoch or offset changed (rebalance or replay); reloading");
                     return Some(Exit::Fenced);
                 }
@@ -838,6 +900,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                 }) => {
                     attempt += 1;
                     bump(&self.stats.retries, 1);
+                    metrics.retried.increment(batch.len() as u64);
                     if let (Some(at), false, Some(max)) =
                         (&at, infrastructure, self.retry.max_attempts)
                         && attempt >= max
@@ -906,6 +969,29 @@ impl<H: Handler<DB>, DB: Backend> ClientContext for RuntimeContext<H, DB> {
             warn!(target: "librdkafka", %error, "{reason}");
         }
     }
+
+    /// librdkafka's statistics (only with `metrics_refresh`): the assigned partitions' high
+    /// watermarks, for their lag gauges.
+    fn stats_raw(&self, statistics: &[u8]) {
+        let stats: KafkaStats = match serde_json::from_slice(statistics) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "unreadable librdkafka statistics");
+                return;
+            }
+        };
+        let slots = self.core.slots.lock().expect("slots lock");
+        for ((topic, partition), slot) in slots.iter() {
+            let Slot::Active(a) = slot else { continue };
+            if let Some(p) = stats
+                .topics
+                .get(topic)
+                .and_then(|t| t.partitions.get(&partition.to_string()))
+            {
+                a.metrics.set_high_watermark(p.hi_offset);
+            }
+        }
+    }
 }
 
 impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
@@ -928,6 +1014,7 @@ impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 info!(partitions = ?parts, cooperative, "partitions assigned");
+                telemetry::rebalance(&core.group, "assigned");
                 let claims = if parts.is_empty() {
                     Some(Vec::new())
                 } else {
@@ -969,6 +1056,7 @@ impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let lost = consumer.assignment_lost();
                 info!(partitions = ?parts, lost, "partitions revoked; finishing their in-flight batches");
+                telemetry::rebalance(&core.group, "revoked");
                 stop_workers(core, Some(&parts));
                 let result = if cooperative {
                     consumer.incremental_unassign(tpl)
@@ -981,6 +1069,7 @@ impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
             }
             other => {
                 error!(error = ?other, "rebalance failed; dropping the assignment");
+                telemetry::rebalance(&core.group, "failed");
                 stop_workers(core, None);
                 if let Err(e) = consumer.unassign() {
                     error!(%e, "unassigning partitions failed");
@@ -1000,22 +1089,28 @@ fn stop_workers<H: Handler<DB>, DB: Backend>(core: &Core<H, DB>, parts: Option<&
             None => slots.drain().map(|(_, s)| s).collect(),
         }
     };
-    let tasks: Vec<JoinHandle<()>> = removed
+    let tasks: Vec<(JoinHandle<()>, Arc<PartitionMetrics>)> = removed
         .into_iter()
         .filter_map(|slot| match slot {
             Slot::Active(a) => {
                 a.stop.send_replace(true);
-                Some(a.task)
+                Some((a.task, a.metrics))
             }
             Slot::Stale { .. } => None,
         })
         .collect();
+    let (tasks, metrics): (Vec<JoinHandle<()>>, Vec<Arc<PartitionMetrics>>) =
+        tasks.into_iter().unzip();
     if !tasks.is_empty() {
         core.block_on(async move {
             for t in tasks {
                 let _ = t.await;
             }
         });
+    }
+    // After the last batch: the new owner reports these partitions' lag.
+    for m in metrics {
+        m.revoked();
     }
 }
 

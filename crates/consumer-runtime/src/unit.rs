@@ -302,6 +302,8 @@ impl From<BatchError> for Abort {
 struct Applied {
     applied: usize,
     parked: Vec<Parked>,
+    /// How long the transaction's `COMMIT` took.
+    commit: Duration,
 }
 
 /// A future that turns a panic while it is polled into `Err(message)`.
@@ -372,6 +374,7 @@ pub struct PartitionWriter<H: Handler<DB>, DB: Backend> {
     park: bool,
     given_up: Vec<(i64, Failure)>,
     parked: Vec<Parked>,
+    commit_duration: Duration,
 }
 
 impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
@@ -389,6 +392,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
             park: false,
             given_up: Vec::new(),
             parked: Vec::new(),
+            commit_duration: Duration::ZERO,
         }
     }
 
@@ -419,6 +423,12 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
     /// The records the last committed [`write`](Self::write) parked.
     pub fn parked(&self) -> &[Parked] {
         &self.parked
+    }
+
+    /// How long the `COMMIT` of the last committed [`write`](Self::write)'s transaction took
+    /// (under at-least-once and at-most-once: of its handler transaction).
+    pub fn commit_duration(&self) -> Duration {
+        self.commit_duration
     }
 
     /// The partition.
@@ -676,8 +686,13 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
                 }
             }
         }
+        let started = std::time::Instant::now();
         tx.commit().await.map_err(db_error)?;
-        Ok(Some(Applied { applied, parked }))
+        Ok(Some(Applied {
+            applied,
+            parked,
+            commit: started.elapsed(),
+        }))
     }
 
     /// Writes a record to `dead_letters` in `conn`'s transaction.
@@ -729,6 +744,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
     ) -> BatchOutcome {
         let parked = done.parked.len();
         self.parked = done.parked;
+        self.commit_duration = done.commit;
         BatchOutcome::Committed {
             applied: done.applied,
             duplicates: prepared - done.applied - parked - lost,
@@ -787,6 +803,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
                     Applied {
                         applied: 0,
                         parked: Vec::new(),
+                        commit: Duration::ZERO,
                     },
                     prepared.len(),
                 )

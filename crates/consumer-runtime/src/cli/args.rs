@@ -71,6 +71,53 @@ pub(super) struct GlobalArgs {
     /// [default: info] [config: log_level]
     #[arg(long, global = true, value_name = "LEVEL")]
     pub(super) log_level: Option<String>,
+
+    /// How log lines look: text (human-readable) or json (one JSON object per line, with the
+    /// span fields). [default: text] [env: CONSUMER_LOG_FORMAT] [config: log_format]
+    #[arg(long, global = true, value_name = "FORMAT", value_parser = log_format_parser())]
+    pub(super) log_format: Option<LogFormat>,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("unknown log format `{s}`; use text or json")),
+        }
+    }
+}
+
+/// `--metrics-addr`: `HOST:PORT`, resolved when the program binds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct MetricsAddr(pub(super) String);
+
+impl FromStr for MetricsAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(MetricsAddr(s.to_owned()))
+            }
+            _ => Err(format!(
+                "`{s}` is not an address to listen on; write HOST:PORT, e.g. 0.0.0.0:9100 or 127.0.0.1:0 (any free port)"
+            )),
+        }
+    }
 }
 
 /// The subcommands.
@@ -303,6 +350,18 @@ pub(super) struct RunArgs {
     /// that many have been seen). [default: 1000] [config: breaker_window]
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub(super) breaker_window: Option<usize>,
+
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port; the
+    /// address is logged at startup). [default: off] [env: CONSUMER_METRICS_ADDR] [config:
+    /// metrics_addr]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(super) metrics_addr: Option<MetricsAddr>,
+
+    /// With --metrics-addr: how often the lag and ledger-size gauges are refreshed (the
+    /// ledger count never more often than 100 times it took). [default: 5s] [env:
+    /// CONSUMER_METRICS_INTERVAL] [config: metrics_interval]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(super) metrics_interval: Option<Duration>,
 }
 
 /// `offsets`' flags and its `set` subcommand.
@@ -504,6 +563,11 @@ fn parse_positive(s: &str) -> Result<usize, String> {
 fn guarantee_parser() -> impl clap::builder::TypedValueParser<Value = Guarantee> {
     PossibleValuesParser::new(["at-most-once", "at-least-once", "effectively-once"])
         .map(|s| s.parse::<Guarantee>().expect("a possible value"))
+}
+
+fn log_format_parser() -> impl clap::builder::TypedValueParser<Value = LogFormat> {
+    PossibleValuesParser::new(["text", "json"])
+        .map(|s| s.parse::<LogFormat>().expect("a possible value"))
 }
 
 fn offset_reset_parser() -> impl clap::builder::TypedValueParser<Value = OffsetReset> {

@@ -13,7 +13,7 @@ use super::args::{EventIdArg, show_properties};
 use super::settings::{
     Action, DeadLetters, PurgeTarget, RedriveTarget, ReplaySettings, RunSettings, Settings,
 };
-use super::{App, CliError};
+use super::{App, CliError, exporter};
 use crate::config::{CircuitBreaker, ParkedRatio, RetryPolicy};
 use crate::dead_letters::{self, DeadLetter, Redriven};
 use crate::error::{Error, redact_url};
@@ -27,6 +27,8 @@ use crate::store::{Backend, StoredOffset, check_schema, connect, set_offsets};
 const TOOL_POOL: u32 = 2;
 /// The default number of concurrent transactions of `run`.
 const DEFAULT_CONCURRENCY: usize = 8;
+/// How often the lag and ledger-size gauges are refreshed with `--metrics-addr`.
+const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a Kafka metadata or watermark request may take.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -282,6 +284,14 @@ async fn run_consumer<H: Handler<DB>, DB: Backend>(
     for (k, v) in kafka {
         builder = builder.kafka_config(k, v);
     }
+    let _server = match &run.metrics_addr {
+        Some(addr) => {
+            builder =
+                builder.metrics_refresh(run.metrics_interval.unwrap_or(DEFAULT_METRICS_INTERVAL));
+            Some(serve_metrics(&addr.0).await?)
+        }
+        None => None,
+    };
     let runtime = builder.build()?;
     let stats = runtime.stats();
     runtime.run().await?;
@@ -296,6 +306,35 @@ async fn run_consumer<H: Handler<DB>, DB: Backend>(
         "stopped"
     );
     Ok(())
+}
+
+/// Aborts the metrics server when `run` ends.
+struct Server(tokio::task::JoinHandle<()>);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Binds `--metrics-addr`, installs the exporter and serves it; logs the bound address.
+async fn serve_metrics(addr: &str) -> Result<Server, CliError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        CliError::Failed(format!(
+            "cannot serve metrics on --metrics-addr {addr}: {e}; choose another HOST:PORT (port 0: any free port)"
+        ))
+    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| CliError::Failed(format!("cannot serve metrics on {addr}: {e}")))?;
+    let Some(registry) = exporter::install() else {
+        return Err(CliError::Failed(
+            "cannot serve metrics: another metrics recorder is already installed in this process"
+                .into(),
+        ));
+    };
+    info!(addr = %bound, "serving Prometheus metrics at http://{bound}/metrics");
+    Ok(Server(tokio::spawn(exporter::serve(listener, registry))))
 }
 
 async fn migrate<H: Handler<DB>, DB: Backend>(

@@ -26,14 +26,19 @@
 //! ```
 //!
 //! Settings come from flags, then environment variables (`DATABASE_URL`, `KAFKA_BROKERS`,
-//! `CONSUMER_GROUP`, `KAFKA_TOPICS`, `CONSUMER_RUNTIME_SCHEMA`), then a TOML file given with
+//! `CONSUMER_GROUP`, `KAFKA_TOPICS`, `CONSUMER_RUNTIME_SCHEMA`, `CONSUMER_LOG_FORMAT`,
+//! `CONSUMER_METRICS_ADDR`, `CONSUMER_METRICS_INTERVAL`), then a TOML file given with
 //! `--config` (or `CONSUMER_CONFIG`) whose keys are the long flag names with underscores, then
 //! the defaults. Logs go to stderr, tables and results to stdout. The exit status is 0 on
 //! success, 2 for a usage error (flags, environment, config file) and 1 for any other failure,
 //! with a one-line `error: …` on stderr.
+//!
+//! `run --metrics-addr HOST:PORT` serves Prometheus metrics (see [`crate::telemetry`]) at
+//! `http://HOST:PORT/metrics`; `--log-format json` writes one JSON object per log line.
 
 mod args;
 mod commands;
+mod exporter;
 mod settings;
 
 use std::ffi::OsString;
@@ -220,7 +225,7 @@ where
         };
         let file = read_config_file(&cli, env)?;
         let settings = settings::resolve(cli, env, file.as_ref())?;
-        init_logging(&settings.log_level, env("RUST_LOG"))?;
+        init_logging(&settings.log_level, env("RUST_LOG"), settings.log_format)?;
         let program = self.name;
         commands::execute(self, settings)
             .await
@@ -366,16 +371,24 @@ fn read_config_file(cli: &Cli, env: Env<'_>) -> Result<Option<ConfigFile>, CliEr
     Ok(Some(ConfigFile { name, text }))
 }
 
-/// Human-readable logs on stderr. `RUST_LOG`, when set, wins over `--log-level`. A second call
-/// (tests, embedding) keeps the first subscriber.
-fn init_logging(level: &str, rust_log: Option<String>) -> Result<(), CliError> {
+/// Logs on stderr, human-readable or one JSON object per line. `RUST_LOG`, when set, wins over
+/// `--log-level`. A second call (tests, embedding) keeps the first subscriber.
+fn init_logging(
+    level: &str,
+    rust_log: Option<String>,
+    format: args::LogFormat,
+) -> Result<(), CliError> {
     use std::io::IsTerminal as _;
     let filter = log_filter(level, rust_log)?;
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        args::LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        args::LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
     Ok(())
 }
 
@@ -433,6 +446,7 @@ over the defaults. Exit status: 0 on success, 2 for a usage error, 1 for any oth
   DATABASE_URL={url} KAFKA_BROKERS=kafka:9092 CONSUMER_GROUP={p} \\
     KAFKA_TOPICS={p},{p}-retries {p} run --batch-size 100 --batch-wait 50ms
   {p} run --config {p}.toml -X security.protocol=SASL_SSL -X sasl.password=***
+  {p} run --config {p}.toml --metrics-addr 0.0.0.0:9100 --log-format json
 
 A config file ({p}.toml):
   database_url = \"{url}\"

@@ -10,8 +10,8 @@ use serde::Deserialize;
 
 use super::CliError;
 use super::args::{
-    Cli, Command, DeadLettersCommand, EventIdArg, Limit, MaxAttempts, OffsetsAction, Ratio,
-    parse_duration, parse_kafka_property,
+    Cli, Command, DeadLettersCommand, EventIdArg, Limit, LogFormat, MaxAttempts, MetricsAddr,
+    OffsetsAction, Ratio, parse_duration, parse_kafka_property,
 };
 use crate::config::{Assignor, Guarantee, OffsetReset};
 use crate::replay::ReplayFrom;
@@ -25,6 +25,9 @@ pub(super) const ENV_SCHEMA: &str = "CONSUMER_RUNTIME_SCHEMA";
 pub(super) const ENV_CONFIG: &str = "CONSUMER_CONFIG";
 pub(super) const ENV_GROUP: &str = "CONSUMER_GROUP";
 pub(super) const ENV_TOPICS: &str = "KAFKA_TOPICS";
+pub(super) const ENV_LOG_FORMAT: &str = "CONSUMER_LOG_FORMAT";
+pub(super) const ENV_METRICS_ADDR: &str = "CONSUMER_METRICS_ADDR";
+pub(super) const ENV_METRICS_INTERVAL: &str = "CONSUMER_METRICS_INTERVAL";
 
 /// The config file: every key is optional; an unknown key is an error that names it.
 #[derive(Debug, Default, Deserialize)]
@@ -34,6 +37,7 @@ struct FileConfig {
     brokers: Option<String>,
     schema: Option<String>,
     log_level: Option<String>,
+    log_format: Option<String>,
     group: Option<String>,
     topics: Option<Vec<String>>,
     batch_size: Option<usize>,
@@ -49,6 +53,8 @@ struct FileConfig {
     breaker_consecutive: Option<FileScalar>,
     breaker_ratio: Option<FileScalar>,
     breaker_window: Option<usize>,
+    metrics_addr: Option<String>,
+    metrics_interval: Option<String>,
     kafka: Option<toml::Table>,
 }
 
@@ -88,6 +94,7 @@ pub(super) struct Settings {
     pub(super) schema: String,
     pub(super) kafka: Vec<(String, String)>,
     pub(super) log_level: String,
+    pub(super) log_format: LogFormat,
     pub(super) action: Action,
 }
 
@@ -180,6 +187,10 @@ pub(super) struct RunSettings {
     pub(super) breaker_consecutive: Option<Option<u64>>,
     pub(super) breaker_ratio: Option<Option<f64>>,
     pub(super) breaker_window: Option<usize>,
+    /// `--metrics-addr`: serve Prometheus metrics there.
+    pub(super) metrics_addr: Option<MetricsAddr>,
+    /// `--metrics-interval`.
+    pub(super) metrics_interval: Option<Duration>,
 }
 
 /// `replay`'s settings.
@@ -285,6 +296,49 @@ impl Layers<'_> {
                 .map_err(|e: String| self.bad(key, &e)),
             (None, None) => Ok(None),
         }
+    }
+
+    /// flag > env > file, for a value the environment and the file give as text.
+    fn layered<T: FromStr<Err = String>>(
+        &self,
+        flag: Option<T>,
+        env: &str,
+        key: &str,
+        file: Option<String>,
+    ) -> Result<Option<T>, CliError> {
+        if flag.is_some() {
+            return Ok(flag);
+        }
+        if let Some(text) = self.env(env) {
+            return text
+                .parse::<T>()
+                .map(Some)
+                .map_err(|e| CliError::Usage(format!("{env}: {e}")));
+        }
+        self.parsed(None, key, file)
+    }
+
+    /// `--metrics-interval` > CONSUMER_METRICS_INTERVAL > `metrics_interval`; never zero.
+    fn metrics_interval(&self, flag: Option<Duration>) -> Result<Option<Duration>, CliError> {
+        let (interval, source) = match (flag, self.env(ENV_METRICS_INTERVAL)) {
+            (Some(d), _) => (d, "--metrics-interval".to_owned()),
+            (None, Some(text)) => (
+                parse_duration(&text)
+                    .map_err(|e| CliError::Usage(format!("{ENV_METRICS_INTERVAL}: {e}")))?,
+                ENV_METRICS_INTERVAL.to_owned(),
+            ),
+            (None, None) => match &self.file.metrics_interval {
+                Some(text) => (
+                    parse_duration(text).map_err(|e| self.bad("metrics_interval", &e))?,
+                    format!("config file `{}`: `metrics_interval`", self.file_name),
+                ),
+                None => return Ok(None),
+            },
+        };
+        if interval.is_zero() {
+            return Err(CliError::Usage(format!("{source} must be longer than 0")));
+        }
+        Ok(Some(interval))
     }
 
     fn bad(&self, key: &str, why: &str) -> CliError {
@@ -404,6 +458,14 @@ pub(super) fn resolve(
         .log_level
         .or_else(|| f.log_level.clone())
         .unwrap_or_else(|| "info".to_owned());
+    let log_format = layers
+        .layered(
+            g.log_format,
+            ENV_LOG_FORMAT,
+            "log_format",
+            f.log_format.clone(),
+        )?
+        .unwrap_or_default();
     let kafka = layers.kafka(&g.kafka)?;
     let brokers = || layers.required(&BROKERS, g.brokers.clone(), f.brokers.clone());
     let group = |flag: Option<String>| layers.required(&GROUP, flag, f.group.clone());
@@ -466,6 +528,13 @@ pub(super) fn resolve(
                 breaker_window: r
                     .breaker_window
                     .or(positive("breaker_window", f.breaker_window)?),
+                metrics_addr: layers.layered(
+                    r.metrics_addr,
+                    ENV_METRICS_ADDR,
+                    "metrics_addr",
+                    f.metrics_addr.clone(),
+                )?,
+                metrics_interval: layers.metrics_interval(r.metrics_interval)?,
             })
         }
         Command::Offsets(o) => match o.action {
@@ -564,6 +633,7 @@ pub(super) fn resolve(
         schema,
         kafka,
         log_level,
+        log_format,
         action,
     })
 }

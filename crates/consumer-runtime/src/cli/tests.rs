@@ -259,6 +259,77 @@ fn retry_and_circuit_breaker_settings_layer_and_build_the_policies() {
 }
 
 #[test]
+fn metrics_and_log_format_settings_layer_flag_over_env_over_file() {
+    use super::args::{LogFormat, MetricsAddr};
+    let file = FILE.replace(
+        "max_attempts = \"unlimited\"",
+        "max_attempts = \"unlimited\"\nmetrics_addr = \"0.0.0.0:9100\"\nmetrics_interval = \"10s\"\nlog_format = \"json\"",
+    );
+    let s = resolve_with(&["run"], &[], Some(&file)).unwrap();
+    assert_eq!(s.log_format, LogFormat::Json);
+    let r = run_settings(s);
+    assert_eq!(r.metrics_addr, Some(MetricsAddr("0.0.0.0:9100".into())));
+    assert_eq!(r.metrics_interval, Some(Duration::from_secs(10)));
+
+    let env = [
+        ("CONSUMER_METRICS_ADDR", "127.0.0.1:9200"),
+        ("CONSUMER_METRICS_INTERVAL", "1s"),
+        ("CONSUMER_LOG_FORMAT", "text"),
+    ];
+    let s = resolve_with(&["run"], &env, Some(&file)).unwrap();
+    assert_eq!(s.log_format, LogFormat::Text);
+    let r = run_settings(s);
+    assert_eq!(r.metrics_addr, Some(MetricsAddr("127.0.0.1:9200".into())));
+    assert_eq!(r.metrics_interval, Some(Duration::from_secs(1)));
+
+    let flags = [
+        "run",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--metrics-interval",
+        "500ms",
+        "--log-format",
+        "json",
+    ];
+    let s = resolve_with(&flags, &env, Some(&file)).unwrap();
+    assert_eq!(s.log_format, LogFormat::Json);
+    let r = run_settings(s);
+    assert_eq!(r.metrics_addr, Some(MetricsAddr("127.0.0.1:0".into())));
+    assert_eq!(r.metrics_interval, Some(Duration::from_millis(500)));
+
+    // Off and text by default; bad values name the setting.
+    let s = resolve_with(&["run"], &[], Some(FILE)).unwrap();
+    assert_eq!(s.log_format, LogFormat::Text);
+    assert_eq!(run_settings(s).metrics_addr, None);
+    let err = resolve_with(&["run"], &[("CONSUMER_METRICS_ADDR", "9100")], Some(FILE))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("CONSUMER_METRICS_ADDR") && err.contains("HOST:PORT"),
+        "{err}"
+    );
+    let err = resolve_with(&["run"], &[("CONSUMER_LOG_FORMAT", "xml")], Some(FILE))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("CONSUMER_LOG_FORMAT") && err.contains("json"),
+        "{err}"
+    );
+    let zero = FILE.replace(
+        "batch_size = 7",
+        "batch_size = 7\nmetrics_interval = \"0s\"",
+    );
+    let err = resolve_with(&["run"], &[], Some(&zero))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("metrics_interval"), "{err}");
+    assert!(
+        Cli::try_parse_from(["orders", "run", "--metrics-addr", "localhost"]).is_err(),
+        "a port is required"
+    );
+}
+
+#[test]
 fn an_empty_environment_variable_counts_as_unset() {
     let s = resolve_with(&["migrate"], &[("DATABASE_URL", "")], Some(FILE)).unwrap();
     assert_eq!(s.database_url, "postgres://file@db/app");

@@ -253,6 +253,17 @@ macro_rules! impl_backend {
                 Ok(done.rows_affected())
             }
 
+            async fn ledger_size(
+                pool: &Pool<Self>,
+                q: &Queries,
+                group: &str,
+            ) -> Result<i64, sqlx::Error> {
+                sqlx::query_scalar(q.ledger_rows.clone())
+                    .bind(group)
+                    .fetch_one(pool)
+                    .await
+            }
+
             async fn offsets(
                 pool: &Pool<Self>,
                 q: &Queries,
@@ -375,6 +386,7 @@ pub struct Queries {
     pub(crate) dl_purge: sqlx::SqlStr,
     pub(crate) dl_delete: sqlx::SqlStr,
     pub(crate) dl_failed: sqlx::SqlStr,
+    pub(crate) ledger_rows: sqlx::SqlStr,
 }
 
 impl Queries {
@@ -399,6 +411,7 @@ impl Queries {
             dl_purge: q(templates.dl_purge),
             dl_delete: q(DL_DELETE),
             dl_failed: q(templates.dl_failed),
+            ledger_rows: q(LEDGER_ROWS),
         }
     }
 }
@@ -412,6 +425,9 @@ WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND "offset" >= $4 A
 /// Undoes a record's ledger claim made earlier in the same transaction (the record is being
 /// parked in `dead_letters` instead of applied).
 const UNCLAIM: &str = r#"DELETE FROM {s}processed WHERE consumer_group = $1 AND event_id = $2"#;
+
+/// Counts a group's ledger rows (the ledger size gauge).
+const LEDGER_ROWS: &str = r#"SELECT count(*) FROM {s}processed WHERE consumer_group = $1"#;
 
 /// Deletes one dead letter.
 const DL_DELETE: &str = r#"DELETE FROM {s}dead_letters WHERE id = $1"#;
@@ -581,6 +597,10 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
         key: &PartitionKey,
         next_offset: i64,
     ) -> Result<Claim, sqlx::Error>;
+
+    /// How many rows of the dedup ledger belong to `group`.
+    #[doc(hidden)]
+    async fn ledger_size(pool: &Pool<Self>, q: &Queries, group: &str) -> Result<i64, sqlx::Error>;
 
     /// The stored offsets of a group.
     #[doc(hidden)]
