@@ -154,6 +154,78 @@ async fn rebalance_with_cooperative_sticky_assignor_applies_each_event_once<DB: 
     second_instance_joins_mid_stream::<DB>(Assignor::CooperativeSticky).await;
 }
 
+/// A partition the consumer had paused when it was revoked is consumed again when it is
+/// assigned back. The runtime pauses a partition whose commit was fenced by another owner in
+/// the database (a zombie's situation); librdkafka keeps an application's pause across an
+/// unassign and a new assign, so the runtime must resume what it is given. (The chaos suite
+/// found this as a partition that stalled for good after a zombie got its partition back.)
+async fn a_partition_paused_when_revoked_is_consumed_when_assigned_back<DB: TestDb>() {
+    let pool = DB::pool().await;
+    let kafka = Kafka::new();
+    let topic = rand_name("paused");
+    let group = rand_name("g");
+    kafka.create_topic(&topic, 1);
+    let (records, ids) = events_with_duplicates(&topic, 1000, 1, 0);
+    kafka.produce(&topic, &records);
+
+    let a = Counter::new(&group).with_delay(Duration::from_millis(10));
+    let b = Counter::new(&group).with_delay(Duration::from_millis(10));
+    let build = |c: &Counter| {
+        test_runtime(&kafka, &pool, c.clone(), &topic)
+            .group(&group)
+            .batch_size(5)
+            .assignor(Assignor::Range)
+            .build()
+            .unwrap()
+    };
+    let (rt_a, rt_b) = (build(&a), build(&b));
+    let (stats_a, stats_b) = (rt_a.stats(), rt_b.stats());
+    let (stop_a, stop_b) = (rt_a.shutdown_handle(), rt_b.shutdown_handle());
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
+    let task_a = tokio::spawn(rt_a.run());
+    wait_until(WAIT, "the first instance to make progress", || async {
+        a.applied() >= 20
+    })
+    .await;
+
+    // Another owner claims the partition in the database: the first instance's next commit is
+    // fenced, it finds the partition owned by someone else and pauses it (for a session
+    // timeout and more) until Kafka settles the assignment.
+    let key = PartitionKey {
+        group: group.clone(),
+        topic: topic.clone(),
+        partition: 0,
+    };
+    DB::claim(&pool, &DB::queries(SCHEMA).unwrap(), &key, "someone-else")
+        .await
+        .unwrap();
+    wait_until(WAIT, "the first instance to be fenced", || async {
+        count(&stats_a.fenced) >= 1
+    })
+    .await;
+
+    // Meanwhile a second instance joins (the eager assignor revokes the paused partition) and
+    // leaves again: the partition ends up with the first instance, assigned anew.
+    let task_b = tokio::spawn(rt_b.run());
+    wait_until(
+        WAIT,
+        "the rebalance after the second instance joined",
+        || async { count(&stats_a.assignments) >= 2 || count(&stats_b.assignments) >= 1 },
+    )
+    .await;
+    stop_b.shutdown();
+    task_b.await.unwrap().unwrap();
+    assert!(
+        a.applied() + b.applied() < 1000,
+        "the rebalance must come mid-stream"
+    );
+
+    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+    stop_a.shutdown();
+    task_a.await.unwrap().unwrap();
+    assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
+}
+
 async fn rewinding_stored_offsets_reapplies_nothing<DB: TestDb>() {
     let pool = DB::pool().await;
     let kafka = Kafka::new();
@@ -789,6 +861,7 @@ async fn at_most_once_never_duplicates_and_loses_the_batch_cut_off_after_its_off
 // ---- The suite, once per backend ------------------------------------------------------------
 
 suite!(
+    a_partition_paused_when_revoked_is_consumed_when_assigned_back,
     producer_duplicates_are_applied_once,
     producer_duplicates_are_applied_once_with_batch_size_one,
     crash_mid_stream_resumes_from_database_offset_and_ignores_kafka_offsets,

@@ -1040,11 +1040,16 @@ impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
                             }
                         }
                         drop(slots);
-                        if cooperative {
+                        let assigned = if cooperative {
                             consumer.incremental_assign(tpl)
                         } else {
                             consumer.assign(tpl)
-                        }
+                        };
+                        // A partition this consumer paused (a full worker, a fence) and that
+                        // was revoked while paused stays paused in librdkafka when it comes
+                        // back: assigning clears only librdkafka's own pause, not the
+                        // application's. Its new worker is empty, so resume it.
+                        assigned.and_then(|()| consumer.resume(tpl))
                     }
                     None if cooperative => consumer.incremental_assign(&TopicPartitionList::new()),
                     None => consumer.assign(&TopicPartitionList::new()),
@@ -1212,6 +1217,7 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
                 let tpl = single(m.topic(), m.partition());
                 a.pending.push_back(m);
                 a.paused = true;
+                debug!(partition = ?tpl, "worker busy: pausing the partition");
                 if let Err(e) = self.consumer.pause(&tpl) {
                     warn!(error = %e, "pausing a busy partition failed");
                 }
