@@ -83,8 +83,7 @@ impl PrivatePostgres {
             .map(|m| m.uid() == 0)
             .unwrap_or(false);
         if dir.exists() {
-            std::fs::remove_dir_all(dir)
-                .with_context(|| format!("emptying {}", dir.display()))?;
+            std::fs::remove_dir_all(dir).with_context(|| format!("emptying {}", dir.display()))?;
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let pg = PrivatePostgres {
