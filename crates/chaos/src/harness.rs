@@ -44,11 +44,12 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
     });
     let world = World::new(&opts, seed)?;
     println!(
-        "chaos: seed={seed} trials={} events={} partitions={} consumers={} guarantee={} database={}{}",
+        "chaos: seed={seed} trials={} events={} partitions={} consumers={} faults={} guarantee={} database={}{}",
         opts.trials,
         opts.events,
         opts.partitions,
         opts.consumers,
+        opts.faults.join(","),
         opts.guarantee,
         if world.pg.is_some() {
             "private PostgreSQL"
@@ -469,7 +470,7 @@ impl<'w> Trial<'w> {
         for i in 0..n {
             let id = format!("t{trial}-e{i}");
             let partition = t.rng.below(opts.partitions as u64) as i32;
-            let payload = if t.rng.chance(0.02) {
+            let payload = if t.rng.chance(opts.poison_ratio) {
                 poison.insert(id.clone());
                 if t.rng.chance(0.5) {
                     format!(r#"{{"trial":{trial},"n":{i},"poison":true}}"#)
@@ -479,7 +480,7 @@ impl<'w> Trial<'w> {
             } else {
                 format!(r#"{{"trial":{trial},"n":{i}}}"#)
             };
-            if t.rng.chance(0.10) {
+            if t.rng.chance(opts.dup_ratio) {
                 // A producer retry: the same record again, a little later.
                 dups += 1;
                 let later = (i as u64 + 1 + t.rng.below(300)) * 2 + 1;
@@ -513,20 +514,33 @@ impl<'w> Trial<'w> {
         let mut plan: Vec<(f64, Action)> = (0..WAVES)
             .map(|w| (0.5 + w as f64 * WAVE_GAP, Action::Wave(w)))
             .collect();
+        // Every draw happens whatever --faults says, so that a fault's moment depends on the
+        // seed alone.
+        let fault = |name: &str| opts.faults.iter().any(|f| f == name);
         let kills = if t.rng.chance(0.3) { 2 } else { 1 };
         for _ in 0..kills {
-            plan.push((t.rng.range(4.0, 10.0), Action::Kill));
+            let at = t.rng.range(4.0, 10.0);
+            if fault("kill") {
+                plan.push((at, Action::Kill));
+            }
         }
-        plan.push((t.rng.range(4.0, 9.0), Action::Freeze));
-        if world.pg.is_some() {
-            let how = if t.rng.chance(0.5) {
+        let at = t.rng.range(4.0, 9.0);
+        if fault("zombie") {
+            plan.push((at, Action::Freeze));
+        }
+        let (at, immediate) = (t.rng.range(5.0, 12.0), t.rng.chance(0.5));
+        if world.pg.is_some() && fault("pg") {
+            let how = if immediate {
                 Stop::Immediate
             } else {
                 Stop::Fast
             };
-            plan.push((t.rng.range(5.0, 12.0), Action::RestartPg(how)));
+            plan.push((at, Action::RestartPg(how)));
         }
-        plan.push((t.rng.range(6.0, 13.0), Action::Replay));
+        let at = t.rng.range(6.0, 13.0);
+        if fault("replay") {
+            plan.push((at, Action::Replay));
+        }
         // Long enough for the group to evict the frozen member and for the others to claim
         // (and work on) its partitions: then it resumes as a zombie with stale epochs.
         let freeze_for = SESSION_TIMEOUT.as_secs_f64() * 2.0 + t.rng.range(2.5, 5.0);
@@ -542,7 +556,7 @@ impl<'w> Trial<'w> {
             .context("creating the producer")?;
         let per_wave = records.len().div_ceil(WAVES);
         let (mut killed, mut zombies) = (0, 0);
-        let mut pg_restarts = if world.pg.is_some() {
+        let mut pg_restarts = if world.pg.is_some() || !opts.faults.iter().any(|f| f == "pg") {
             "0".to_owned()
         } else {
             "skipped".to_owned()

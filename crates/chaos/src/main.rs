@@ -79,11 +79,34 @@ pub(crate) struct Options {
     #[arg(long, default_value_t = 8000)]
     handler_delay_us: u64,
 
+    /// The share of events produced a second time (a producer retry: same event id, same
+    /// key, a little later in the same partition).
+    #[arg(long, default_value_t = 0.10, value_parser = parse_ratio)]
+    dup_ratio: f64,
+
+    /// The share of poison events (half rejected by the handler, half not JSON).
+    #[arg(long, default_value_t = 0.02, value_parser = parse_ratio)]
+    poison_ratio: f64,
+
+    /// The faults to inject, comma-separated: kill (SIGKILL a consumer and start a
+    /// replacement), zombie (SIGSTOP one past the session timeout, then SIGCONT), pg (restart
+    /// the private PostgreSQL, fast or immediate), replay (replay from earliest while the
+    /// consumers run).
+    #[arg(long, value_delimiter = ',', default_value = "kill,zombie,pg,replay", value_parser = ["kill", "zombie", "pg", "replay"])]
+    faults: Vec<String>,
+
     /// The consumers' delivery guarantee, passed to `run --guarantee`. Only for showing that
     /// the check can fail: at-least-once applies producer duplicates and, after a SIGKILL,
     /// in-flight batches twice; at-most-once loses them.
     #[arg(long, default_value = "effectively-once", value_parser = ["effectively-once", "at-least-once", "at-most-once"])]
     guarantee: String,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("`{s}` is not a ratio from 0 to 1")),
+    }
 }
 
 fn main() -> ExitCode {
