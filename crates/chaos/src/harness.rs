@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -28,6 +29,9 @@ use crate::rng::{Rng, mix};
 const SESSION_TIMEOUT: Duration = Duration::from_millis(3000);
 /// The consumers' heartbeat interval.
 const HEARTBEAT: &str = "heartbeat.interval.ms=300";
+/// Set by Ctrl-C.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 /// Produce waves per trial.
 const WAVES: usize = 8;
 /// Seconds between waves.
@@ -130,8 +134,9 @@ struct World {
     url: String,
     schema: String,
     bootstrap: String,
-    rt: tokio::runtime::Runtime,
+    // Dropped before the async runtime it needs.
     pool: Pool<Postgres>,
+    rt: tokio::runtime::Runtime,
     // Kept alive for the whole run; it runs on librdkafka's own thread.
     kafka: MockCluster<'static, DefaultProducerContext>,
     /// `None` with --database-url.
@@ -163,6 +168,13 @@ impl World {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
+        // Ctrl-C stops the run at the next check, so that the consumers are killed and the
+        // private server stopped by their guards.
+        rt.spawn(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                INTERRUPTED.store(true, Ordering::SeqCst);
+            }
+        });
         // The runtime's tables, by the consumer program itself.
         let migrate = run_tool(
             &exe,
@@ -816,6 +828,12 @@ impl<'w> Trial<'w> {
     /// would); the exit is counted and noted.
     fn supervise_until(&mut self, until: Instant) -> anyhow::Result<()> {
         loop {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                bail!(
+                    "interrupted (Ctrl-C); consumer logs are in {}",
+                    self.dir.display()
+                );
+            }
             self.poll_replay()?;
             let mut i = 0;
             while i < self.procs.len() {
