@@ -414,6 +414,72 @@ struct Outcome {
     notes: Vec<String>,
 }
 
+/// The verdict on every event of a trial.
+struct Check {
+    /// Valid events never applied, and poison events neither applied nor parked.
+    lost: u64,
+    /// Events applied more than once, and poison events applied at all.
+    duplicated: u64,
+    /// Poison events found in dead_letters.
+    parked: u64,
+    /// Valid events applied once but also parked.
+    misparked: u64,
+    /// Effects of event ids that were never produced.
+    strangers: usize,
+    /// A few of the lost and duplicated events.
+    examples: Vec<String>,
+}
+
+impl Check {
+    fn of(
+        ids: &[String],
+        poison: &HashSet<String>,
+        effects: &HashMap<String, i64>,
+        parked_ids: &HashSet<String>,
+    ) -> Check {
+        let mut c = Check {
+            lost: 0,
+            duplicated: 0,
+            parked: 0,
+            misparked: 0,
+            strangers: 0,
+            examples: Vec::new(),
+        };
+        let mut example = |text: String| {
+            if c.examples.len() < 8 {
+                c.examples.push(text);
+            }
+        };
+        for id in ids {
+            let applied = effects.get(id).copied().unwrap_or(0);
+            let is_parked = parked_ids.contains(id);
+            if poison.contains(id) {
+                if applied > 0 {
+                    c.duplicated += 1;
+                    example(format!("poison {id} applied {applied}x"));
+                } else if is_parked {
+                    c.parked += 1;
+                } else {
+                    c.lost += 1;
+                    example(format!("poison {id} neither applied nor parked"));
+                }
+            } else if applied == 0 {
+                c.lost += 1;
+                let parked = if is_parked { " (parked)" } else { "" };
+                example(format!("{id} never applied{parked}"));
+            } else if applied > 1 {
+                c.duplicated += 1;
+                example(format!("{id} applied {applied}x"));
+            } else if is_parked {
+                c.misparked += 1;
+            }
+        }
+        let known: HashSet<&String> = ids.iter().collect();
+        c.strangers = effects.keys().filter(|k| !known.contains(k)).count();
+        c
+    }
+}
+
 /// One trial's state.
 struct Trial<'w> {
     world: &'w World,
@@ -676,59 +742,57 @@ impl<'w> Trial<'w> {
         }
         t.log("caught up (or timed out); SIGTERM to the consumers".to_owned());
         t.stop_all();
-        let schedule = t.schedule.join("\n") + "\n";
-        let _ = std::fs::write(t.dir.join("schedule.txt"), schedule);
 
         // The check.
         let (effects, parked_ids, null_parked) = t.read_results()?;
-        let (mut lost, mut duplicated, mut parked) = (0u64, 0u64, 0u64);
-        let mut examples = Vec::new();
-        for id in &ids {
-            let applied = effects.get(id).copied().unwrap_or(0);
-            if poison.contains(id) {
-                if applied > 0 {
-                    duplicated += 1;
-                    examples.push(format!("poison {id} applied {applied}x"));
-                } else if parked_ids.contains(id) {
-                    parked += 1;
-                } else {
-                    lost += 1;
-                    examples.push(format!("poison {id} neither applied nor parked"));
-                }
-            } else if applied == 0 {
-                lost += 1;
-                let where_ = if parked_ids.contains(id) {
-                    " (parked)"
-                } else {
-                    ""
-                };
-                examples.push(format!("{id} never applied{where_}"));
-            } else if applied > 1 {
-                duplicated += 1;
-                examples.push(format!("{id} applied {applied}x"));
-            }
+        let check = Check::of(&ids, &poison, &effects, &parked_ids);
+        if check.misparked > 0 {
+            t.notes.push(format!(
+                "{} valid events applied once but also found in dead_letters",
+                check.misparked
+            ));
         }
-        let known: HashSet<&String> = ids.iter().collect();
-        let strangers = effects.keys().filter(|k| !known.contains(k)).count();
-        if strangers > 0 {
-            t.notes
-                .push(format!("{strangers} effects for event ids never produced"));
+        if check.strangers > 0 {
+            t.notes.push(format!(
+                "{} effects for event ids never produced",
+                check.strangers
+            ));
         }
         if null_parked > 0 {
             t.notes
                 .push(format!("{null_parked} dead letters without an event id"));
         }
-        if !examples.is_empty() {
-            let shown: Vec<&String> = examples.iter().take(8).collect();
+        if !check.examples.is_empty() {
+            t.notes.push(format!("e.g. {}", check.examples.join("; ")));
+        }
+        if timed_out {
+            // Stalled or lost? One fresh consumer gets a minute to finish; its result is a
+            // diagnosis only (the trial has failed already).
+            t.log("diagnosis: one fresh consumer".to_owned());
+            t.start_consumer()?;
+            let until = Instant::now() + Duration::from_secs(60);
+            let mut done = false;
+            while Instant::now() < until && !done {
+                t.supervise_until(Instant::now() + Duration::from_millis(200))?;
+                done = world
+                    .stored_offsets(&t.group, &t.topic)
+                    .is_some_and(|stored| ends.iter().all(|(p, end)| stored.get(p) == Some(end)));
+            }
+            t.stop_all();
+            let (effects, parked_ids, _) = t.read_results()?;
+            let after = Check::of(&ids, &poison, &effects, &parked_ids);
             t.notes.push(format!(
-                "e.g. {}",
-                shown
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                "diagnosis: after the timeout a fresh consumer {} the topic; then lost={} duplicated={} parked={} (so the events counted as lost above were {})",
+                if done { "finished" } else { "did NOT finish" },
+                after.lost,
+                after.duplicated,
+                after.parked,
+                if after.lost == 0 { "stalled, not lost" } else { "lost or still stalled" }
             ));
         }
+        let schedule = t.schedule.join("\n") + "\n";
+        let _ = std::fs::write(t.dir.join("schedule.txt"), schedule);
+        let (lost, duplicated, parked) = (check.lost, check.duplicated, check.parked);
         let fenced = t.count_in_logs("commit fenced");
         Ok(Outcome {
             dir: t.dir.clone(),
