@@ -35,7 +35,7 @@ use clap::Parser;
 /// is restarted (fast or immediate), and a replay from earliest runs while the consumers do.
 /// Then every event is checked: applied exactly once, or parked in dead_letters if poison.
 /// One line per trial, then `trials=N lost=L duplicated=D parked=P`; the exit status is 1 if L
-/// or D is not 0.
+/// or D is not 0 or a trial did not catch up within --deadline, 2 if the harness itself failed.
 #[derive(Debug, Parser)]
 #[command(name = "chaos", max_term_width = 100)]
 pub(crate) struct Options {
@@ -96,8 +96,9 @@ pub(crate) struct Options {
     faults: Vec<String>,
 
     /// The consumers' delivery guarantee, passed to `run --guarantee`. Only for showing that
-    /// the check can fail: at-least-once applies producer duplicates and, after a SIGKILL,
-    /// in-flight batches twice; at-most-once loses them.
+    /// the check can fail: at-least-once applies producer duplicates, replayed records and a
+    /// batch caught between its two commits (a kill, a zombie) twice; at-most-once loses a
+    /// batch caught between its offset commit and its handler's.
     #[arg(long, default_value = "effectively-once", value_parser = ["effectively-once", "at-least-once", "at-most-once"])]
     guarantee: String,
 }
