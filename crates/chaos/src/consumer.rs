@@ -1,0 +1,126 @@
+//! The consumer processes: `chaos consumer <args…>` is the generated consumer program
+//! (`run`, `migrate`, `replay`, …) of [`ChaosHandler`], whose effect is deliberately not
+//! idempotent.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use consumer_runtime::sqlx::{self, Postgres};
+use consumer_runtime::{Context, Handler, HandlerError};
+
+use crate::rng::{GOLDEN, mix};
+
+/// The environment variable naming the schema of the `chaos_effects` table.
+pub(crate) const ENV_SCHEMA: &str = "CHAOS_SCHEMA";
+/// The environment variable with the largest random handler delay, in microseconds.
+pub(crate) const ENV_DELAY_US: &str = "CHAOS_HANDLER_DELAY_US";
+
+/// A record's payload: `{"trial": 3, "n": 17}`, or with `"poison": true` for a record the
+/// handler rejects. (Some poison records are not JSON at all and fail decoding.)
+#[derive(serde::Deserialize)]
+pub(crate) struct ChaosEvent {
+    trial: i64,
+    #[serde(default)]
+    poison: bool,
+}
+
+/// Counts every application of an event in `chaos_effects`: `applied = applied + 1`, so an
+/// event applied twice shows as 2. A poison event writes its effect and is then rejected: the
+/// runtime must roll the effect back and park the record.
+pub(crate) struct ChaosHandler {
+    sql: String,
+    max_delay_us: u64,
+    state: AtomicU64,
+}
+
+impl ChaosHandler {
+    fn from_env() -> ChaosHandler {
+        let schema = std::env::var(ENV_SCHEMA).unwrap_or_else(|_| "public".to_owned());
+        let max_delay_us = std::env::var(ENV_DELAY_US)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        ChaosHandler {
+            sql: effect_sql(&schema),
+            max_delay_us,
+            state: AtomicU64::new(u64::from(std::process::id()) << 20),
+        }
+    }
+}
+
+/// The effect's statement for the table in `schema`.
+pub(crate) fn effect_sql(schema: &str) -> String {
+    format!(
+        "INSERT INTO {schema}.chaos_effects (trial, event_id, applied) VALUES ($1, $2, 1)
+         ON CONFLICT (trial, event_id) DO UPDATE SET applied = {schema}.chaos_effects.applied + 1"
+    )
+}
+
+/// The effects table in `schema`.
+pub(crate) fn effects_table_sql(schema: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {schema}.chaos_effects (
+             trial    BIGINT  NOT NULL,
+             event_id TEXT    NOT NULL,
+             applied  INTEGER NOT NULL,
+             PRIMARY KEY (trial, event_id))"
+    )
+}
+
+#[consumer_runtime::async_trait]
+impl Handler for ChaosHandler {
+    type Event = ChaosEvent;
+
+    async fn handle(
+        &self,
+        ctx: &mut Context<'_, Postgres>,
+        e: ChaosEvent,
+    ) -> Result<(), HandlerError> {
+        if self.max_delay_us > 0 {
+            // A small random delay widens the windows in which a kill or a stop lands
+            // inside an open transaction.
+            let r = mix(self.state.fetch_add(GOLDEN, Ordering::Relaxed));
+            let us = r % (self.max_delay_us + 1);
+            if us > 0 {
+                tokio::time::sleep(Duration::from_micros(us)).await;
+            }
+        }
+        sqlx::query(sqlx::AssertSqlSafe(self.sql.clone()))
+            .bind(e.trial)
+            .bind(ctx.record.event_id())
+            .execute(&mut *ctx.tx)
+            .await?;
+        if e.poison {
+            // The effect above must be rolled back with the record's savepoint.
+            return Err(HandlerError::reject("a poison record"));
+        }
+        Ok(())
+    }
+}
+
+/// Runs the consumer program with `args` (everything after `chaos consumer`).
+pub(crate) fn main(args: Vec<OsString>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = consumer_runtime::cli::App::new("chaos-consumer", ChaosHandler::from_env()).about(
+        "The chaos program's consumer: counts every application of an event, not idempotently",
+    );
+    let argv = std::iter::once(OsString::from("chaos-consumer")).chain(args);
+    match runtime.block_on(app.run_args(argv)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
