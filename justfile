@@ -24,3 +24,8 @@ pg-up:
 # A rough throughput figure for the three guarantees and batch size 1, on both backends.
 throughput:
     cargo test --release --test runtime rough_throughput -- --ignored --nocapture --test-threads=1
+
+# The crash-consistency program: N trials of SIGKILL, SIGSTOP zombies, PostgreSQL restarts and
+# replays against consumer processes, every event checked (e.g. `just chaos 50`).
+chaos trials="20":
+    cargo run --release --bin chaos -- --trials {{trials}}
