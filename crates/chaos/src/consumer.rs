@@ -102,25 +102,8 @@ impl Handler for ChaosHandler {
 
 /// Runs the consumer program with `args` (everything after `chaos consumer`).
 pub(crate) fn main(args: Vec<OsString>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let app = consumer_runtime::cli::App::new("chaos-consumer", ChaosHandler::from_env()).about(
         "The chaos program's consumer: counts every application of an event, not idempotently",
     );
-    let argv = std::iter::once(OsString::from("chaos-consumer")).chain(args);
-    match runtime.block_on(app.run_args(argv)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(e.exit_code())
-        }
-    }
+    app.main_with_args(std::iter::once(OsString::from("chaos-consumer")).chain(args))
 }

@@ -184,6 +184,16 @@ where
     /// prints a one-line `error: …` to stderr and returns a non-zero exit code on failure (2
     /// for usage errors, 1 otherwise).
     pub fn main(self) -> ExitCode {
+        self.main_with_args(std::env::args_os())
+    }
+
+    /// [`App::main`] with explicit args (`args[0]` is the program name), e.g. for a binary that
+    /// is the consumer program only under one of its own subcommands.
+    pub fn main_with_args<I, T>(self, args: I) -> ExitCode
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
         let runtime = match tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -194,7 +204,7 @@ where
                 return ExitCode::FAILURE;
             }
         };
-        match runtime.block_on(self.run_args(std::env::args_os())) {
+        match runtime.block_on(self.run_args(args)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");
