@@ -701,7 +701,8 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
     fn activate(self: &Arc<Self>, topic: &str, partition: i32, claim: Claim) -> Active {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let key = self.key(topic, partition);
-        let (sender, receiver) = mpsc::channel(self.batch_size.saturating_mul(2).max(64));
+        let (sender, receiver) =
+            mpsc::channel(self.batch_size.saturating_mul(CHANNEL_BATCHES).max(64));
         let (stop, stop_rx) = watch::channel(false);
         bump(&self.stats.assignments, 1);
         info!(
@@ -1040,11 +1041,15 @@ impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
                             }
                         }
                         drop(slots);
-                        if cooperative {
+                        let assigned = if cooperative {
                             consumer.incremental_assign(tpl)
                         } else {
                             consumer.assign(tpl)
-                        }
+                        };
+                        // A partition paused for back-pressure when it was revoked stays
+                        // paused in librdkafka across an eager rebalance; its new worker
+                        // starts with room, so resume it.
+                        assigned.and_then(|()| consumer.resume(tpl))
                     }
                     None if cooperative => consumer.incremental_assign(&TopicPartitionList::new()),
                     None => consumer.assign(&TopicPartitionList::new()),
@@ -1240,7 +1245,12 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
                     }
                 }
             }
-            if a.pending.is_empty() {
+            // Resume only once the worker has room for a good part of the channel: every
+            // pause makes librdkafka drop the partition's prefetched (already decompressed)
+            // records and fetch them again on resume.
+            if a.pending.is_empty()
+                && (a.sender.capacity() >= a.sender.max_capacity() / 2 || a.sender.is_closed())
+            {
                 a.paused = false;
                 if let Err(e) = self.consumer.resume(&single(topic, *partition)) {
                     warn!(error = %e, "resuming a partition failed");
@@ -1355,6 +1365,13 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
         }
     }
 }
+
+/// A worker's channel holds this many batches of records. When it is full the poll thread
+/// pauses the partition, and librdkafka then drops that partition's prefetched records and
+/// fetches and decompresses them again after the resume; a deep channel (with resuming only
+/// once it is half empty) keeps those pauses rare. The cost is memory: up to
+/// `batch_size × CHANNEL_BATCHES` records per assigned partition.
+const CHANNEL_BATCHES: usize = 8;
 
 fn single(topic: &str, partition: i32) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::with_capacity(1);
