@@ -594,6 +594,11 @@ struct Active {
     task: JoinHandle<()>,
     pending: VecDeque<OwnedMessage>,
     paused: bool,
+    /// The free room in `sender` a paused partition waits for before it resumes: half of
+    /// `(batch_size − 1) × CHANNEL_BATCHES`, at least 1 (a batch size of 1 resumes as soon as
+    /// there is room: its worker drains one record per transaction and would otherwise run
+    /// dry while the refetch is under way).
+    resume_room: usize,
     metrics: Arc<PartitionMetrics>,
 }
 
@@ -701,8 +706,8 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
     fn activate(self: &Arc<Self>, topic: &str, partition: i32, claim: Claim) -> Active {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let key = self.key(topic, partition);
-        let (sender, receiver) =
-            mpsc::channel(self.batch_size.saturating_mul(CHANNEL_BATCHES).max(64));
+        let depth = self.batch_size.saturating_mul(CHANNEL_BATCHES);
+        let (sender, receiver) = mpsc::channel(depth.max(64));
         let (stop, stop_rx) = watch::channel(false);
         bump(&self.stats.assignments, 1);
         info!(
@@ -743,6 +748,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             task,
             pending: VecDeque::new(),
             paused: false,
+            resume_room: (self.batch_size.saturating_sub(1) * CHANNEL_BATCHES / 2).max(1),
             metrics,
         }
     }
@@ -1247,9 +1253,11 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
             }
             // Resume only once the worker has room for a good part of the channel: every
             // pause makes librdkafka drop the partition's prefetched (already decompressed)
-            // records and fetch them again on resume.
+            // records and fetch them again on resume. The records still queued must cover
+            // that refetch, so the room asked for is in batches, not a share of the channel
+            // (a batch size of 1 resumes almost at once).
             if a.pending.is_empty()
-                && (a.sender.capacity() >= a.sender.max_capacity() / 2 || a.sender.is_closed())
+                && (a.sender.capacity() >= a.resume_room || a.sender.is_closed())
             {
                 a.paused = false;
                 if let Err(e) = self.consumer.resume(&single(topic, *partition)) {
