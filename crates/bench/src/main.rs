@@ -6,7 +6,9 @@
 //! ```
 //!
 //! It produces N order events (JSON, 200–500 bytes, an `event-id` header holding a UUID) into a
-//! librdkafka mock cluster hosted in this process, then measures, in one run on one database,
+//! librdkafka mock cluster hosted in a child process (this program re-executed with
+//! `--mock-broker P`, so that the topic the broker holds does not count in the consumer's
+//! resident memory), then measures, in one run on one database,
 //! each scenario of [`SCENARIOS`] with a handler that inserts one row per event. It prints a
 //! table and the issue's targets as met / not met, and writes the same as JSON.
 //!
@@ -59,8 +61,106 @@ const SCENARIOS: [&str; 7] = [
     "replay_processed",
 ];
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some(MOCK_BROKER_FLAG) {
+        return match mock_broker(argv.get(1).map(String::as_str)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bench mock broker: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime")
+        .block_on(bench_main())
+}
+
+/// The internal flag that turns this program into the mock broker's host process.
+const MOCK_BROKER_FLAG: &str = "--mock-broker";
+
+/// The child process: hosts the mock cluster with the topic of `partitions` partitions, prints
+/// its bootstrap servers on stdout, and lives until its stdin closes (the parent ending, or
+/// dropping its [`MockBroker`]).
+fn mock_broker(partitions: Option<&str>) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let partitions: i32 = partitions
+        .context("--mock-broker needs the partition count")?
+        .parse()
+        .context("--mock-broker wants a whole number")?;
+    let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
+    cluster
+        .create_topic(TOPIC, partitions, 1)
+        .context("creating the topic")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", cluster.bootstrap_servers())?;
+    out.flush()?;
+    drop(out);
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(cluster);
+    Ok(())
+}
+
+/// The mock broker's child process; dropping it stops the child.
+struct MockBroker {
+    child: std::process::Child,
+    brokers: String,
+}
+
+impl MockBroker {
+    fn start(partitions: i32) -> anyhow::Result<MockBroker> {
+        use std::io::BufRead as _;
+        use std::process::{Command, Stdio};
+        let exe = std::env::current_exe().context("locating this program")?;
+        let mut child = Command::new(exe)
+            .arg(MOCK_BROKER_FLAG)
+            .arg(partitions.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the mock broker's process")?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().context("the mock broker's stdout")?;
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("reading the mock broker's address")?;
+        let brokers = line.trim().to_owned();
+        if brokers.is_empty() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the mock broker's process did not start");
+        }
+        Ok(MockBroker { child, brokers })
+    }
+
+    /// The child's peak resident memory (VmHWM), MB.
+    fn peak_rss_mb(&self) -> Option<f64> {
+        let kb = status_kb_of(&format!("/proc/{}/status", self.child.id()), "VmHWM:")?;
+        Some(kb as f64 / 1024.0)
+    }
+}
+
+impl Drop for MockBroker {
+    fn drop(&mut self) {
+        // Closing its stdin ends the child; kill it if it has not ended a moment later.
+        drop(self.child.stdin.take());
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn bench_main() -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sqlx::query=error"));
     tracing_subscriber::fmt()
@@ -103,6 +203,8 @@ fn usage() -> String {
                        then also measured on the empty ledger first, as effectively_once_empty_ledger
   --scenarios A,B,…    run only these (default: all: {})
   --json FILE          write the results as JSON
+  --rss-baseline FILE  the JSON of an earlier run with fewer messages (e.g. --messages 100000):
+                       prints each common scenario's peak RSS growth from that run to this one
   --help               this text",
         SCENARIOS.join(",")
     )
@@ -116,6 +218,7 @@ struct Args {
     ledger_rows: u64,
     scenarios: Vec<String>,
     json: Option<std::path::PathBuf>,
+    rss_baseline: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -128,6 +231,7 @@ impl Args {
             ledger_rows: 0,
             scenarios: SCENARIOS.iter().map(|s| (*s).to_owned()).collect(),
             json: None,
+            rss_baseline: None,
         };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -156,6 +260,7 @@ impl Args {
                 "--database-url" => out.url = value()?,
                 "--ledger-rows" => out.ledger_rows = number(value()?, "--ledger-rows")?,
                 "--json" => out.json = Some(value()?.into()),
+                "--rss-baseline" => out.rss_baseline = Some(value()?.into()),
                 "--scenarios" => {
                     let v = value()?;
                     out.scenarios = v.split(',').map(|s| s.trim().to_owned()).collect();
@@ -234,11 +339,8 @@ where
         consumer_runtime::error::redact_url(&args.url)
     );
 
-    let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
-    cluster
-        .create_topic(TOPIC, p, 1)
-        .context("creating the topic")?;
-    let brokers = cluster.bootstrap_servers();
+    let cluster = MockBroker::start(p)?;
+    let brokers = cluster.brokers.clone();
     let produced = Instant::now();
     let (ends, sizes) = workload
         .produce(&brokers, TOPIC, n, p)
@@ -274,6 +376,11 @@ where
         eprintln!("bench: could not drop {}: {e:#}", env.schema);
     }
     let outcomes = result?;
+    if let Some(mb) = cluster.peak_rss_mb() {
+        eprintln!(
+            "bench: the mock broker's process peaked at {mb:.1} MB resident (not counted above)"
+        );
+    }
     drop(cluster);
 
     report(&outcomes, args, DB::LABEL)?;
@@ -357,7 +464,11 @@ impl Memory {
 }
 
 fn status_kb(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status_kb_of("/proc/self/status", field)
+}
+
+fn status_kb_of(path: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(path).ok()?;
     let line = status.lines().find(|l| l.starts_with(field))?;
     line[field.len()..]
         .trim()
@@ -860,6 +971,40 @@ async fn prefill<DB: BenchDb>(env: &Env<DB>, group: &str, k: u64) -> anyhow::Res
     Ok(())
 }
 
+/// The growth of each scenario's peak RSS from an earlier run's JSON (fewer messages) to this run.
+fn rss_growth(outcomes: &[Outcome], path: &std::path::Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the RSS baseline {}", path.display()))?;
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a bench JSON file", path.display()))?;
+    for o in outcomes {
+        let Some(base) = rows
+            .iter()
+            .find(|r| r["scenario"].as_str() == Some(o.scenario.as_str()))
+        else {
+            continue;
+        };
+        let (Some(base_mb), Some(base_n)) =
+            (base["peak_rss_mb"].as_f64(), base["messages"].as_u64())
+        else {
+            continue;
+        };
+        let growth = 100.0 * (o.peak_rss_mb / base_mb.max(1e-9) - 1.0);
+        let line = format!(
+            "peak RSS grows < 20%: {} {}k -> {}k",
+            o.scenario,
+            base_n / 1000,
+            o.messages / 1000
+        );
+        println!(
+            "  {line:<58} {base_mb:.1} -> {:.1} MB  {growth:>+6.1}%  {}",
+            o.peak_rss_mb,
+            if growth < 20.0 { "met" } else { "NOT MET" }
+        );
+    }
+    Ok(())
+}
+
 /// Prints the table and the targets, and writes the JSON file.
 fn report(outcomes: &[Outcome], args: &Args, label: &str) -> anyhow::Result<()> {
     println!();
@@ -898,7 +1043,7 @@ fn report(outcomes: &[Outcome], args: &Args, label: &str) -> anyhow::Result<()> 
         );
     }
     println!(
-        "(peak_rss_mb is the process's VmHWM during the scenario, which includes the in-process mock broker holding the whole topic; start_rss_mb is the RSS when the scenario started; cpu_us_per_msg is this process's CPU time (all threads: Kafka client, runtime, handler, sqlx, and SQLite itself, which runs in-process; not a PostgreSQL server's) per message in the timed window; machine_busy% is the whole machine's CPU use then ({} CPUs))",
+        "(peak_rss_mb is the process's VmHWM during the scenario, the consumer's and the harness's (the mock broker runs in a child process); start_rss_mb is the RSS when the scenario started; cpu_us_per_msg is this process's CPU time (all threads: Kafka client, runtime, handler, sqlx, and SQLite itself, which runs in-process; not a PostgreSQL server's) per message in the timed window; machine_busy% is the whole machine's CPU use then ({} CPUs))",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!();
@@ -938,10 +1083,13 @@ fn report(outcomes: &[Outcome], args: &Args, label: &str) -> anyhow::Result<()> 
         "peak RSS < 150 MB",
         if peak < 150.0 { "met" } else { "NOT MET" }
     );
-    println!(
-        "  {:<58} compare the JSON of a --messages 100000 and a --messages 1000000 run",
-        "peak RSS grows < 20% from N=100k to N=1M"
-    );
+    match &args.rss_baseline {
+        Some(path) => rss_growth(outcomes, path)?,
+        None => println!(
+            "  {:<58} run --messages 1000000 --rss-baseline <the --json of a --messages 100000 run>",
+            "peak RSS grows < 20% from N=100k to N=1M"
+        ),
+    }
     if let Some(path) = &args.json {
         let rows: Vec<serde_json::Value> = outcomes
             .iter()

@@ -594,6 +594,11 @@ struct Active {
     task: JoinHandle<()>,
     pending: VecDeque<OwnedMessage>,
     paused: bool,
+    /// The free room in `sender` a paused partition waits for before it resumes: half of
+    /// `(batch_size − 1) × CHANNEL_BATCHES`, at least 1 (a batch size of 1 resumes as soon as
+    /// there is room: its worker drains one record per transaction and would otherwise run
+    /// dry while the refetch is under way).
+    resume_room: usize,
     metrics: Arc<PartitionMetrics>,
 }
 
@@ -701,7 +706,8 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
     fn activate(self: &Arc<Self>, topic: &str, partition: i32, claim: Claim) -> Active {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let key = self.key(topic, partition);
-        let (sender, receiver) = mpsc::channel(self.batch_size.saturating_mul(2).max(64));
+        let depth = self.batch_size.saturating_mul(CHANNEL_BATCHES);
+        let (sender, receiver) = mpsc::channel(depth.max(64));
         let (stop, stop_rx) = watch::channel(false);
         bump(&self.stats.assignments, 1);
         info!(
@@ -742,6 +748,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             task,
             pending: VecDeque::new(),
             paused: false,
+            resume_room: (self.batch_size.saturating_sub(1) * CHANNEL_BATCHES / 2).max(1),
             metrics,
         }
     }
@@ -1246,7 +1253,14 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
                     }
                 }
             }
-            if a.pending.is_empty() {
+            // Resume only once the worker has room for a good part of the channel: every
+            // pause makes librdkafka drop the partition's prefetched (already decompressed)
+            // records and fetch them again on resume. The records still queued must cover
+            // that refetch, so the room asked for is in batches, not a share of the channel
+            // (a batch size of 1 resumes almost at once).
+            if a.pending.is_empty()
+                && (a.sender.capacity() >= a.resume_room || a.sender.is_closed())
+            {
                 a.paused = false;
                 if let Err(e) = self.consumer.resume(&single(topic, *partition)) {
                     warn!(error = %e, "resuming a partition failed");
@@ -1361,6 +1375,13 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
         }
     }
 }
+
+/// A worker's channel holds this many batches of records. When it is full the poll thread
+/// pauses the partition, and librdkafka then drops that partition's prefetched records and
+/// fetches and decompresses them again after the resume; a deep channel (with resuming only
+/// once it is half empty) keeps those pauses rare. The cost is memory: up to
+/// `batch_size × CHANNEL_BATCHES` records per assigned partition.
+const CHANNEL_BATCHES: usize = 8;
 
 fn single(topic: &str, partition: i32) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::with_capacity(1);
