@@ -59,6 +59,19 @@ max_attempts = "unlimited"
 client.id = "from-file"
 "#;
 
+/// `run` with only the required settings, as flags.
+const MINIMAL_RUN: [&str; 9] = [
+    "run",
+    "--database-url",
+    "sqlite://x.db",
+    "-b",
+    "k:9092",
+    "-g",
+    "g",
+    "-t",
+    "t",
+];
+
 #[test]
 fn flags_win_over_environment_which_wins_over_the_file() {
     let env = [
@@ -128,22 +141,7 @@ fn flags_win_over_environment_which_wins_over_the_file() {
     assert_eq!(r.max_attempts, Some(None));
 
     // The defaults: nothing set leaves the runtime's own defaults.
-    let s = resolve_with(
-        &[
-            "run",
-            "--database-url",
-            "sqlite://x.db",
-            "-b",
-            "k:9092",
-            "-g",
-            "g",
-            "-t",
-            "t",
-        ],
-        &[],
-        None,
-    )
-    .unwrap();
+    let s = resolve_with(&MINIMAL_RUN, &[], None).unwrap();
     assert_eq!(s.schema, "consumer_runtime");
     assert!(s.kafka.is_empty());
     let r = run_settings(s);
@@ -163,17 +161,7 @@ fn flags_win_over_environment_which_wins_over_the_file() {
 fn retry_and_circuit_breaker_settings_layer_and_build_the_policies() {
     use super::commands::{circuit_breaker, retry_policy};
     use crate::config::{CircuitBreaker, ParkedRatio, RetryPolicy};
-    let base = [
-        "run",
-        "--database-url",
-        "sqlite://x.db",
-        "-b",
-        "k:9092",
-        "-g",
-        "g",
-        "-t",
-        "t",
-    ];
+    let base = MINIMAL_RUN;
     let with = |extra: &[&str], file: Option<&str>| {
         let args: Vec<&str> = base.iter().chain(extra).copied().collect();
         resolve_with(&args, &[], file).map(run_settings)
