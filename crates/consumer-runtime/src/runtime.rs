@@ -1101,7 +1101,7 @@ fn stop_workers<H: Handler<DB>, DB: Backend>(core: &Core<H, DB>, parts: Option<&
             None => slots.drain().map(|(_, s)| s).collect(),
         }
     };
-    let tasks: Vec<(JoinHandle<()>, Arc<PartitionMetrics>)> = removed
+    let (tasks, metrics): (Vec<JoinHandle<()>>, Vec<Arc<PartitionMetrics>>) = removed
         .into_iter()
         .filter_map(|slot| match slot {
             Slot::Active(a) => {
@@ -1110,9 +1110,7 @@ fn stop_workers<H: Handler<DB>, DB: Backend>(core: &Core<H, DB>, parts: Option<&
             }
             Slot::Stale { .. } => None,
         })
-        .collect();
-    let (tasks, metrics): (Vec<JoinHandle<()>>, Vec<Arc<PartitionMetrics>>) =
-        tasks.into_iter().unzip();
+        .unzip();
     if !tasks.is_empty() {
         core.block_on(async move {
             for t in tasks {

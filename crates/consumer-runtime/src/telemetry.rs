@@ -111,7 +111,7 @@ pub(crate) struct PartitionMetrics {
     /// Registered once the first high watermark is known, so that the series only ever
     /// shows a lag computed from one.
     lag: OnceLock<Gauge>,
-    lag_labels: [(&'static str, String); 3],
+    lag_labels: [metrics::Label; 3],
     /// The last high watermark librdkafka reported; -1: none yet.
     high_watermark: AtomicI64,
     /// The stored offset; -1: none.
@@ -137,9 +137,9 @@ impl PartitionMetrics {
             commit_duration: metrics::histogram!(COMMIT_DURATION, labels.iter()),
             lag: OnceLock::new(),
             lag_labels: [
-                ("group", group.to_owned()),
-                ("topic", topic.to_owned()),
-                ("partition", partition.to_string()),
+                metrics::Label::new("group", group.to_owned()),
+                metrics::Label::new("topic", topic.to_owned()),
+                metrics::Label::new("partition", partition.to_string()),
             ],
             high_watermark: AtomicI64::new(-1),
             stored: AtomicI64::new(stored.unwrap_or(-1)),
@@ -173,14 +173,9 @@ impl PartitionMetrics {
             return;
         }
         let stored = self.stored.load(Ordering::Relaxed).max(0);
-        let lag = self.lag.get_or_init(|| {
-            let labels: Vec<metrics::Label> = self
-                .lag_labels
-                .iter()
-                .map(|(k, v)| metrics::Label::new(*k, v.clone()))
-                .collect();
-            metrics::gauge!(LAG, labels)
-        });
+        let lag = self
+            .lag
+            .get_or_init(|| metrics::gauge!(LAG, self.lag_labels.iter()));
         lag.set((hw - stored).max(0) as f64);
     }
 }

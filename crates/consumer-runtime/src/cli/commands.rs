@@ -178,8 +178,6 @@ fn or_dash(v: Option<i64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
-/// The event-id strategy: `--event-id` (or the file's `event_id`), else the program's own,
-/// else the `event-id` header.
 /// `run`'s retry policy: the defaults with the given settings on top.
 pub(super) fn retry_policy(run: &RunSettings) -> Result<RetryPolicy, CliError> {
     let defaults = RetryPolicy::default();
@@ -218,6 +216,8 @@ pub(super) fn circuit_breaker(run: &RunSettings) -> CircuitBreaker {
     }
 }
 
+/// The event-id strategy: `--event-id` (or the file's `event_id`), else the program's own,
+/// else the `event-id` header.
 fn event_id<E>(chosen: Option<EventIdArg>, program_default: Option<EventId<E>>) -> EventId<E> {
     match chosen {
         Some(EventIdArg::Header(name)) => EventId::header(name),

@@ -115,14 +115,10 @@ impl Registry {
         let help = self.help.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut by_name: BTreeMap<&str, Vec<(String, &Series)>> = BTreeMap::new();
         for (key, series) in &snapshot {
-            let labels: Vec<(String, String)> = key
-                .labels()
-                .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                .collect();
             by_name
                 .entry(key.name())
                 .or_default()
-                .push((render_labels(&labels), series));
+                .push((render_labels(key.labels()), series));
         }
         let mut out = String::new();
         for (name, mut series) in by_name {
@@ -171,10 +167,9 @@ fn render_histogram(out: &mut String, name: &str, labels: &str, h: &Buckets) {
 }
 
 /// `{k="v",…}` with the values escaped, or nothing without labels.
-fn render_labels(labels: &[(String, String)]) -> String {
+fn render_labels<'a>(labels: impl Iterator<Item = &'a metrics::Label>) -> String {
     let all: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+        .map(|l| format!("{}=\"{}\"", l.key(), escape_label(l.value())))
         .collect();
     if all.is_empty() {
         String::new()
