@@ -813,17 +813,12 @@ impl<'w> Trial<'w> {
         })
     }
 
-    /// Starts one more consumer process.
-    fn start_consumer(&mut self) -> anyhow::Result<()> {
-        self.spawned += 1;
-        let number = self.spawned;
-        let batch_size = self.rng.pick(&[1u32, 10, 50, 200, 500]).to_string();
-        let log = self.dir.join(format!("consumer-{number}.log"));
-        let client_id = format!("client.id=chaos-{}-{number}", self.trial);
-        let session = format!("session.timeout.ms={}", SESSION_TIMEOUT.as_millis());
+    /// The generated program's `command` with this trial's database, brokers, schema, group
+    /// and topic.
+    fn program_args(&self, command: &'static str) -> Vec<&str> {
         let w = self.world;
-        let args = [
-            "run",
+        vec![
+            command,
             "--database-url",
             &w.url,
             "-b",
@@ -834,6 +829,20 @@ impl<'w> Trial<'w> {
             &self.group,
             "-t",
             &self.topic,
+        ]
+    }
+
+    /// Starts one more consumer process.
+    fn start_consumer(&mut self) -> anyhow::Result<()> {
+        self.spawned += 1;
+        let number = self.spawned;
+        let batch_size = self.rng.pick(&[1u32, 10, 50, 200, 500]).to_string();
+        let log = self.dir.join(format!("consumer-{number}.log"));
+        let client_id = format!("client.id=chaos-{}-{number}", self.trial);
+        let session = format!("session.timeout.ms={}", SESSION_TIMEOUT.as_millis());
+        let w = self.world;
+        let mut args = self.program_args("run");
+        args.extend([
             "--batch-size",
             &batch_size,
             "--batch-wait",
@@ -848,7 +857,7 @@ impl<'w> Trial<'w> {
             HEARTBEAT,
             "-X",
             &client_id,
-        ];
+        ]);
         let env = [
             (ENV_SCHEMA, w.schema.clone()),
             (ENV_DELAY_US, self.opts.handler_delay_us.to_string()),
@@ -936,21 +945,8 @@ impl<'w> Trial<'w> {
     fn start_replay(&mut self, attempt: u32) -> anyhow::Result<()> {
         let w = self.world;
         let log = self.dir.join(format!("replay-{attempt}.log"));
-        let args = [
-            "replay",
-            "--database-url",
-            &w.url,
-            "-b",
-            &w.bootstrap,
-            "--schema",
-            &w.schema,
-            "-g",
-            &self.group,
-            "-t",
-            &self.topic,
-            "--from",
-            "earliest",
-        ];
+        let mut args = self.program_args("replay");
+        args.extend(["--from", "earliest"]);
         let child = spawn(&w.exe, &log, &args, &[])?;
         self.log(format!(
             "replay --from earliest started (attempt {attempt})"
