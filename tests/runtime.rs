@@ -189,8 +189,8 @@ async fn a_partition_paused_when_revoked_is_consumed_when_assigned_back<DB: Test
     .await;
 
     // Another owner claims the partition in the database: the first instance's next commit is
-    // fenced, it finds the partition owned by someone else and pauses it (for a session
-    // timeout and more) until Kafka settles the assignment.
+    // fenced (or its epoch watcher notices first), it finds the partition owned by someone
+    // else and pauses it (for a session timeout and more) until Kafka settles the assignment.
     let key = PartitionKey {
         group: group.clone(),
         topic: topic.clone(),
@@ -199,9 +199,11 @@ async fn a_partition_paused_when_revoked_is_consumed_when_assigned_back<DB: Test
     DB::claim(&pool, &DB::queries(SCHEMA).unwrap(), &key, "someone-else")
         .await
         .unwrap();
-    wait_until(WAIT, "the first instance to be fenced", || async {
-        count(&stats_a.fenced) >= 1
-    })
+    wait_until(
+        WAIT,
+        "the first instance to be fenced and reload",
+        || async { count(&stats_a.reloads) >= 1 },
+    )
     .await;
 
     // Meanwhile a second instance joins (the eager assignor revokes the paused partition) and

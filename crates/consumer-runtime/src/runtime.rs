@@ -54,6 +54,9 @@ pub struct Stats {
     pub retries: AtomicU64,
     /// Commits refused by the fence.
     pub fenced: AtomicU64,
+    /// Times a partition was reloaded after its epoch changed behind the worker: a fenced
+    /// commit, or the epoch watcher noticing a replay, an offset set or another owner first.
+    pub reloads: AtomicU64,
     /// Partition assignments (each one claims the partition and bumps its epoch).
     pub assignments: AtomicU64,
 }
@@ -1272,6 +1275,7 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
             match control {
                 Control::Fenced { key, generation } => {
                     if self.is_current(&key, generation) {
+                        bump(&self.core.stats.reloads, 1);
                         self.reload(&key.topic, key.partition, false);
                     }
                 }
