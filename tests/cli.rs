@@ -219,11 +219,15 @@ struct Setup {
 
 impl Setup {
     async fn new(partitions: i32) -> Setup {
+        Setup::at(partitions, database_url()).await
+    }
+
+    /// The same on the PostgreSQL server at `url`.
+    async fn at(partitions: i32, url: String) -> Setup {
         support::init_tracing();
         let kafka = Kafka::new();
         let topic = rand_name("orders");
         kafka.create_topic(&topic, partitions);
-        let url = database_url();
         let schema = rand_name("cli");
         let migrate = output(
             "migrate",
@@ -609,6 +613,80 @@ async fn a_killed_consumer_s_partitions_are_taken_over_and_every_event_applied_o
     assert_exactly_once(&s.applied().await, &ids);
     s.assert_all_shipped(1000).await;
     s.drop_schema().await;
+}
+
+/// The broker goes away, then PostgreSQL: each time the program says in its log what it is
+/// waiting for, keeps running, and goes on when it is back, with every event applied once.
+/// PostgreSQL is a private server (own data directory and port), so stopping it disturbs no
+/// other test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_program_says_what_it_waits_for_and_goes_on_when_it_is_back() {
+    use support::private_pg::{PrivatePostgres, Stop};
+    let dir = std::env::temp_dir().join(rand_name("consumer-runtime-cli-pg"));
+    let server =
+        std::sync::Arc::new(PrivatePostgres::start(&dir).expect("start a private PostgreSQL"));
+    let s = Setup::at(2, server.url("postgres")).await;
+    let (records, ids) = order_events(&s.topic, 600, 2, 60);
+    s.kafka.produce(&s.topic, &records);
+    let ends = ends_of(&records);
+    let total: i64 = ends.values().sum();
+    let mut flags = vec!["--batch-size", "5", "--concurrency", "1"];
+    flags.extend(QUICK_SESSION);
+    let mut run = s.run("run", &flags);
+    let done = || async { s.positions().await.values().sum::<i64>() };
+    wait_until(WAIT, "some progress", || async { done().await >= 100 }).await;
+
+    // The only broker goes down for a while.
+    s.kafka.cluster.broker_down(1).expect("broker down");
+    wait_until(WAIT, "the log to say it waits for the broker", || async {
+        run.stderr()
+            .contains("no Kafka broker is reachable; waiting for the brokers")
+    })
+    .await;
+    assert!(
+        run.is_running(),
+        "the program gave up on the broker:\n{}",
+        run.stderr()
+    );
+    s.kafka.cluster.broker_up(1).expect("broker up");
+    let before = done().await;
+    wait_until(WAIT, "progress after the broker came back", || async {
+        done().await > before
+    })
+    .await;
+
+    // Then PostgreSQL stops, mid-stream, and comes back only once the program has said so.
+    assert!(done().await < total, "the outage must come mid-stream");
+    let srv = server.clone();
+    tokio::task::spawn_blocking(move || srv.stop(Stop::Fast))
+        .await
+        .unwrap()
+        .expect("stop PostgreSQL");
+    wait_until(WAIT, "the log to say it waits for the database", || async {
+        run.stderr().contains(
+            "the database is unreachable or failing; batch rolled back, waiting for the database",
+        )
+    })
+    .await;
+    assert!(
+        run.is_running(),
+        "the program gave up on the database:\n{}",
+        run.stderr()
+    );
+    let srv = server.clone();
+    tokio::task::spawn_blocking(move || srv.start_again())
+        .await
+        .unwrap()
+        .expect("start PostgreSQL again");
+
+    s.wait_caught_up(&ends).await;
+    assert!(run.is_running(), "the program stopped:\n{}", run.stderr());
+    run.terminate();
+    run.wait(WAIT)
+        .assert_success("the consumer stopped by SIGTERM");
+    assert_exactly_once(&s.applied().await, &ids);
+    s.assert_all_shipped(600).await;
+    s.pool.close().await;
 }
 
 #[tokio::test]
