@@ -1072,3 +1072,98 @@ mod database_restart {
         pool.close().await;
     }
 }
+
+mod frozen_transaction {
+    use super::*;
+    use consumer_runtime::Backend;
+    use consumer_runtime::sqlx::{self, Postgres};
+
+    async fn idle_timeout(pool: &Pool<Postgres>) -> String {
+        sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    }
+
+    /// `url` with `options=-c idle_in_transaction_session_timeout=<value>`.
+    fn with_idle_timeout(url: &str, value: &str) -> String {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}options=-c%20idle_in_transaction_session_timeout%3D{value}")
+    }
+
+    /// The consumer's PostgreSQL sessions end a transaction left idle for a minute, unless
+    /// somebody chose otherwise (here: the URL), and then that choice stands, even "off".
+    #[tokio::test]
+    async fn consumer_sessions_bound_idle_transactions_unless_told_otherwise() {
+        let url = database_url();
+        let default = consumer_runtime::connect::<Postgres>(&url, 1)
+            .await
+            .unwrap();
+        assert_eq!(idle_timeout(&default).await, "1min");
+        let off = consumer_runtime::connect::<Postgres>(&with_idle_timeout(&url, "0"), 1)
+            .await
+            .unwrap();
+        assert_eq!(idle_timeout(&off).await, "0");
+        let short = consumer_runtime::connect::<Postgres>(&with_idle_timeout(&url, "1500"), 1)
+            .await
+            .unwrap();
+        assert_eq!(idle_timeout(&short).await, "1500ms");
+    }
+
+    /// A consumer freezes in the middle of a batch, its transaction open (a SIGSTOP, a paused
+    /// VM). The server ends that session after the idle-in-transaction timeout, so another
+    /// owner's claim of the partition goes through while the consumer is still frozen. When the
+    /// consumer wakes, its batch rolls back, it is fenced, and in the end every event is applied
+    /// exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_consumer_frozen_mid_transaction_does_not_block_the_next_owner() {
+        let pool = pg_pool_at(&with_idle_timeout(&database_url(), "1000")).await;
+        assert_eq!(idle_timeout(&pool).await, "1s");
+        let kafka = Kafka::new();
+        let topic = rand_name("frozen");
+        let group = rand_name("g");
+        kafka.create_topic(&topic, 1);
+        let (records, ids) = events_with_duplicates(&topic, 200, 1, 0);
+        kafka.produce(&topic, &records);
+        let mut counter = Counter::new(&group);
+        counter.freeze_on = Some((ids[50].clone(), Duration::from_secs(15)));
+        let rt = runtime(&kafka, &pool, counter.clone(), &topic, &group)
+            .batch_size(10)
+            .build()
+            .unwrap();
+        let stats = rt.stats();
+        let stop = rt.shutdown_handle();
+        let task = tokio::spawn(rt.run());
+        wait_until(WAIT, "the handler to freeze", || async {
+            counter.frozen.load(Ordering::SeqCst)
+        })
+        .await;
+
+        let key = PartitionKey {
+            group: group.clone(),
+            topic: topic.clone(),
+            partition: 0,
+        };
+        let queries = Postgres::queries(SCHEMA).unwrap();
+        tokio::time::timeout(
+            WAIT,
+            Postgres::claim(&pool, &queries, &key, "the-next-owner"),
+        )
+        .await
+        .expect("the claim waited for the frozen consumer")
+        .unwrap();
+        assert!(
+            counter.frozen.load(Ordering::SeqCst),
+            "the claim must go through while the consumer is still frozen"
+        );
+
+        wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+        stop.shutdown();
+        task.await.unwrap().expect("clean shutdown");
+        assert!(
+            stats.reloads.load(Ordering::SeqCst) >= 1,
+            "the woken consumer must have been fenced"
+        );
+        assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
+    }
+}

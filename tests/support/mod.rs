@@ -524,6 +524,13 @@ pub struct Counter {
     pub stalled: Arc<AtomicBool>,
     /// Event ids whose handler writes its effect and then panics.
     pub panic_on: Option<String>,
+    /// The event id whose handler, the first time, writes its effect and then sleeps this long
+    /// (a consumer frozen mid-transaction that later wakes up).
+    pub freeze_on: Option<(String, Duration)>,
+    /// True while that handler sleeps.
+    pub frozen: Arc<AtomicBool>,
+    /// Set once that handler went to sleep.
+    pub froze: Arc<AtomicBool>,
     /// Handler calls, whatever their outcome.
     pub calls: Arc<AtomicU64>,
 }
@@ -538,6 +545,9 @@ impl Counter {
             stall_on: None,
             stalled: Arc::new(AtomicBool::new(false)),
             panic_on: None,
+            freeze_on: None,
+            frozen: Arc::new(AtomicBool::new(false)),
+            froze: Arc::new(AtomicBool::new(false)),
             calls: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -576,6 +586,14 @@ impl<DB: TestDb> Handler<DB> for Counter {
         }
         if self.panic_on.as_deref() == Some(id) {
             panic!("test panics on {id}");
+        }
+        if let Some((freeze, how_long)) = &self.freeze_on
+            && freeze == id
+            && !self.froze.swap(true, Ordering::SeqCst)
+        {
+            self.frozen.store(true, Ordering::SeqCst);
+            tokio::time::sleep(*how_long).await;
+            self.frozen.store(false, Ordering::SeqCst);
         }
         if self.stall_on.as_deref() == Some(id) {
             // The effect is written but not committed: the test now drops the runtime.

@@ -699,7 +699,10 @@ pub trait Backend: sqlx::Database + sealed::Sealed {
 
 /// Opens a connection pool for `url` (`postgres://…` for [`sqlx::Postgres`], `sqlite://…` for
 /// [`sqlx::Sqlite`]; a SQLite file is created if missing) with at most `max_connections`
-/// connections, and checks that it connects.
+/// connections, and checks that it connects. PostgreSQL sessions get
+/// `idle_in_transaction_session_timeout = 1min` unless the server, the role, the database or the
+/// URL (`?options=-c%20idle_in_transaction_session_timeout%3D…`) chose a value: a consumer frozen
+/// mid-batch then holds its partition's offset row for at most a minute.
 pub async fn connect<DB: Backend>(url: &str, max_connections: u32) -> Result<Pool<DB>> {
     let kind = DatabaseKind::from_url(url)?;
     if kind != DB::KIND {

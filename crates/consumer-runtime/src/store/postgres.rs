@@ -12,6 +12,14 @@ use crate::util::check_identifier;
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/postgres");
 
+/// Bounds how long a consumer frozen in the middle of a batch (SIGSTOP, a paused VM, a stuck
+/// handler) keeps its transaction open, and with it the partition's offset row locked against
+/// the next owner's claim: the server ends such a session after a minute. Set only where nobody
+/// chose a value: the server's configuration, the role, the database, or the URL's
+/// `options=-c idle_in_transaction_session_timeout=…` (which may also turn it off with 0).
+const IDLE_IN_TRANSACTION_DEFAULT: &str = "SELECT set_config('idle_in_transaction_session_timeout', '1min', false) \
+     FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout' AND source = 'default'";
+
 /// The columns of a dead letter, in the order `dead_letter_from` reads them.
 macro_rules! dl_cols {
     () => {
@@ -110,6 +118,14 @@ impl_backend! {
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query(IDLE_IN_TRANSACTION_DEFAULT)
+                        .execute(conn)
+                        .await
+                        .map(drop)
+                })
+            })
             .connect_with(options)
             .await
     }
