@@ -461,11 +461,18 @@ async fn migrate_then_run_applies_every_order_event_exactly_once() {
 
     let (records, ids) = order_events(&s.topic, 100, 4, 30);
     s.kafka.produce(&s.topic, &records);
-    let mut run = s.run("run", &[]);
+    // A metrics interval without an address serves nothing, and the log says so.
+    let mut run = s.run("run", &["--metrics-interval", "2s"]);
     s.wait_caught_up(&ends_of(&records)).await;
     run.terminate();
     let out = run.wait(WAIT);
     out.assert_success("orders run stopped by SIGTERM");
+    assert!(
+        out.stderr
+            .contains("a metrics interval is set but no metrics address"),
+        "no warning about the metrics interval:\n{}",
+        out.stderr
+    );
 
     assert_exactly_once(&s.applied().await, &ids);
     s.assert_all_shipped(100).await;

@@ -7,7 +7,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use sqlx::Pool;
 use sqlx::migrate::Migrate;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::args::{EventIdArg, show_properties};
 use super::settings::{
@@ -290,7 +290,15 @@ async fn run_consumer<H: Handler<DB>, DB: Backend>(
                 builder.metrics_refresh(run.metrics_interval.unwrap_or(DEFAULT_METRICS_INTERVAL));
             Some(serve_metrics(&addr.0).await?)
         }
-        None => None,
+        None => {
+            if run.metrics_interval.is_some() {
+                warn!(
+                    "a metrics interval is set but no metrics address: no metrics are served; \
+                     set --metrics-addr (or CONSUMER_METRICS_ADDR, metrics_addr) to serve them"
+                );
+            }
+            None
+        }
     };
     let runtime = builder.build()?;
     let stats = runtime.stats();
