@@ -930,7 +930,16 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                     }
                     let delay = self.retry.delay(attempt).max(after.unwrap_or_default());
                     if infrastructure {
-                        warn!(parent: &span, attempt, ?delay, error = %source, "the database is unreachable or failing; batch rolled back, waiting for the database before retrying");
+                        // A pool that timed out hides why; one direct attempt tells.
+                        let cause = match source.downcast_ref::<sqlx::Error>() {
+                            Some(sqlx::Error::PoolTimedOut) => {
+                                crate::store::connect_error(&self.writer.pool)
+                                    .await
+                                    .map(|e| e.to_string())
+                            }
+                            _ => None,
+                        };
+                        warn!(parent: &span, attempt, ?delay, error = %source, cause, "the database is unreachable or failing; batch rolled back, waiting for the database before retrying");
                     } else {
                         warn!(parent: &span, attempt, ?delay, error = %source, record = ?at.map(|a| a.to_string()), "batch rolled back; retrying");
                     }

@@ -721,6 +721,22 @@ pub async fn connect<DB: Backend>(url: &str, max_connections: u32) -> Result<Poo
         })
 }
 
+/// Why `pool` cannot hand out a connection, when it times out: a pool says only "timed out",
+/// one direct connection attempt with its options says "connection refused" or "the database
+/// system is starting up". `None` if that attempt succeeds or takes over 5 s.
+pub(crate) async fn connect_error<DB: sqlx::Database>(pool: &Pool<DB>) -> Option<sqlx::Error> {
+    use sqlx::{ConnectOptions as _, Connection as _};
+    let options = pool.connect_options();
+    match tokio::time::timeout(std::time::Duration::from_secs(5), options.connect()).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            None
+        }
+        Ok(Err(e)) => Some(e),
+        Err(_) => None,
+    }
+}
+
 /// Moves a group's stored offsets for `topic` to `positions` (partition, next offset) in one
 /// transaction, bumping each partition's epoch and clearing its owner: a consumer that is
 /// running is fenced, reloads the new position and continues from it without a restart.
