@@ -399,9 +399,7 @@ async fn a_disabled_circuit_breaker_parks_the_whole_bad_stretch_and_goes_on<DB: 
         .unwrap();
     let stop = rt.shutdown_handle();
     let task = tokio::spawn(rt.run());
-    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
-    stop.shutdown();
-    task.await.unwrap().expect("clean shutdown");
+    catch_up_and_stop(&pool, &group, &topic, &records, stop, task).await;
     assert_eq!(parked(&pool, &group).await.len(), 60);
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
 }
@@ -442,9 +440,7 @@ async fn a_broker_outage_mid_stream_loses_and_duplicates_nothing<DB: TestDb>() {
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION; 5],
     );
 
-    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
-    stop.shutdown();
-    task.await.unwrap().expect("clean shutdown");
+    catch_up_and_stop(&pool, &group, &topic, &records, stop, task).await;
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
 }
 
@@ -1061,9 +1057,7 @@ mod database_restart {
             "the restarts must come mid-stream (raise the event count)"
         );
 
-        wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
-        stop.shutdown();
-        task.await.unwrap().expect("clean shutdown");
+        catch_up_and_stop(&pool, &group, &topic, &records, stop, task).await;
         assert!(
             stats.retries.load(Ordering::Relaxed) >= 1,
             "a restart mid-stream must have rolled back at least one batch"
@@ -1157,9 +1151,7 @@ mod frozen_transaction {
             "the claim must go through while the consumer is still frozen"
         );
 
-        wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
-        stop.shutdown();
-        task.await.unwrap().expect("clean shutdown");
+        catch_up_and_stop(&pool, &group, &topic, &records, stop, task).await;
         assert!(
             stats.reloads.load(Ordering::SeqCst) >= 1,
             "the woken consumer must have been fenced"

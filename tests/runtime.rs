@@ -40,9 +40,7 @@ async fn consume_all_once<DB: TestDb>(batch_size: usize) {
     let stats = rt.stats();
     let stop = rt.shutdown_handle();
     let task = tokio::spawn(rt.run());
-    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
-    stop.shutdown();
-    task.await.unwrap().expect("clean shutdown");
+    catch_up_and_stop(&pool, &group, &topic, &records, stop, task).await;
 
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
     assert_eq!(ledger_rows(&pool, &group).await, 400);

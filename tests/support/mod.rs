@@ -301,6 +301,21 @@ pub async fn wait_caught_up<DB: Backend>(
     wait_caught_up_within(CAUGHT_UP, pool, group, topic, ends).await;
 }
 
+/// Waits until the group's stored offsets reach the end of `records`, then stops the runtime
+/// gracefully and checks that it ended without an error.
+pub async fn catch_up_and_stop<DB: Backend>(
+    pool: &Pool<DB>,
+    group: &str,
+    topic: &str,
+    records: &[(i32, String, String)],
+    stop: consumer_runtime::ShutdownHandle,
+    task: tokio::task::JoinHandle<consumer_runtime::Result<()>>,
+) {
+    wait_caught_up(pool, group, topic, &ends_of(records)).await;
+    stop.shutdown();
+    task.await.unwrap().expect("clean shutdown");
+}
+
 /// [`wait_caught_up`] with its own deadline.
 pub async fn wait_caught_up_within<DB: Backend>(
     timeout: Duration,
