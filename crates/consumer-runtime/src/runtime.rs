@@ -649,16 +649,20 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
         *self.shutdown.borrow()
     }
 
-    /// Runs a future on the async runtime and waits for it on this (non-async) thread.
-    fn block_on<F>(&self, f: F) -> F::Output
+    /// Runs a future on the async runtime and waits for it on this (non-async) thread. `None`
+    /// when the async runtime is shutting down (the application dropped it under the consumer)
+    /// and cancelled the future.
+    fn block_on<F>(&self, f: F) -> Option<F::Output>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
         let task = self.handle.spawn(f);
-        self.handle
-            .block_on(task)
-            .expect("runtime task panicked or was cancelled")
+        match self.handle.block_on(task) {
+            Ok(output) => Some(output),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => None,
+        }
     }
 
     fn start_offset(&self, claim: &Claim) -> Offset {
@@ -689,7 +693,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                     });
                 }
                 Ok::<_, sqlx::Error>(out)
-            });
+            })?;
             match result {
                 Ok(claims) => return Some(claims),
                 Err(e) => {
@@ -1124,7 +1128,8 @@ fn stop_workers<H: Handler<DB>, DB: Backend>(core: &Core<H, DB>, parts: Option<&
         })
         .unzip();
     if !tasks.is_empty() {
-        core.block_on(async move {
+        // `None` (the async runtime is gone) means the workers were cancelled with it.
+        let _ = core.block_on(async move {
             for t in tasks {
                 let _ = t.await;
             }
@@ -1398,4 +1403,132 @@ fn single(topic: &str, partition: i32) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::with_capacity(1);
     tpl.add_partition(topic, partition);
     tpl
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use sqlx::Postgres;
+
+    struct Nothing;
+
+    #[async_trait::async_trait]
+    impl Handler<Postgres> for Nothing {
+        type Event = serde_json::Value;
+        async fn handle(
+            &self,
+            _ctx: &mut crate::Context<'_, Postgres>,
+            _event: serde_json::Value,
+        ) -> std::result::Result<(), crate::HandlerError> {
+            Ok(())
+        }
+    }
+
+    /// The threads of this process named `consumer-poll`.
+    fn poll_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .map(|tasks| {
+                tasks
+                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .filter(|name| name.trim_end() == "consumer-poll")
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    fn wait(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// An application drops its async runtime (returns from `main` without a shutdown, drops a
+    /// test's runtime) while the consumer's poll thread waits on the database for a partition
+    /// claim: the claim is cancelled with the runtime and the poll thread ends without a panic.
+    #[test]
+    fn dropping_the_async_runtime_mid_claim_ends_the_poll_thread_without_a_panic() {
+        let poll_panics = Arc::new(AtomicU64::new(0));
+        let seen = poll_panics.clone();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() == Some("consumer-poll") {
+                seen.fetch_add(1, Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 1, 1).expect("create topic");
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let schema = format!("lib_drop_{}", std::process::id());
+
+        // The test's own async runtime holds the partition's offset row locked.
+        let test = tokio::runtime::Runtime::new().unwrap();
+        let (pool, lock) = test.block_on(async {
+            let pool = crate::connect::<Postgres>(&url, 2).await.unwrap();
+            crate::migrate(&pool, &schema).await.unwrap();
+            crate::set_offsets(&pool, &schema, "g", "t", &[(0, 0)])
+                .await
+                .unwrap();
+            let mut lock = pool.begin().await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT 1 FROM {schema}.consumer_offsets WHERE consumer_group = 'g' FOR UPDATE"
+            )))
+            .execute(&mut *lock)
+            .await
+            .unwrap();
+            (pool, lock)
+        });
+
+        // The consumer's runtime: its assignment's claim waits for that lock.
+        let consumer = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        consumer.block_on(async {
+            let runtime = Runtime::builder(Nothing)
+                .pool(crate::connect::<Postgres>(&url, 2).await.unwrap())
+                .schema(&schema)
+                .brokers(cluster.bootstrap_servers())
+                .group("g")
+                .topic("t")
+                .handle_signals(false)
+                .build()
+                .unwrap();
+            tokio::spawn(runtime.run());
+        });
+        wait("the claim to wait for the lock", || {
+            test.block_on(async {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND strpos(query, $1) > 0",
+                )
+                .bind(format!("{schema}.consumer_offsets"))
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                    > 0
+            })
+        });
+        drop(consumer);
+        wait("the poll thread to end", || poll_threads() == 0);
+        assert_eq!(
+            poll_panics.load(Ordering::SeqCst),
+            0,
+            "the poll thread panicked"
+        );
+
+        test.block_on(async {
+            lock.rollback().await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+                .execute(&pool)
+                .await
+                .unwrap();
+        });
+    }
 }
