@@ -12,9 +12,7 @@ use anyhow::{Context as _, bail};
 use consumer_runtime::rdkafka::config::ClientConfig;
 use consumer_runtime::rdkafka::message::{Header, OwnedHeaders};
 use consumer_runtime::rdkafka::mocking::MockCluster;
-use consumer_runtime::rdkafka::producer::{
-    BaseProducer, BaseRecord, DefaultProducerContext, Producer,
-};
+use consumer_runtime::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use consumer_runtime::rdkafka::types::RDKafkaErrorCode;
 use consumer_runtime::sqlx::{self, Pool, Postgres, Row};
 
@@ -68,10 +66,33 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
     );
     let (mut lost, mut duplicated, mut parked) = (0u64, 0u64, 0u64);
     let mut failed_dirs = Vec::new();
+    let mut broker_crashes = 0u32;
+    // A repeated trial gets a key of its own (its event ids and effect rows carry it).
+    let mut last_key = opts.trials;
     for trial in 1..=opts.trials {
-        let trial_seed = mix(seed ^ mix(u64::from(trial)));
-        let result = Trial::run(&world, &opts, trial, trial_seed)
-            .with_context(|| format!("trial {trial} (seed {seed})"))?;
+        let (mut key, mut trial_seed) = (trial, mix(seed ^ mix(u64::from(trial))));
+        let result = loop {
+            let broker =
+                MockBroker::start(&world.exe, &trial_topic(key, trial_seed), opts.partitions)?;
+            let outcome = Trial::run(&world, &opts, key, trial_seed, &broker.bootstrap);
+            let Some(status) = broker.died() else {
+                break outcome.with_context(|| format!("trial {trial} (seed {seed})"))?;
+            };
+            // Not a consumer failure: a broker must answer whatever a client sends, but
+            // librdkafka's mock cluster aborts on an internal assertion now and then (seen:
+            // `rd_kafka_mock_cgrp_classic_member_add: Assertion '!member->resp' failed`).
+            broker_crashes += 1;
+            println!(
+                "trial {trial}/{}: the mock broker's process died ({status}); the trial is not counted and runs again on a new broker, topic and group",
+                opts.trials
+            );
+            let _ = std::fs::remove_dir_all(world.dir.join(format!("trial-{key}")));
+            if broker_crashes > 2 + opts.trials / 10 {
+                bail!("the mock broker died {broker_crashes} times; see the messages above");
+            }
+            last_key += 1;
+            (key, trial_seed) = (last_key, mix(trial_seed ^ 0x00b4_0ce4));
+        };
         lost += result.lost;
         duplicated += result.duplicated;
         parked += result.parked;
@@ -108,6 +129,9 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
             let _ = std::fs::remove_dir_all(&result.dir);
         }
     }
+    if broker_crashes > 0 {
+        println!("mock broker crashes (trials repeated): {broker_crashes}");
+    }
     println!(
         "trials={} lost={lost} duplicated={duplicated} parked={parked}",
         opts.trials
@@ -127,18 +151,15 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-/// What a whole run shares: the mock cluster, the database and the paths.
+/// What a whole run shares: the database and the paths.
 struct World {
     exe: PathBuf,
     dir: PathBuf,
     url: String,
     schema: String,
-    bootstrap: String,
     // Dropped before the async runtime it needs.
     pool: Pool<Postgres>,
     rt: tokio::runtime::Runtime,
-    // Kept alive for the whole run; it runs on librdkafka's own thread.
-    kafka: MockCluster<'static, DefaultProducerContext>,
     /// `None` with --database-url.
     pg: Option<PrivatePostgres>,
 }
@@ -161,8 +182,6 @@ impl World {
                 (Some(pg), url, "chaos".to_owned())
             }
         };
-        let kafka = MockCluster::new(1).context("starting the librdkafka mock cluster")?;
-        let bootstrap = kafka.bootstrap_servers();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -199,10 +218,8 @@ impl World {
             dir,
             url,
             schema,
-            bootstrap,
             rt,
             pool,
-            kafka,
             pg,
         })
     }
@@ -488,6 +505,7 @@ struct Trial<'w> {
     dir: PathBuf,
     topic: String,
     group: String,
+    bootstrap: &'w str,
     rng: Rng,
     procs: Vec<Proc>,
     spawned: u32,
@@ -511,16 +529,20 @@ impl<'w> Trial<'w> {
         ));
     }
 
-    fn run(world: &'w World, opts: &'w Options, trial: u32, seed: u64) -> anyhow::Result<Outcome> {
+    /// Runs trial `trial` (its key: event ids and effect rows carry it) against the mock
+    /// broker at `bootstrap`, which holds the topic [`trial_topic`]`(trial, seed)`.
+    fn run(
+        world: &'w World,
+        opts: &'w Options,
+        trial: u32,
+        seed: u64,
+        bootstrap: &'w str,
+    ) -> anyhow::Result<Outcome> {
         let started = Instant::now();
         let dir = world.dir.join(format!("trial-{trial}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let topic = format!("chaos-{trial}-{seed}");
-        let group = format!("chaos-{trial}-{seed}");
-        world
-            .kafka
-            .create_topic(&topic, opts.partitions, 1)
-            .context("creating the trial's topic")?;
+        let topic = trial_topic(trial, seed);
+        let group = topic.clone();
         let mut t = Trial {
             world,
             opts,
@@ -528,6 +550,7 @@ impl<'w> Trial<'w> {
             dir,
             topic,
             group,
+            bootstrap,
             rng: Rng::new(seed),
             procs: Vec::new(),
             spawned: 0,
@@ -628,7 +651,7 @@ impl<'w> Trial<'w> {
         }
         let start = Instant::now();
         let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &world.bootstrap)
+            .set("bootstrap.servers", bootstrap)
             .set("linger.ms", "5")
             .create()
             .context("creating the producer")?;
@@ -822,7 +845,7 @@ impl<'w> Trial<'w> {
             "--database-url",
             &w.url,
             "-b",
-            &w.bootstrap,
+            self.bootstrap,
             "--schema",
             &w.schema,
             "-g",
@@ -1144,4 +1167,79 @@ fn produce(producer: &BaseProducer, topic: &str, records: &[Rec]) -> anyhow::Res
     producer
         .flush(Duration::from_secs(30))
         .context("flushing the producer")
+}
+
+/// The topic (and consumer group) of trial `key` with `seed`.
+fn trial_topic(key: u32, seed: u64) -> String {
+    format!("chaos-{key}-{seed}")
+}
+
+/// `chaos mock-broker TOPIC PARTITIONS` (hidden): hosts a librdkafka mock cluster with the
+/// topic, prints its bootstrap servers on stdout, and lives until its stdin closes. The harness
+/// runs one per trial in a child process, so that a crash of the mock cluster ends one trial
+/// attempt, not the run.
+pub(crate) fn mock_broker(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let [topic, partitions] = args.as_slice() else {
+        bail!("usage: chaos mock-broker TOPIC PARTITIONS");
+    };
+    let topic = topic.to_str().context("the topic is not UTF-8")?;
+    let partitions: i32 = partitions
+        .to_str()
+        .and_then(|p| p.parse().ok())
+        .context("PARTITIONS must be a whole number")?;
+    let cluster = MockCluster::new(1).context("starting the librdkafka mock cluster")?;
+    cluster
+        .create_topic(topic, partitions, 1)
+        .context("creating the trial's topic")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", cluster.bootstrap_servers())?;
+    out.flush()?;
+    drop(out);
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    Ok(())
+}
+
+/// One trial's mock broker, in a child process; dropping it stops the child.
+struct MockBroker {
+    child: Child,
+    bootstrap: String,
+}
+
+impl MockBroker {
+    fn start(exe: &Path, topic: &str, partitions: i32) -> anyhow::Result<MockBroker> {
+        use std::io::BufRead as _;
+        let mut child = Command::new(exe)
+            .args(["mock-broker", topic, &partitions.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the mock broker's process")?;
+        let stdout = child.stdout.take().context("the mock broker's stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("reading the mock broker's address")?;
+        let bootstrap = line.trim().to_owned();
+        if bootstrap.is_empty() {
+            let status = child.wait().context("waiting for the mock broker")?;
+            bail!("the mock broker's process ended ({status}) without an address");
+        }
+        Ok(MockBroker { child, bootstrap })
+    }
+
+    /// How the broker's process ended, if it did (it runs until dropped otherwise).
+    fn died(mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for MockBroker {
+    fn drop(&mut self) {
+        // Closing its stdin ends it; kill in case it is stuck.
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,4 +1,5 @@
-//! `chaos`: the crash-consistency program. It hosts a librdkafka mock cluster, produces events
+//! `chaos`: the crash-consistency program. It hosts a librdkafka mock cluster (in a child
+//! process, one per trial), produces events
 //! (with producer-side duplicates and poison records) while several consumer processes of a
 //! handler with a non-idempotent effect consume them in one group, and injects faults at
 //! seeded random moments: SIGKILL of a consumer, a SIGSTOP past the session timeout (a zombie
@@ -25,8 +26,8 @@ use clap::Parser;
 
 /// The crash-consistency suite of consumer-runtime.
 ///
-/// Each trial: a fresh topic and consumer group on a librdkafka mock cluster hosted by this
-/// process; events produced in waves, about 10% of them sent twice (a producer retry: same
+/// Each trial: a fresh topic and consumer group on a librdkafka mock cluster hosted by a child
+/// process of this one (`chaos mock-broker`, one per trial); events produced in waves, about 10% of them sent twice (a producer retry: same
 /// event id, same key) and about 2% poison (rejected by the handler, or not JSON); several
 /// consumer processes (this binary, `chaos consumer run`) of a handler whose effect is NOT
 /// idempotent (`applied = applied + 1` per event). At moments drawn from the seed one consumer
@@ -117,6 +118,16 @@ fn main() -> ExitCode {
     if rest.first().is_some_and(|a| a == "consumer") {
         rest.remove(0);
         return consumer::main(rest);
+    }
+    if rest.first().is_some_and(|a| a == "mock-broker") {
+        rest.remove(0);
+        return match harness::mock_broker(rest) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        };
     }
     let options = Options::parse();
     match harness::run(options) {
