@@ -1046,6 +1046,92 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 /// metrics; once it caught up, a scrape over HTTP says what the database says: records
 /// processed = ledger rows, producer duplicates, parked = dead letters, lag 0 = high watermark
 /// − stored offset on every partition, the ledger size, and a rebalance.
+/// The address the program's metrics server bound, from its JSON log (every line must be a
+/// JSON object; one names the address).
+async fn metrics_addr(run: &Proc) -> String {
+    let mut addr = None;
+    wait_until(WAIT, "the metrics address in the log", || {
+        let stderr = run.stderr();
+        addr = stderr.lines().find_map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+            v["fields"]["addr"].as_str().map(str::to_owned)
+        });
+        let found = addr.is_some();
+        async move { found }
+    })
+    .await;
+    addr.unwrap()
+}
+
+/// With `--offset-reset latest` a new group skips what the topic already holds: its lag counts
+/// from where it started (0), not from offset 0, until its first commit stores an offset.
+#[tokio::test]
+async fn lag_without_a_stored_offset_counts_from_where_the_consumer_started() {
+    let s = Setup::new(2).await;
+    let (old, _) = order_events(&s.topic, 30, 2, 0);
+    s.kafka.produce(&s.topic, &old);
+    let mut flags = vec![
+        "--offset-reset",
+        "latest",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--metrics-interval",
+        "200ms",
+        "--log-format",
+        "json",
+    ];
+    flags.extend(QUICK_SESSION);
+    let mut run = s.run("run", &flags);
+    let addr = metrics_addr(&run).await;
+    let group = s.group.as_str();
+    let lag = |text: &str, p: i32| {
+        sample(
+            text,
+            "consumer_lag",
+            &[("group", group), ("partition", &p.to_string())],
+        )
+    };
+    let mut text = String::new();
+    wait_until(WAIT, "a lag series for each partition", || {
+        text = scrape(&addr);
+        let both = (0..2).all(|p| lag(&text, p).is_some());
+        async move { both }
+    })
+    .await;
+    assert!(
+        s.positions().await.is_empty(),
+        "nothing new was produced, so nothing may be stored yet"
+    );
+    for p in 0..2 {
+        assert_eq!(lag(&text, p), Some(0.0), "partition {p}:\n{text}");
+    }
+
+    // New events are consumed from where it started; the old ones never are.
+    let (new, ids) = order_events(&format!("{}-new", s.topic), 10, 2, 0);
+    s.kafka.produce(&s.topic, &new);
+    let mut ends = ends_of(&old);
+    for (p, n) in ends_of(&new) {
+        *ends.entry(p).or_default() += n;
+    }
+    s.wait_caught_up(&ends).await;
+    run.terminate();
+    run.wait(WAIT)
+        .assert_success("the consumer stopped by SIGTERM");
+    let new_prefix = format!("{}-new-", s.topic);
+    let (new_applied, old_applied): (HashMap<_, _>, HashMap<_, _>) = s
+        .applied()
+        .await
+        .into_iter()
+        .partition(|(id, _)| id.starts_with(&new_prefix));
+    assert!(
+        old_applied.is_empty(),
+        "old events were applied: {old_applied:?}"
+    );
+    assert_exactly_once(&new_applied, &ids);
+    s.drop_schema().await;
+}
+
 #[tokio::test]
 async fn metrics_over_http_match_the_database_once_caught_up() {
     let s = Setup::new(3).await;
@@ -1068,21 +1154,7 @@ async fn metrics_over_http_match_the_database_once_caught_up() {
     ];
     flags.extend(QUICK_SESSION);
     let mut run = s.run("run", &flags);
-
-    // Every log line is a JSON object; one names the bound address.
-    let mut addr = None;
-    wait_until(WAIT, "the metrics address in the log", || {
-        let stderr = run.stderr();
-        addr = stderr.lines().find_map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
-            v["fields"]["addr"].as_str().map(str::to_owned)
-        });
-        let found = addr.is_some();
-        async move { found }
-    })
-    .await;
-    let addr = addr.unwrap();
+    let addr = metrics_addr(&run).await;
 
     let ends = ends_of(&records);
     s.wait_caught_up(&ends).await;

@@ -729,6 +729,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             topic,
             partition,
             claim.next_offset,
+            self.reset == OffsetReset::Latest,
         ));
         let writer = PartitionWriter::new(self.writer.clone(), key, claim).park_failures(true);
         let core = self.clone();
@@ -1011,7 +1012,7 @@ impl<H: Handler<DB>, DB: Backend> ClientContext for RuntimeContext<H, DB> {
                 .get(topic)
                 .and_then(|t| t.partitions.get(&partition.to_string()))
             {
-                a.metrics.set_high_watermark(p.hi_offset);
+                a.metrics.set_watermarks(p.lo_offset, p.hi_offset);
             }
         }
     }

@@ -20,7 +20,9 @@
 //!   which carry the high watermark of every fetch response: no request of its own to the
 //!   brokers. Between two statistics the gauge moves with every commit. A partition's series
 //!   appears with its first high watermark; one that has stored no offset yet counts from
-//!   offset 0; a revoked partition's gauge drops to 0 (its new owner reports it).
+//!   where the consumer started (the log start offset, or under `OffsetReset::Latest` the
+//!   first high watermark seen); a revoked partition's gauge drops to 0 (its new owner
+//!   reports it).
 //! - [`LEDGER_ROWS`] is a `count(*)` of the group's ledger rows, refreshed at most every
 //!   interval and never more often than 100 times the last count took, so that counting a
 //!   ledger of many millions of rows costs at most 1% of one connection.
@@ -116,10 +118,22 @@ pub(crate) struct PartitionMetrics {
     high_watermark: AtomicI64,
     /// The stored offset; -1: none.
     stored: AtomicI64,
+    /// Whether a partition with no stored offset starts at its end (`OffsetReset::Latest`).
+    from_end: bool,
+    /// Where the consumer started when nothing is stored: the log start offset, or the first
+    /// high watermark seen if it starts at the end; -1: not known yet.
+    start: AtomicI64,
 }
 
 impl PartitionMetrics {
-    pub(crate) fn new(group: &str, topic: &str, partition: i32, stored: Option<i64>) -> Self {
+    /// `from_end`: with no stored offset, the consumer starts at the partition's end.
+    pub(crate) fn new(
+        group: &str,
+        topic: &str,
+        partition: i32,
+        stored: Option<i64>,
+        from_end: bool,
+    ) -> Self {
         let records = |outcome: &'static str| metrics::counter!(RECORDS, "group" => group.to_owned(), "topic" => topic.to_owned(), "outcome" => outcome);
         let labels = [
             metrics::Label::new("group", group.to_owned()),
@@ -143,15 +157,26 @@ impl PartitionMetrics {
             ],
             high_watermark: AtomicI64::new(-1),
             stored: AtomicI64::new(stored.unwrap_or(-1)),
+            from_end,
+            start: AtomicI64::new(-1),
         }
     }
 
-    /// librdkafka reported the partition's high watermark.
-    pub(crate) fn set_high_watermark(&self, hw: i64) {
-        if hw >= 0 {
-            self.high_watermark.store(hw, Ordering::Relaxed);
-            self.update_lag();
+    /// librdkafka reported the partition's log start offset (`lo`, -1 if unknown) and high
+    /// watermark (`hi`).
+    pub(crate) fn set_watermarks(&self, lo: i64, hi: i64) {
+        if hi < 0 {
+            return;
         }
+        self.high_watermark.store(hi, Ordering::Relaxed);
+        if self.from_end {
+            let _ = self
+                .start
+                .compare_exchange(-1, hi, Ordering::Relaxed, Ordering::Relaxed);
+        } else if lo >= 0 {
+            self.start.store(lo, Ordering::Relaxed);
+        }
+        self.update_lag();
     }
 
     /// A batch committed: the stored offset moved.
@@ -172,11 +197,16 @@ impl PartitionMetrics {
         if hw < 0 {
             return;
         }
-        let stored = self.stored.load(Ordering::Relaxed).max(0);
+        let stored = self.stored.load(Ordering::Relaxed);
+        let position = if stored >= 0 {
+            stored
+        } else {
+            self.start.load(Ordering::Relaxed).max(0)
+        };
         let lag = self
             .lag
             .get_or_init(|| metrics::gauge!(LAG, self.lag_labels.iter()));
-        lag.set((hw - stored).max(0) as f64);
+        lag.set((hw - position).max(0) as f64);
     }
 }
 
@@ -199,6 +229,8 @@ pub(crate) struct TopicStats {
 pub(crate) struct PartitionStats {
     #[serde(default = "unknown")]
     pub(crate) hi_offset: i64,
+    #[serde(default = "unknown")]
+    pub(crate) lo_offset: i64,
 }
 
 fn unknown() -> i64 {
@@ -216,6 +248,7 @@ mod tests {
             "-1":{"partition":-1,"hi_offset":-1001}}}}}"#;
         let stats: KafkaStats = serde_json::from_str(json).unwrap();
         assert_eq!(stats.topics["orders"].partitions["0"].hi_offset, 42);
+        assert_eq!(stats.topics["orders"].partitions["0"].lo_offset, -1001);
         assert_eq!(stats.topics["orders"].partitions["-1"].hi_offset, -1001);
     }
 }
