@@ -489,15 +489,7 @@ impl FromStr for MaxAttempts {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "unlimited" {
-            return Ok(MaxAttempts(None));
-        }
-        match s.parse::<u32>() {
-            Ok(n) if n >= 1 => Ok(MaxAttempts(Some(n))),
-            _ => Err(format!(
-                "`{s}` is not a number of attempts; use a number from 1 up, or unlimited"
-            )),
-        }
+        count_or(s, "unlimited", "attempts").map(MaxAttempts)
     }
 }
 
@@ -509,15 +501,24 @@ impl FromStr for Limit {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "off" {
-            return Ok(Limit(None));
-        }
-        match s.parse::<u64>() {
-            Ok(n) if n >= 1 => Ok(Limit(Some(n))),
-            _ => Err(format!(
-                "`{s}` is not a number of records; use a number from 1 up, or off"
-            )),
-        }
+        count_or(s, "off", "records").map(Limit)
+    }
+}
+
+/// A whole number from 1 up, or `word` (`None`); the error says the number counts `what`.
+fn count_or<T: FromStr + PartialOrd + From<u8>>(
+    s: &str,
+    word: &str,
+    what: &str,
+) -> Result<Option<T>, String> {
+    if s == word {
+        return Ok(None);
+    }
+    match s.parse::<T>() {
+        Ok(n) if n >= T::from(1) => Ok(Some(n)),
+        _ => Err(format!(
+            "`{s}` is not a number of {what}; use a number from 1 up, or {word}"
+        )),
     }
 }
 
