@@ -19,6 +19,9 @@
 //! (PostgreSQL) or table prefix (SQLite) `bench_<random>` dropped at the end.
 
 mod db;
+#[allow(dead_code, unreachable_pub)]
+#[path = "../../../tests/support/mock_broker.rs"]
+mod mock;
 mod workload;
 
 use std::sync::Arc;
@@ -29,7 +32,6 @@ use anyhow::{Context as _, bail};
 use consumer_runtime::rdkafka::Message as _;
 use consumer_runtime::rdkafka::config::ClientConfig;
 use consumer_runtime::rdkafka::consumer::{BaseConsumer, Consumer};
-use consumer_runtime::rdkafka::mocking::MockCluster;
 use consumer_runtime::rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use consumer_runtime::sqlx::{Pool, Postgres, Sqlite};
 use consumer_runtime::{
@@ -39,6 +41,7 @@ use consumer_runtime::{
 use tokio::sync::Semaphore;
 
 use crate::db::{BenchDb, Sink};
+use crate::mock::MockBroker;
 use crate::workload::Workload;
 
 const TOPIC: &str = "bench-orders";
@@ -82,82 +85,19 @@ fn main() -> std::process::ExitCode {
 /// The internal flag that turns this program into the mock broker's host process.
 const MOCK_BROKER_FLAG: &str = "--mock-broker";
 
-/// The child process: hosts the mock cluster with the topic of `partitions` partitions, prints
-/// its bootstrap servers on stdout, and lives until its stdin closes (the parent ending, or
-/// dropping its [`MockBroker`]).
+/// The child process (`--mock-broker P`): the mock cluster with the topic of `P` partitions.
 fn mock_broker(partitions: Option<&str>) -> anyhow::Result<()> {
-    use std::io::{Read as _, Write as _};
     let partitions: i32 = partitions
         .context("--mock-broker needs the partition count")?
         .parse()
         .context("--mock-broker wants a whole number")?;
-    let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
-    cluster
-        .create_topic(TOPIC, partitions, 1)
-        .context("creating the topic")?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", cluster.bootstrap_servers())?;
-    out.flush()?;
-    drop(out);
-    let mut sink = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut sink);
-    drop(cluster);
-    Ok(())
+    mock::serve(TOPIC, partitions)
 }
 
-/// The mock broker's child process; dropping it stops the child.
-struct MockBroker {
-    child: std::process::Child,
-    brokers: String,
-}
-
-impl MockBroker {
-    fn start(partitions: i32) -> anyhow::Result<MockBroker> {
-        use std::io::BufRead as _;
-        use std::process::{Command, Stdio};
-        let exe = std::env::current_exe().context("locating this program")?;
-        let mut child = Command::new(exe)
-            .arg(MOCK_BROKER_FLAG)
-            .arg(partitions.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting the mock broker's process")?;
-        let mut line = String::new();
-        let stdout = child.stdout.take().context("the mock broker's stdout")?;
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .context("reading the mock broker's address")?;
-        let brokers = line.trim().to_owned();
-        if brokers.is_empty() {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("the mock broker's process did not start");
-        }
-        Ok(MockBroker { child, brokers })
-    }
-
-    /// The child's peak resident memory (VmHWM), MB.
-    fn peak_rss_mb(&self) -> Option<f64> {
-        let kb = status_kb_of(&format!("/proc/{}/status", self.child.id()), "VmHWM:")?;
-        Some(kb as f64 / 1024.0)
-    }
-}
-
-impl Drop for MockBroker {
-    fn drop(&mut self) {
-        // Closing its stdin ends the child; kill it if it has not ended a moment later.
-        drop(self.child.stdin.take());
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The mock broker's child process's peak resident memory (VmHWM), MB.
+fn peak_rss_mb(broker: &MockBroker) -> Option<f64> {
+    let kb = status_kb_of(&format!("/proc/{}/status", broker.pid()), "VmHWM:")?;
+    Some(kb as f64 / 1024.0)
 }
 
 async fn bench_main() -> std::process::ExitCode {
@@ -339,8 +279,8 @@ where
         consumer_runtime::error::redact_url(&args.url)
     );
 
-    let cluster = MockBroker::start(p)?;
-    let brokers = cluster.brokers.clone();
+    let cluster = MockBroker::start(&[MOCK_BROKER_FLAG, &p.to_string()])?;
+    let brokers = cluster.bootstrap.clone();
     let produced = Instant::now();
     let (ends, sizes) = workload
         .produce(&brokers, TOPIC, n, p)
@@ -376,7 +316,7 @@ where
         eprintln!("bench: could not drop {}: {e:#}", env.schema);
     }
     let outcomes = result?;
-    if let Some(mb) = cluster.peak_rss_mb() {
+    if let Some(mb) = peak_rss_mb(&cluster) {
         eprintln!(
             "bench: the mock broker's process peaked at {mb:.1} MB resident (not counted above)"
         );

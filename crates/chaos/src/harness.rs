@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use consumer_runtime::rdkafka::config::ClientConfig;
 use consumer_runtime::rdkafka::message::{Header, OwnedHeaders};
-use consumer_runtime::rdkafka::mocking::MockCluster;
 use consumer_runtime::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use consumer_runtime::rdkafka::types::RDKafkaErrorCode;
 use consumer_runtime::sqlx::{self, Pool, Postgres, Row};
 
 use crate::Options;
 use crate::consumer::{ENV_DELAY_US, ENV_SCHEMA, effects_table_sql};
+use crate::mock::MockBroker;
 use crate::pg::{PrivatePostgres, Stop};
 use crate::rng::{Rng, mix};
 
@@ -72,8 +72,8 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
     for trial in 1..=opts.trials {
         let (mut key, mut trial_seed) = (trial, mix(seed ^ mix(u64::from(trial))));
         let result = loop {
-            let broker =
-                MockBroker::start(&world.exe, &trial_topic(key, trial_seed), opts.partitions)?;
+            let topic = trial_topic(key, trial_seed);
+            let broker = MockBroker::start(&["mock-broker", &topic, &opts.partitions.to_string()])?;
             let outcome = Trial::run(&world, &opts, key, trial_seed, &broker.bootstrap);
             let Some(status) = broker.died() else {
                 break outcome.with_context(|| format!("trial {trial} (seed {seed})"))?;
@@ -1174,12 +1174,9 @@ fn trial_topic(key: u32, seed: u64) -> String {
     format!("chaos-{key}-{seed}")
 }
 
-/// `chaos mock-broker TOPIC PARTITIONS` (hidden): hosts a librdkafka mock cluster with the
-/// topic, prints its bootstrap servers on stdout, and lives until its stdin closes. The harness
-/// runs one per trial in a child process, so that a crash of the mock cluster ends one trial
-/// attempt, not the run.
+/// `chaos mock-broker TOPIC PARTITIONS` (hidden): the trial's mock cluster, in a child
+/// process, so that a crash of the mock cluster ends one trial attempt, not the run.
 pub(crate) fn mock_broker(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
-    use std::io::{Read as _, Write as _};
     let [topic, partitions] = args.as_slice() else {
         bail!("usage: chaos mock-broker TOPIC PARTITIONS");
     };
@@ -1188,58 +1185,5 @@ pub(crate) fn mock_broker(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         .to_str()
         .and_then(|p| p.parse().ok())
         .context("PARTITIONS must be a whole number")?;
-    let cluster = MockCluster::new(1).context("starting the librdkafka mock cluster")?;
-    cluster
-        .create_topic(topic, partitions, 1)
-        .context("creating the trial's topic")?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", cluster.bootstrap_servers())?;
-    out.flush()?;
-    drop(out);
-    let _ = std::io::stdin().read_to_end(&mut Vec::new());
-    Ok(())
-}
-
-/// One trial's mock broker, in a child process; dropping it stops the child.
-struct MockBroker {
-    child: Child,
-    bootstrap: String,
-}
-
-impl MockBroker {
-    fn start(exe: &Path, topic: &str, partitions: i32) -> anyhow::Result<MockBroker> {
-        use std::io::BufRead as _;
-        let mut child = Command::new(exe)
-            .args(["mock-broker", topic, &partitions.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting the mock broker's process")?;
-        let stdout = child.stdout.take().context("the mock broker's stdout")?;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .context("reading the mock broker's address")?;
-        let bootstrap = line.trim().to_owned();
-        if bootstrap.is_empty() {
-            let status = child.wait().context("waiting for the mock broker")?;
-            bail!("the mock broker's process ended ({status}) without an address");
-        }
-        Ok(MockBroker { child, bootstrap })
-    }
-
-    /// How the broker's process ended, if it did (it runs until dropped otherwise).
-    fn died(mut self) -> Option<ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-}
-
-impl Drop for MockBroker {
-    fn drop(&mut self) {
-        // Closing its stdin ends it; kill in case it is stuck.
-        drop(self.child.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    crate::mock::serve(topic, partitions)
 }
