@@ -273,6 +273,24 @@ impl Setup {
         spawn(name, orders(&args))
     }
 
+    /// `orders run` with `extra` flags, serving metrics on a free port (gauges refreshed every
+    /// 200 ms) and logging JSON; returns the process and the metrics address it bound.
+    async fn run_with_metrics(&self, extra: &[&str]) -> (Proc, String) {
+        let mut flags = vec![
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--metrics-interval",
+            "200ms",
+            "--log-format",
+            "json",
+        ];
+        flags.extend(extra);
+        flags.extend(QUICK_SESSION);
+        let run = self.run("run", &flags);
+        let addr = metrics_addr(&run).await;
+        (run, addr)
+    }
+
     /// The group's rows of `consumer_offsets`, as the library reads them.
     async fn stored(&self) -> Vec<StoredOffset> {
         let q = Postgres::queries(&self.schema).unwrap();
@@ -1071,19 +1089,7 @@ async fn lag_without_a_stored_offset_counts_from_where_the_consumer_started() {
     let s = Setup::new(2).await;
     let (old, _) = order_events(&s.topic, 30, 2, 0);
     s.kafka.produce(&s.topic, &old);
-    let mut flags = vec![
-        "--offset-reset",
-        "latest",
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--metrics-interval",
-        "200ms",
-        "--log-format",
-        "json",
-    ];
-    flags.extend(QUICK_SESSION);
-    let mut run = s.run("run", &flags);
-    let addr = metrics_addr(&run).await;
+    let (mut run, addr) = s.run_with_metrics(&["--offset-reset", "latest"]).await;
     let group = s.group.as_str();
     let lag = |text: &str, p: i32| {
         sample(
@@ -1144,17 +1150,7 @@ async fn metrics_over_http_match_the_database_once_caught_up() {
         format!(r#"{{"type":"placed","order_id":"{bad_order}","version":0}}"#),
     ));
     s.kafka.produce(&s.topic, &records);
-    let mut flags = vec![
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "--metrics-interval",
-        "200ms",
-        "--log-format",
-        "json",
-    ];
-    flags.extend(QUICK_SESSION);
-    let mut run = s.run("run", &flags);
-    let addr = metrics_addr(&run).await;
+    let (mut run, addr) = s.run_with_metrics(&[]).await;
 
     let ends = ends_of(&records);
     s.wait_caught_up(&ends).await;

@@ -226,12 +226,7 @@ async fn rejected_record_is_parked_and_the_rest_of_its_batch_commits<DB: TestDb>
 /// The runtime: the consumer parks the record and keeps running; later records are applied.
 async fn rejected_record_is_parked_and_the_consumer_keeps_running<DB: TestDb>() {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("reject");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 2);
-    let (records, all) = events_with_duplicates(&topic, 20, 2, 0);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, all) = produced("reject", 2, 20, 0);
     let bad = format!("{topic}-7");
     let mut handler = Counter::new(&group);
     handler.fail_on = Some((bad.clone(), true));
@@ -411,12 +406,7 @@ async fn a_disabled_circuit_breaker_parks_the_whole_bad_stretch_and_goes_on<DB: 
 async fn a_broker_outage_mid_stream_loses_and_duplicates_nothing<DB: TestDb>() {
     use consumer_runtime::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("outage");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 2);
-    let (records, ids) = events_with_duplicates(&topic, 1500, 2, 50);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, ids) = produced("outage", 2, 1500, 50);
     let counter = Counter::new(&group).with_delay(Duration::from_millis(2));
     let rt = runtime(&kafka, &pool, counter.clone(), &topic, &group)
         .batch_size(50)
@@ -511,12 +501,7 @@ async fn undecodable_and_id_less_records_are_parked_without_running_the_handler<
 
 async fn a_panicking_handler_parks_its_record_and_the_consumer_keeps_running<DB: TestDb>() {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("panic");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 2);
-    let (records, all) = events_with_duplicates(&topic, 40, 2, 8);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, all) = produced("panic", 2, 40, 8);
     // Not one of the producer duplicates (records 0, 5, 10, …).
     let bad = format!("{topic}-6");
     let mut handler = Counter::new(&group);
@@ -555,12 +540,7 @@ async fn a_panicking_handler_parks_its_record_and_the_consumer_keeps_running<DB:
 
 async fn a_record_that_never_stops_failing_is_parked_after_max_attempts<DB: TestDb>() {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("retry");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 1);
-    let (records, all) = events_with_duplicates(&topic, 12, 1, 0);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, all) = produced("retry", 1, 12, 0);
     let bad = format!("{topic}-4");
     let mut handler = Counter::new(&group);
     handler.fail_on = Some((bad.clone(), false));
@@ -603,12 +583,7 @@ async fn a_record_that_never_stops_failing_is_parked_after_max_attempts<DB: Test
 /// reassigned or fenced.
 async fn retrying_longer_than_max_poll_interval_keeps_the_partitions<DB: TestDb>() {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("long-retry");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 2);
-    let (records, all) = events_with_duplicates(&topic, 40, 2, 0);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, all) = produced("long-retry", 2, 40, 0);
     let bad = format!("{topic}-4"); // partition 0, offset 2
     let mut handler = Counter::new(&group);
     handler.fail_on = Some((bad.clone(), false));
@@ -1025,12 +1000,7 @@ mod database_restart {
         let dir = std::env::temp_dir().join(rand_name("consumer-runtime-test-pg"));
         let server = Arc::new(PrivatePostgres::start(&dir).expect("start a private PostgreSQL"));
         let pool: Pool<Postgres> = pg_pool_at(&server.url("postgres")).await;
-        let kafka = Kafka::new();
-        let topic = rand_name("pg-restart");
-        let group = rand_name("g");
-        kafka.create_topic(&topic, 3);
-        let (records, ids) = events_with_duplicates(&topic, 3000, 3, 100);
-        kafka.produce(&topic, &records);
+        let (kafka, topic, group, records, ids) = produced("pg-restart", 3, 3000, 100);
         let counter = Counter::new(&group).with_delay(Duration::from_millis(1));
         let rt = runtime(&kafka, &pool, counter.clone(), &topic, &group)
             .batch_size(50)
@@ -1113,12 +1083,7 @@ mod frozen_transaction {
     async fn a_consumer_frozen_mid_transaction_does_not_block_the_next_owner() {
         let pool = pg_pool_at(&with_idle_timeout(&database_url(), "1000")).await;
         assert_eq!(idle_timeout(&pool).await, "1s");
-        let kafka = Kafka::new();
-        let topic = rand_name("frozen");
-        let group = rand_name("g");
-        kafka.create_topic(&topic, 1);
-        let (records, ids) = events_with_duplicates(&topic, 200, 1, 0);
-        kafka.produce(&topic, &records);
+        let (kafka, topic, group, records, ids) = produced("frozen", 1, 200, 0);
         let mut counter = Counter::new(&group);
         counter.freeze_on = Some((ids[50].clone(), Duration::from_secs(15)));
         let rt = runtime(&kafka, &pool, counter.clone(), &topic, &group)

@@ -184,12 +184,7 @@ struct Consumed<DB: TestDb> {
 
 async fn consumed<DB: TestDb>(n: usize, partitions: i32, dups: usize) -> Consumed<DB> {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("replay");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, partitions);
-    let (records, ids) = events_with_duplicates(&topic, n, partitions, dups);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, ids) = produced("replay", partitions, n, dups);
     let ends = ends_of(&records);
     let consumer = Consumer::start(&kafka, &pool, &group, &topic);
     wait_caught_up_within(WAIT, &pool, &group, &topic, &ends).await;
@@ -396,12 +391,7 @@ async fn rebuild_reruns_exactly_the_events_of_its_range_once<DB: TestDb>() {
 /// stored offset its transaction replaced, and exactly that range runs again.
 async fn rebuild_while_the_consumer_is_busy_reruns_exactly_the_reported_range<DB: TestDb>() {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("busy");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 1);
-    let (records, ids) = events_with_duplicates(&topic, 400, 1, 0);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, ids) = produced("busy", 1, 400, 0);
     let counter = Counter::new(&group).with_delay(Duration::from_millis(3));
     let consumer = Consumer::start_with(&kafka, &pool, counter, &topic, 10);
     wait_until(WAIT, "the consumer to be under way", || async {

@@ -24,12 +24,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 async fn consume_all_once<DB: TestDb>(batch_size: usize) {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("dups");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 4);
-    let (records, ids) = events_with_duplicates(&topic, 400, 4, 100);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, ids) = produced("dups", 4, 400, 100);
 
     let counter = Counter::new(&group);
     let rt = test_runtime(&kafka, &pool, counter.clone(), &topic)
@@ -61,12 +56,7 @@ async fn producer_duplicates_are_applied_once_with_batch_size_one<DB: TestDb>() 
 
 async fn crash_mid_stream_resumes_from_database_offset_and_ignores_kafka_offsets<DB: TestDb>() {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("crash");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 2);
-    let (records, ids) = events_with_duplicates(&topic, 1000, 2, 50);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, ids) = produced("crash", 2, 1000, 50);
     let ends = ends_of(&records);
 
     // First run: slow handler, dropped without a clean shutdown once some work committed.
@@ -105,12 +95,7 @@ async fn crash_mid_stream_resumes_from_database_offset_and_ignores_kafka_offsets
 
 async fn second_instance_joins_mid_stream<DB: TestDb>(assignor: Assignor) {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("rebalance");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 4);
-    let (records, ids) = events_with_duplicates(&topic, 2000, 4, 100);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, ids) = produced("rebalance", 4, 2000, 100);
 
     // Slow enough (about 7 s of work) that the second instance joins while work remains; with
     // a single writer (SQLite) the records are handled one batch at a time.
@@ -159,12 +144,7 @@ async fn rebalance_with_cooperative_sticky_assignor_applies_each_event_once<DB: 
 /// found this as a partition that stalled for good after a zombie got its partition back.)
 async fn a_partition_paused_when_revoked_is_consumed_when_assigned_back<DB: TestDb>() {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("paused");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 1);
-    let (records, ids) = events_with_duplicates(&topic, 1000, 1, 0);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, ids) = produced("paused", 1, 1000, 0);
 
     let a = Counter::new(&group).with_delay(Duration::from_millis(10));
     let b = Counter::new(&group).with_delay(Duration::from_millis(10));
@@ -228,12 +208,7 @@ async fn a_partition_paused_when_revoked_is_consumed_when_assigned_back<DB: Test
 
 async fn rewinding_stored_offsets_reapplies_nothing<DB: TestDb>() {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("rewind");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 3);
-    let (records, ids) = events_with_duplicates(&topic, 300, 3, 30);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, ids) = produced("rewind", 3, 300, 30);
     let ends = ends_of(&records);
 
     let counter = Counter::new(&group);
@@ -299,12 +274,7 @@ async fn two_groups_each_apply_every_event_once<DB: TestDb>() {
 /// batch fails on a lock (no retry at all) and every event is applied once.
 async fn many_partitions_commit_without_lock_errors<DB: TestDb>() {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("writers");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 8);
-    let (records, ids) = events_with_duplicates(&topic, 1600, 8, 80);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, ids) = produced("writers", 8, 1600, 80);
     let rt = test_runtime(&kafka, &pool, Counter::new(&group), &topic)
         .group(&group)
         .batch_size(5)
@@ -562,12 +532,7 @@ async fn schema_behind_the_migrations_is_refused<DB: TestDb>() {
 
 async fn rejected_record_is_parked_and_the_partition_goes_on<DB: TestDb>() {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("reject");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 1);
-    let (records, ids) = events_with_duplicates(&topic, 10, 1, 0);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, ids) = produced("reject", 1, 10, 0);
     let mut handler = Counter::new(&group);
     handler.fail_on = Some((format!("{topic}-4"), true));
     let rt = test_runtime(&kafka, &pool, handler, &topic)
@@ -655,12 +620,7 @@ async fn rough_throughput<DB: TestDb>() {
 async fn sigterm_shuts_down_gracefully() {
     // Once per process: the signal reaches every runtime in it. The backend does not matter.
     let pool = pg_pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("sigterm");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 2);
-    let (records, ids) = events_with_duplicates(&topic, 100, 2, 0);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, ids) = produced("sigterm", 2, 100, 0);
     let rt = test_runtime(&kafka, &pool, Counter::new(&group), &topic)
         .group(&group)
         .handle_signals(true)
@@ -740,12 +700,7 @@ async fn crash_and_restart<DB: TestDb>(
     crash: Crash,
 ) -> (HashMap<String, i64>, Vec<String>) {
     let pool = DB::pool().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("guarantee");
-    let group = rand_name("g");
-    kafka.create_topic(&topic, 1);
-    let (records, ids) = events_with_duplicates(&topic, CRASH_EVENTS, 1, 0);
-    kafka.produce(&topic, &records);
+    let (kafka, topic, group, records, ids) = produced("guarantee", 1, CRASH_EVENTS, 0);
     let build = |handler: Counter| {
         test_runtime(&kafka, &pool, handler, &topic)
             .group(&group)

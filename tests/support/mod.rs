@@ -493,6 +493,26 @@ impl Kafka {
     }
 }
 
+/// A record to produce: (partition, event id, payload).
+pub type Record = (i32, String, String);
+
+/// A test's Kafka side: a fresh mock cluster holding a fresh topic named after `prefix` with
+/// `partitions` partitions, filled with [`events_with_duplicates`]`(n, dups)`, and a fresh
+/// consumer group name. Returns (cluster, topic, group, records, distinct event ids).
+pub fn produced(
+    prefix: &str,
+    partitions: i32,
+    n: usize,
+    dups: usize,
+) -> (Kafka, String, String, Vec<Record>, Vec<String>) {
+    let kafka = Kafka::new();
+    let topic = rand_name(prefix);
+    kafka.create_topic(&topic, partitions);
+    let (records, ids) = events_with_duplicates(&topic, n, partitions, dups);
+    kafka.produce(&topic, &records);
+    (kafka, topic, rand_name("g"), records, ids)
+}
+
 /// `n` events over `partitions` partitions, each with a unique id, plus `dups` producer-side
 /// duplicates (the same id and payload again, at a later offset of the same partition).
 pub fn events_with_duplicates(
