@@ -469,8 +469,8 @@ async fn wait_caught_up<DB: Backend>(pool: &Pool<DB>, ends: &[i64]) -> anyhow::R
 
 /// Whether the group's stored offsets are at `ends`, and where they are.
 async fn caught_up<DB: Backend>(pool: &Pool<DB>, ends: &[i64]) -> anyhow::Result<(bool, String)> {
-    let queries = <DB as Backend>::queries(SCHEMA)?;
-    let stored = <DB as Backend>::offsets(pool, &queries, GROUP)
+    let stored = consumer_runtime::Store::new(pool.clone(), SCHEMA)?
+        .stored_offsets(GROUP)
         .await
         .context("reading the stored offsets")?;
     let positions: Vec<Option<i64>> = (0..PARTITIONS)

@@ -16,8 +16,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use consumer_runtime::StoredOffset;
 use consumer_runtime::sqlx::{self, Pool, Postgres, Row};
-use consumer_runtime::{Backend, StoredOffset};
 use support::{Kafka, assert_exactly_once, database_url, rand_name, wait_until};
 
 /// How long any one step may take before the test fails.
@@ -293,8 +293,9 @@ impl Setup {
 
     /// The group's rows of `consumer_offsets`, as the library reads them.
     async fn stored(&self) -> Vec<StoredOffset> {
-        let q = Postgres::queries(&self.schema).unwrap();
-        Postgres::offsets(&self.pool, &q, &self.group)
+        consumer_runtime::Store::new(self.pool.clone(), &self.schema)
+            .unwrap()
+            .stored_offsets(&self.group)
             .await
             .unwrap()
     }
@@ -1536,9 +1537,10 @@ async fn demo_session() {
     let pool = consumer_runtime::connect::<Postgres>(&url, 2)
         .await
         .unwrap();
-    let q = Postgres::queries("consumer_runtime").unwrap();
+    let store = consumer_runtime::Store::new(pool.clone(), "consumer_runtime").unwrap();
     wait_until(WAIT, "the demo consumer to catch up", || async {
-        let stored: BTreeMap<i32, i64> = Postgres::offsets(&pool, &q, "orders-projection")
+        let stored: BTreeMap<i32, i64> = store
+            .stored_offsets("orders-projection")
             .await
             .map(|rows| {
                 rows.into_iter()

@@ -1039,7 +1039,6 @@ mod database_restart {
 
 mod frozen_transaction {
     use super::*;
-    use consumer_runtime::Backend;
     use consumer_runtime::sqlx::{self, Postgres};
 
     async fn idle_timeout(pool: &Pool<Postgres>) -> String {
@@ -1098,19 +1097,13 @@ mod frozen_transaction {
         })
         .await;
 
-        let key = PartitionKey {
-            group: group.clone(),
-            topic: topic.clone(),
-            partition: 0,
-        };
-        let queries = Postgres::queries(SCHEMA).unwrap();
-        tokio::time::timeout(
-            WAIT,
-            Postgres::claim(&pool, &queries, &key, "the-next-owner"),
-        )
-        .await
-        .expect("the claim waited for the frozen consumer")
-        .unwrap();
+        // Another party takes the partition's offset row (here an offset change, which bumps
+        // the epoch under the same row lock as a new owner's claim).
+        let store = consumer_runtime::Store::new(pool.clone(), SCHEMA).unwrap();
+        tokio::time::timeout(WAIT, store.set_offsets(&group, &topic, &[(0, 0)]))
+            .await
+            .expect("the claim waited for the frozen consumer")
+            .unwrap();
         assert!(
             counter.frozen.load(Ordering::SeqCst),
             "the claim must go through while the consumer is still frozen"

@@ -58,6 +58,9 @@ pub mod telemetry;
 pub mod unit;
 mod util;
 
+#[cfg(test)]
+mod layers;
+
 pub use config::{Assignor, CircuitBreaker, Guarantee, OffsetReset, ParkedRatio, RetryPolicy};
 pub use dead_letters::{DeadLetter, Redriven};
 pub use error::{BoxError, Coordinates, Error, FailureKind, Result};
@@ -66,8 +69,8 @@ pub use handler::{Context, Decode, Handler, HandlerError, Raw, Record, ResultExt
 pub use replay::{PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress, ReplayRequest, replay};
 pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats};
 pub use store::{
-    Backend, Claim, DatabaseKind, PartitionKey, StoredOffset, check_schema, connect, migrate,
-    set_offsets,
+    Backend, Claim, DatabaseKind, PartitionKey, Store, StoredOffset, check_schema, connect,
+    migrate, set_offsets,
 };
 pub use unit::{BatchError, BatchOutcome, Parked, PartitionWriter, WriterConfig};
 

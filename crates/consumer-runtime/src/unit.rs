@@ -706,7 +706,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         let letter = Parking {
             offset: m.offset(),
             key: m.key(),
-            headers: crate::dead_letters::encode_headers(m),
+            headers: crate::store::dead_letter::encode_headers(m),
             payload: m.payload(),
             timestamp_ms: m.timestamp().to_millis(),
             event_id: id,

@@ -691,8 +691,9 @@ async fn offsets_of_an_unknown_group_name_the_group_and_set_moves_one() {
     .await
     .unwrap();
     let pool = crate::connect::<sqlx::Sqlite>(&url, 1).await.unwrap();
-    let q = <sqlx::Sqlite as crate::Backend>::queries("consumer_runtime").unwrap();
-    let rows = <sqlx::Sqlite as crate::Backend>::offsets(&pool, &q, "g")
+    let rows = crate::Store::new(pool, "consumer_runtime")
+        .unwrap()
+        .stored_offsets("g")
         .await
         .unwrap();
     assert_eq!(rows.len(), 1);
@@ -773,8 +774,8 @@ async fn the_config_file_comes_from_consumer_config_or_the_flag() {
         .unwrap();
     run(&["migrate", "--config", &path], &[]).await.unwrap();
     let pool = crate::connect::<sqlx::Sqlite>(&url, 1).await.unwrap();
-    let q = <sqlx::Sqlite as crate::Backend>::queries("from_file").unwrap();
-    crate::check_schema(&pool, &q).await.unwrap();
+    let store = crate::Store::new(pool, "from_file").unwrap();
+    store.check_schema().await.unwrap();
     let err = run(&["migrate", "--config", "/nonexistent/orders.toml"], &[])
         .await
         .unwrap_err();

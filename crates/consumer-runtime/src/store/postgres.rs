@@ -3,10 +3,8 @@
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, Pool, Postgres, Transaction};
 
-use super::{
-    Backend, Claim, DatabaseKind, Parking, PartitionKey, Queries, StoredOffset, Templates,
-    substitute,
-};
+use super::dialect::{Claim, Dialect, Parking, PartitionKey, Queries, Templates};
+use super::{Backend, DatabaseKind, StoredOffset, substitute};
 use crate::error::{Error, Result};
 use crate::util::check_identifier;
 
@@ -20,12 +18,12 @@ static MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/postgres");
 const IDLE_IN_TRANSACTION_DEFAULT: &str = "SELECT set_config('idle_in_transaction_session_timeout', '1min', false) \
      FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout' AND source = 'default'";
 
-/// The columns of a dead letter, in the order `dead_letter_from` reads them.
+/// The columns of a dead letter, named as `DeadLetterRow` reads them.
 macro_rules! dl_cols {
     () => {
         r#"id, consumer_group, topic, partition, "offset", key, headers, payload, timestamp_ms, event_id, error, error_kind, attempts,
-    to_char(first_failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-    to_char(last_failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"#
+    to_char(first_failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS first_failed_at,
+    to_char(last_failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS last_failed_at"#
     };
 }
 
@@ -50,7 +48,7 @@ ON CONFLICT (consumer_group, topic, partition)
 DO UPDATE SET next_offset = EXCLUDED.next_offset, epoch = o.epoch + 1, owner = NULL, updated_at = now()
 RETURNING epoch, next_offset"#,
     offsets: r#"SELECT topic, partition, next_offset, epoch, owner,
-    to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') FROM {s}consumer_offsets
+    to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS updated_at FROM {s}consumer_offsets
 WHERE consumer_group = $1 ORDER BY topic, partition"#,
     applied_version: r#"SELECT max(version) FROM {s}_migrations WHERE success"#,
     ledger_known: r#"SELECT event_id FROM {s}processed WHERE consumer_group = $1 AND event_id = ANY($2)"#,
@@ -75,10 +73,12 @@ ORDER BY topic, partition, "offset""#
 WHERE id = $1"#,
 };
 
+impl Backend for Postgres {
+    const KIND: DatabaseKind = DatabaseKind::Postgres;
+}
+
 impl_backend! {
     Postgres, sqlx::postgres::PgRow;
-
-    const KIND: DatabaseKind = DatabaseKind::Postgres;
 
     fn queries(schema: &str) -> Result<Queries> {
         check_identifier("schema", schema)?;

@@ -8,16 +8,14 @@ use std::str::FromStr;
 use sqlx::migrate::Migrator;
 use sqlx::{Pool, Sqlite, SqliteConnection, Transaction};
 
-use super::{
-    Backend, Claim, DatabaseKind, Parking, PartitionKey, Queries, StoredOffset, Templates,
-    substitute,
-};
+use super::dialect::{Claim, Dialect, Parking, PartitionKey, Queries, Templates};
+use super::{Backend, DatabaseKind, StoredOffset, substitute};
 use crate::error::{Error, Result};
 use crate::util::check_identifier;
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");
 
-/// The columns of a dead letter, in the order `dead_letter_from` reads them.
+/// The columns of a dead letter, named as `DeadLetterRow` reads them.
 macro_rules! dl_cols {
     () => {
         r#"id, consumer_group, topic, partition, "offset", key, headers, payload, timestamp_ms, event_id, error, error_kind, attempts, first_failed_at, last_failed_at"#
@@ -71,10 +69,12 @@ ORDER BY topic, partition, "offset""#
 WHERE id = $1"#,
 };
 
+impl Backend for Sqlite {
+    const KIND: DatabaseKind = DatabaseKind::Sqlite;
+}
+
 impl_backend! {
     Sqlite, sqlx::sqlite::SqliteRow;
-
-    const KIND: DatabaseKind = DatabaseKind::Sqlite;
 
     fn queries(schema: &str) -> Result<Queries> {
         check_identifier("schema", schema)?;

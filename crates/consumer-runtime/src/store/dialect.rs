@@ -1,0 +1,566 @@
+//! The runtime's SQL per database, behind the crate-private [`Dialect`] trait.
+//!
+//! Everything here is `pub` only so that it can appear in the sealed [`super::Backend`]'s
+//! supertrait; the module is private, so none of it is nameable outside the crate. Use
+//! [`super::Store`] to run any of it.
+#![allow(unreachable_pub)]
+
+use async_trait::async_trait;
+use sqlx::migrate::Migrator;
+use sqlx::{Pool, Transaction};
+
+use super::StoredOffset;
+use crate::error::{FailureKind, Result};
+
+/// Implements [`Dialect`] for a database: the dialect-specific methods are given, the rest
+/// (which differ only in their SQL, kept in [`Queries`]) are the same for every database.
+macro_rules! impl_backend {
+    ($db:ty, $row:ty; $($specific:tt)*) => {
+        fn claim_from(row: $row) -> Result<Claim, sqlx::Error> {
+            use sqlx::FromRow as _;
+            Claim::from_row(&row)
+        }
+
+        fn dead_letter_from(row: $row) -> Result<crate::store::dead_letter::DeadLetter, sqlx::Error> {
+            use sqlx::FromRow as _;
+            crate::store::dead_letter::DeadLetterRow::from_row(&row)?.try_into()
+        }
+
+        #[async_trait::async_trait]
+        impl Dialect for $db {
+            $($specific)*
+
+            async fn park(
+                conn: &mut Self::Connection,
+                q: &Queries,
+                key: &PartitionKey,
+                letter: &Parking<'_>,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(q.park.clone())
+                    .bind(&key.group)
+                    .bind(&key.topic)
+                    .bind(key.partition)
+                    .bind(letter.offset)
+                    .bind(letter.key)
+                    .bind(&letter.headers)
+                    .bind(letter.payload)
+                    .bind(letter.timestamp_ms)
+                    .bind(letter.event_id)
+                    .bind(letter.error)
+                    .bind(letter.kind.as_str())
+                    .bind(i32::try_from(letter.attempts).unwrap_or(i32::MAX))
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            }
+
+            async fn unclaim(
+                conn: &mut Self::Connection,
+                q: &Queries,
+                group: &str,
+                event_id: &str,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(q.unclaim.clone())
+                    .bind(group)
+                    .bind(event_id)
+                    .execute(conn)
+                    .await?;
+                Ok(())
+            }
+
+            async fn dead_letters(
+                pool: &Pool<Self>,
+                q: &Queries,
+                group: &str,
+                topic: Option<&str>,
+            ) -> Result<Vec<crate::store::dead_letter::DeadLetter>, sqlx::Error> {
+                sqlx::query(q.dl_list.clone())
+                    .bind(group)
+                    .bind(topic)
+                    .fetch_all(pool)
+                    .await?
+                    .into_iter()
+                    .map(dead_letter_from)
+                    .collect()
+            }
+
+            async fn dead_letter(
+                pool: &Pool<Self>,
+                q: &Queries,
+                id: i64,
+            ) -> Result<Option<crate::store::dead_letter::DeadLetter>, sqlx::Error> {
+                sqlx::query(q.dl_get.clone())
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await?
+                    .map(dead_letter_from)
+                    .transpose()
+            }
+
+            async fn take_dead_letter(
+                conn: &mut Self::Connection,
+                q: &Queries,
+                id: i64,
+            ) -> Result<Option<crate::store::dead_letter::DeadLetter>, sqlx::Error> {
+                sqlx::query(q.dl_take.clone())
+                    .bind(id)
+                    .fetch_optional(conn)
+                    .await?
+                    .map(dead_letter_from)
+                    .transpose()
+            }
+
+            async fn purge_dead_letters(
+                pool: &Pool<Self>,
+                q: &Queries,
+                group: &str,
+                topic: Option<&str>,
+            ) -> Result<u64, sqlx::Error> {
+                let done = sqlx::query(q.dl_purge.clone())
+                    .bind(group)
+                    .bind(topic)
+                    .execute(pool)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn delete_dead_letter(
+                pool: &Pool<Self>,
+                q: &Queries,
+                id: i64,
+            ) -> Result<bool, sqlx::Error> {
+                let done = sqlx::query(q.dl_delete.clone())
+                    .bind(id)
+                    .execute(pool)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn dead_letter_failed_again(
+                pool: &Pool<Self>,
+                q: &Queries,
+                id: i64,
+                kind: crate::error::FailureKind,
+                error: &str,
+            ) -> Result<(), sqlx::Error> {
+                sqlx::query(q.dl_failed.clone())
+                    .bind(id)
+                    .bind(kind.as_str())
+                    .bind(error)
+                    .execute(pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn claim(
+                pool: &Pool<Self>,
+                q: &Queries,
+                key: &PartitionKey,
+                owner: &str,
+            ) -> Result<Claim, sqlx::Error> {
+                let row = sqlx::query(q.claim.clone())
+                    .bind(&key.group)
+                    .bind(&key.topic)
+                    .bind(key.partition)
+                    .bind(owner)
+                    .fetch_one(pool)
+                    .await?;
+                claim_from(row)
+            }
+
+            async fn reclaim(
+                pool: &Pool<Self>,
+                q: &Queries,
+                key: &PartitionKey,
+                owner: &str,
+            ) -> Result<Option<Claim>, sqlx::Error> {
+                let row = sqlx::query(q.reclaim.clone())
+                    .bind(&key.group)
+                    .bind(&key.topic)
+                    .bind(key.partition)
+                    .bind(owner)
+                    .fetch_optional(pool)
+                    .await?;
+                row.map(claim_from).transpose()
+            }
+
+            async fn advance(
+                conn: &mut Self::Connection,
+                q: &Queries,
+                key: &PartitionKey,
+                epoch: i64,
+                expected: Option<i64>,
+                next: i64,
+            ) -> Result<bool, sqlx::Error> {
+                let done = sqlx::query(q.advance.clone())
+                    .bind(&key.group)
+                    .bind(&key.topic)
+                    .bind(key.partition)
+                    .bind(epoch)
+                    .bind(expected)
+                    .bind(next)
+                    .execute(conn)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn set_offset(
+                conn: &mut Self::Connection,
+                q: &Queries,
+                key: &PartitionKey,
+                next_offset: i64,
+            ) -> Result<Claim, sqlx::Error> {
+                let row = sqlx::query(q.set_offset.clone())
+                    .bind(&key.group)
+                    .bind(&key.topic)
+                    .bind(key.partition)
+                    .bind(next_offset)
+                    .fetch_one(conn)
+                    .await?;
+                claim_from(row)
+            }
+
+            async fn clear_ledger(
+                conn: &mut Self::Connection,
+                q: &Queries,
+                key: &PartitionKey,
+                from: i64,
+                to: i64,
+            ) -> Result<u64, sqlx::Error> {
+                let done = sqlx::query(q.clear_ledger.clone())
+                    .bind(&key.group)
+                    .bind(&key.topic)
+                    .bind(key.partition)
+                    .bind(from)
+                    .bind(to)
+                    .execute(conn)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn ledger_size(
+                pool: &Pool<Self>,
+                q: &Queries,
+                group: &str,
+            ) -> Result<i64, sqlx::Error> {
+                sqlx::query_scalar(q.ledger_rows.clone())
+                    .bind(group)
+                    .fetch_one(pool)
+                    .await
+            }
+
+            async fn offsets(
+                pool: &Pool<Self>,
+                q: &Queries,
+                group: &str,
+            ) -> Result<Vec<StoredOffset>> {
+                sqlx::query_as(q.offsets.clone())
+                    .bind(group)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(Error::db("reading stored offsets"))
+            }
+        }
+    };
+}
+
+/// A record being parked in `dead_letters` (the partition comes with it separately).
+#[derive(Debug, Clone)]
+pub struct Parking<'a> {
+    /// The record's offset.
+    pub offset: i64,
+    /// The record's key.
+    pub key: Option<&'a [u8]>,
+    /// The record's headers, encoded as `encode_headers` (in `dead_letter`) says.
+    pub headers: String,
+    /// The record's payload.
+    pub payload: Option<&'a [u8]>,
+    /// The record's timestamp, milliseconds since the Unix epoch.
+    pub timestamp_ms: Option<i64>,
+    /// The record's event id, when it has one.
+    pub event_id: Option<&'a str>,
+    /// The error, as text.
+    pub error: &'a str,
+    /// What kind of failure.
+    pub kind: FailureKind,
+    /// How many attempts were made.
+    pub attempts: u32,
+}
+
+/// A partition of a topic as seen by one consumer group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PartitionKey {
+    /// The consumer group.
+    pub group: String,
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+}
+
+/// The result of claiming a partition: the new epoch and where to resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct Claim {
+    /// The epoch this worker must present to commit.
+    pub epoch: i64,
+    /// The stored offset to resume from, or `None` if nothing was ever committed (the reset
+    /// policy decides).
+    pub next_offset: Option<i64>,
+}
+
+/// The runtime's SQL, with the schema (or table prefix) spliced in once.
+#[derive(Debug, Clone)]
+pub struct Queries {
+    pub(crate) schema: String,
+    pub(crate) claim: sqlx::SqlStr,
+    pub(crate) reclaim: sqlx::SqlStr,
+    pub(crate) advance: sqlx::SqlStr,
+    pub(crate) claim_events: sqlx::SqlStr,
+    pub(crate) set_offset: sqlx::SqlStr,
+    pub(crate) offsets: sqlx::SqlStr,
+    pub(crate) applied_version: sqlx::SqlStr,
+    pub(crate) ledger_known: sqlx::SqlStr,
+    pub(crate) clear_ledger: sqlx::SqlStr,
+    pub(crate) unclaim: sqlx::SqlStr,
+    pub(crate) park: sqlx::SqlStr,
+    pub(crate) dl_list: sqlx::SqlStr,
+    pub(crate) dl_get: sqlx::SqlStr,
+    pub(crate) dl_take: sqlx::SqlStr,
+    pub(crate) dl_purge: sqlx::SqlStr,
+    pub(crate) dl_delete: sqlx::SqlStr,
+    pub(crate) dl_failed: sqlx::SqlStr,
+    pub(crate) ledger_rows: sqlx::SqlStr,
+}
+
+impl Queries {
+    pub(super) fn build(schema: &str, prefix: &str, templates: &Templates) -> Queries {
+        let q = |t: &str| sqlx::AssertSqlSafe(t.replace("{s}", prefix)).into_sql_str();
+        Queries {
+            schema: schema.to_owned(),
+            claim: q(templates.claim),
+            reclaim: q(templates.reclaim),
+            advance: q(templates.advance),
+            claim_events: q(templates.claim_events),
+            set_offset: q(templates.set_offset),
+            offsets: q(templates.offsets),
+            applied_version: q(templates.applied_version),
+            ledger_known: q(templates.ledger_known),
+            clear_ledger: q(CLEAR_LEDGER),
+            unclaim: q(UNCLAIM),
+            park: q(templates.park),
+            dl_list: q(templates.dl_list),
+            dl_get: q(templates.dl_get),
+            dl_take: q(templates.dl_take),
+            dl_purge: q(templates.dl_purge),
+            dl_delete: q(DL_DELETE),
+            dl_failed: q(templates.dl_failed),
+            ledger_rows: q(LEDGER_ROWS),
+        }
+    }
+}
+
+use sqlx::SqlSafeStr as _;
+
+/// Removes a partition's ledger rows for offsets in `[$4, $5)` (replay `--rebuild`).
+const CLEAR_LEDGER: &str = r#"DELETE FROM {s}processed
+WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND "offset" >= $4 AND "offset" < $5"#;
+
+/// Undoes a record's ledger claim made earlier in the same transaction (the record is being
+/// parked in `dead_letters` instead of applied).
+const UNCLAIM: &str = r#"DELETE FROM {s}processed WHERE consumer_group = $1 AND event_id = $2"#;
+
+/// Counts a group's ledger rows (the ledger size gauge).
+const LEDGER_ROWS: &str = r#"SELECT count(*) FROM {s}processed WHERE consumer_group = $1"#;
+
+/// Deletes one dead letter.
+const DL_DELETE: &str = r#"DELETE FROM {s}dead_letters WHERE id = $1"#;
+
+pub(super) struct Templates {
+    pub(super) claim: &'static str,
+    pub(super) reclaim: &'static str,
+    pub(super) advance: &'static str,
+    pub(super) claim_events: &'static str,
+    pub(super) set_offset: &'static str,
+    pub(super) offsets: &'static str,
+    pub(super) applied_version: &'static str,
+    pub(super) ledger_known: &'static str,
+    /// Parks a record: `$1..$12` = group, topic, partition, offset, key, headers, payload,
+    /// timestamp_ms, event_id, error, error_kind, attempts. Parking the same record again (a
+    /// replay, or at-least-once re-running a batch) updates the error and adds the attempts.
+    pub(super) park: &'static str,
+    /// A group's dead letters (`$2`: a topic, or NULL for all), oldest coordinates first.
+    pub(super) dl_list: &'static str,
+    /// One dead letter by id.
+    pub(super) dl_get: &'static str,
+    /// Deletes one dead letter by id and returns it (redrive).
+    pub(super) dl_take: &'static str,
+    /// Deletes a group's dead letters (`$2`: a topic, or NULL for all).
+    pub(super) dl_purge: &'static str,
+    /// Records another failed attempt (`$1` id, `$2` kind, `$3` error).
+    pub(super) dl_failed: &'static str,
+}
+
+/// The runtime's SQL for one database: the methods the unit of work, the runtime and the admin
+/// API are built from. It is reachable only as a supertrait of [`super::Backend`], and its
+/// arguments ([`Queries`], [`PartitionKey`]) cannot be made outside this crate, so nothing
+/// outside the crate can call it.
+#[async_trait]
+pub trait Dialect: sqlx::Database {
+    /// The runtime's SQL for the schema (PostgreSQL) or table prefix (SQLite) `schema`.
+    fn queries(schema: &str) -> Result<Queries>;
+
+    /// The migrator for `schema`, with the schema substituted and its own history table.
+    fn migrator(schema: &str) -> Result<Migrator>;
+
+    /// Applies the migrator for `schema` to the database.
+    async fn run_migrations(pool: &Pool<Self>, schema: &str) -> Result<()>;
+
+    /// Opens a pool of at most `max_connections` connections (SQLite: creates the file, WAL
+    /// mode, a busy timeout).
+    async fn open_pool(url: &str, max_connections: u32) -> Result<Pool<Self>, sqlx::Error>;
+
+    /// Begins a transaction that will write (SQLite: `BEGIN IMMEDIATE`, which takes the write
+    /// lock up front, waiting for it under the busy timeout, so that a transaction that read
+    /// first can never fail to upgrade to a writer).
+    async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error>;
+
+    /// How many transactions may be open at once on `pool` (SQLite: one writer).
+    fn max_writers(pool: &Pool<Self>) -> usize;
+
+    /// The newest migration applied, or `None` when the runtime's tables do not exist.
+    async fn applied_version(pool: &Pool<Self>, q: &Queries) -> Result<Option<i64>>;
+
+    /// Claims a partition on assignment: creates its offsets row if needed, bumps the epoch,
+    /// records `owner`, and returns the new epoch and the stored offset.
+    async fn claim(
+        pool: &Pool<Self>,
+        q: &Queries,
+        key: &PartitionKey,
+        owner: &str,
+    ) -> Result<Claim, sqlx::Error>;
+
+    /// Re-claims a partition after this worker was fenced, but only if nobody else owns it
+    /// (a replay clears the owner). `None`: another instance owns it.
+    async fn reclaim(
+        pool: &Pool<Self>,
+        q: &Queries,
+        key: &PartitionKey,
+        owner: &str,
+    ) -> Result<Option<Claim>, sqlx::Error>;
+
+    /// The fence: moves the stored offset from `expected` to `next` if the epoch is still
+    /// `epoch`. `false` means this worker no longer owns the partition.
+    async fn advance(
+        conn: &mut Self::Connection,
+        q: &Queries,
+        key: &PartitionKey,
+        epoch: i64,
+        expected: Option<i64>,
+        next: i64,
+    ) -> Result<bool, sqlx::Error>;
+
+    /// Claims event ids in the ledger in one statement (`ids` distinct, `offsets` the offset of
+    /// each id's first record). Returns the offsets whose ids were newly claimed, sorted.
+    async fn claim_events(
+        conn: &mut Self::Connection,
+        q: &Queries,
+        key: &PartitionKey,
+        ids: &[&str],
+        offsets: &[i64],
+    ) -> Result<Vec<i64>, sqlx::Error>;
+
+    /// Sets a partition's stored offset, bumps its epoch and clears its owner, so that a
+    /// running worker is fenced and reloads (replay and explicit offset changes).
+    async fn set_offset(
+        conn: &mut Self::Connection,
+        q: &Queries,
+        key: &PartitionKey,
+        next_offset: i64,
+    ) -> Result<Claim, sqlx::Error>;
+
+    /// How many rows of the dedup ledger belong to `group`.
+    async fn ledger_size(pool: &Pool<Self>, q: &Queries, group: &str) -> Result<i64, sqlx::Error>;
+
+    /// The stored offsets of a group.
+    async fn offsets(pool: &Pool<Self>, q: &Queries, group: &str) -> Result<Vec<StoredOffset>>;
+
+    /// Which of `ids` the ledger of `group` holds (in no particular order).
+    async fn ledger_known(
+        pool: &Pool<Self>,
+        q: &Queries,
+        group: &str,
+        ids: &[&str],
+    ) -> Result<Vec<String>, sqlx::Error>;
+
+    /// Parks a record of `key`'s partition in `dead_letters` (upsert on its coordinates).
+    async fn park(
+        conn: &mut Self::Connection,
+        q: &Queries,
+        key: &PartitionKey,
+        letter: &Parking<'_>,
+    ) -> Result<(), sqlx::Error>;
+
+    /// Deletes the ledger row of `event_id` for `group` (undoing a claim of this transaction).
+    async fn unclaim(
+        conn: &mut Self::Connection,
+        q: &Queries,
+        group: &str,
+        event_id: &str,
+    ) -> Result<(), sqlx::Error>;
+
+    /// A group's dead letters, optionally of one topic, by topic, partition and offset.
+    async fn dead_letters(
+        pool: &Pool<Self>,
+        q: &Queries,
+        group: &str,
+        topic: Option<&str>,
+    ) -> Result<Vec<crate::store::dead_letter::DeadLetter>, sqlx::Error>;
+
+    /// One dead letter by id.
+    async fn dead_letter(
+        pool: &Pool<Self>,
+        q: &Queries,
+        id: i64,
+    ) -> Result<Option<crate::store::dead_letter::DeadLetter>, sqlx::Error>;
+
+    /// Deletes one dead letter and returns it (in the caller's transaction).
+    async fn take_dead_letter(
+        conn: &mut Self::Connection,
+        q: &Queries,
+        id: i64,
+    ) -> Result<Option<crate::store::dead_letter::DeadLetter>, sqlx::Error>;
+
+    /// Deletes a group's dead letters, optionally of one topic; returns how many.
+    async fn purge_dead_letters(
+        pool: &Pool<Self>,
+        q: &Queries,
+        group: &str,
+        topic: Option<&str>,
+    ) -> Result<u64, sqlx::Error>;
+
+    /// Deletes one dead letter; `false` if there was none.
+    async fn delete_dead_letter(
+        pool: &Pool<Self>,
+        q: &Queries,
+        id: i64,
+    ) -> Result<bool, sqlx::Error>;
+
+    /// Records one more failed attempt of a dead letter (a redrive that failed again).
+    async fn dead_letter_failed_again(
+        pool: &Pool<Self>,
+        q: &Queries,
+        id: i64,
+        kind: FailureKind,
+        error: &str,
+    ) -> Result<(), sqlx::Error>;
+
+    /// Deletes a partition's ledger rows whose first record lies in `[from, to)`; returns how
+    /// many.
+    async fn clear_ledger(
+        conn: &mut Self::Connection,
+        q: &Queries,
+        key: &PartitionKey,
+        from: i64,
+        to: i64,
+    ) -> Result<u64, sqlx::Error>;
+}
