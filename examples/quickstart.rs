@@ -342,7 +342,8 @@ where
         stats.duplicates.load(Ordering::Relaxed),
     );
     let rewind: Vec<(i32, i64)> = (0..PARTITIONS).map(|p| (p, 0)).collect();
-    consumer_runtime::set_offsets::<DB>(&pool, SCHEMA, GROUP, TOPIC, &rewind)
+    consumer_runtime::Store::new(pool.clone(), SCHEMA)?
+        .set_offsets(GROUP, TOPIC, &rewind)
         .await
         .context("rewinding the group to offset 0")?;
     until(running.as_mut(), wait_caught_up(&pool, &ends))

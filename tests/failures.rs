@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use consumer_runtime::dead_letters::{self, DeadLetter, Redriven};
+use consumer_runtime::dead_letters::{DeadLetter, Redriven};
 use consumer_runtime::rdkafka::Timestamp;
 use consumer_runtime::rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use consumer_runtime::sqlx::Pool;
@@ -117,7 +117,7 @@ fn parking_writer<DB: TestDb>(
 }
 
 async fn parked<DB: TestDb>(pool: &Pool<DB>, group: &str) -> Vec<DeadLetter> {
-    dead_letters::list(pool, SCHEMA, group, None).await.unwrap()
+    store(pool).dead_letters().list(group, None).await.unwrap()
 }
 
 async fn in_ledger<DB: TestDb>(pool: &Pool<DB>, group: &str, id: &str) -> bool {
@@ -198,7 +198,9 @@ async fn rejected_record_is_parked_and_the_rest_of_its_batch_commits<DB: TestDb>
         assert_eq!(l.attempts, 1);
         assert!(l.first_failed_at.ends_with('Z'), "{}", l.first_failed_at);
         assert_eq!(
-            dead_letters::get(&pool, SCHEMA, l.id)
+            store(&pool)
+                .dead_letters()
+                .get(l.id)
                 .await
                 .unwrap()
                 .as_ref(),
@@ -666,7 +668,9 @@ async fn redrive_applies_the_effect_exactly_once_even_concurrently<DB: TestDb>()
 
     // The handler still rejects it: nothing applied, the dead letter stays with one more attempt.
     let strategy = EventId::default();
-    let again = dead_letters::redrive(&pool, SCHEMA, &rejecting, &strategy, id)
+    let again = store(&pool)
+        .dead_letters()
+        .redrive(&rejecting, &strategy, id)
         .await
         .unwrap();
     assert!(
@@ -679,7 +683,7 @@ async fn redrive_applies_the_effect_exactly_once_even_concurrently<DB: TestDb>()
         ),
         "{again:?}"
     );
-    let letter = dead_letters::get(&pool, SCHEMA, id).await.unwrap().unwrap();
+    let letter = store(&pool).dead_letters().get(id).await.unwrap().unwrap();
     assert_eq!(letter.attempts, 2);
     assert!(!effect_counts(&pool, &group).await.contains_key(&bad));
 
@@ -689,7 +693,9 @@ async fn redrive_applies_the_effect_exactly_once_even_concurrently<DB: TestDb>()
         .map(|_| {
             let (pool, fixed) = (pool.clone(), fixed.clone());
             tokio::spawn(async move {
-                dead_letters::redrive(&pool, SCHEMA, &fixed, &EventId::default(), id)
+                store(&pool)
+                    .dead_letters()
+                    .redrive(&fixed, &EventId::default(), id)
                     .await
                     .unwrap()
             })
@@ -711,12 +717,14 @@ async fn redrive_applies_the_effect_exactly_once_even_concurrently<DB: TestDb>()
         "{outcomes:?}"
     );
     // And a third time, later.
-    let third = dead_letters::redrive(&pool, SCHEMA, &fixed, &strategy, id)
+    let third = store(&pool)
+        .dead_letters()
+        .redrive(&fixed, &strategy, id)
         .await
         .unwrap();
     assert_eq!(third, Redriven::NotFound);
 
-    assert_eq!(dead_letters::get(&pool, SCHEMA, id).await.unwrap(), None);
+    assert_eq!(store(&pool).dead_letters().get(id).await.unwrap(), None);
     assert!(parked(&pool, &group).await.is_empty());
     assert!(in_ledger(&pool, &group, &bad).await);
     assert_eq!(fixed.applied(), 1);
@@ -745,7 +753,9 @@ async fn redrive_of_an_event_already_applied_is_a_no_op<DB: TestDb>() {
     );
     writer.write(&[message(&key.topic, 1, &bad)]).await.unwrap();
     let id = parked(&pool, &group).await[0].id;
-    let outcome = dead_letters::redrive(&pool, SCHEMA, &fixed, &EventId::default(), id)
+    let outcome = store(&pool)
+        .dead_letters()
+        .redrive(&fixed, &EventId::default(), id)
         .await
         .unwrap();
     assert_eq!(
@@ -776,23 +786,31 @@ async fn purge_and_delete_remove_dead_letters<DB: TestDb>() {
     let letters = parked(&pool, &group).await;
     assert_eq!(letters.len(), 3);
     assert!(
-        dead_letters::delete(&pool, SCHEMA, letters[0].id)
+        store(&pool)
+            .dead_letters()
+            .delete(letters[0].id)
             .await
             .unwrap()
     );
     assert!(
-        !dead_letters::delete(&pool, SCHEMA, letters[0].id)
+        !store(&pool)
+            .dead_letters()
+            .delete(letters[0].id)
             .await
             .unwrap()
     );
     assert_eq!(
-        dead_letters::list(&pool, SCHEMA, &group, Some("no-such-topic"))
+        store(&pool)
+            .dead_letters()
+            .list(&group, Some("no-such-topic"))
             .await
             .unwrap(),
         vec![]
     );
     assert_eq!(
-        dead_letters::purge(&pool, SCHEMA, &group, Some(&key.topic))
+        store(&pool)
+            .dead_letters()
+            .purge(&group, Some(&key.topic))
             .await
             .unwrap(),
         2

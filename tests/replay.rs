@@ -75,19 +75,13 @@ async fn replay_with<DB: TestDb>(
         topic: topic.to_owned(),
         partition,
         from,
+        mode,
     };
     let config = kafka_config(kafka);
     let mut updates = Vec::new();
     let mut progress = |p: ReplayProgress| updates.push(p);
-    let run = consumer_runtime::replay(
-        pool,
-        SCHEMA,
-        &config,
-        &event_id,
-        &request,
-        mode,
-        &mut progress,
-    );
+    let store = consumer_runtime::Store::new(pool.clone(), SCHEMA).unwrap();
+    let run = store.replay(&config, &request, &event_id, &mut progress);
     // The consumer program runs it on a spawned task.
     assert_send(&run);
     let result = run.await;
@@ -96,7 +90,9 @@ async fn replay_with<DB: TestDb>(
 
 /// The group's rows of `consumer_offsets`.
 async fn rows<DB: Backend>(pool: &Pool<DB>, group: &str) -> Vec<StoredOffset> {
-    DB::offsets(pool, &DB::queries(SCHEMA).unwrap(), group)
+    consumer_runtime::Store::new(pool.clone(), SCHEMA)
+        .unwrap()
+        .stored_offsets(group)
         .await
         .unwrap()
 }
@@ -452,7 +448,8 @@ async fn bad_requests_are_refused_naming_the_value<DB: TestDb>() {
         .collect();
     kafka.produce(&topic, &records);
     // As if the group had consumed the topic to the end.
-    consumer_runtime::set_offsets(&pool, SCHEMA, &group, &topic, &[(0, 10), (1, 10)])
+    store(&pool)
+        .set_offsets(&group, &topic, &[(0, 10), (1, 10)])
         .await
         .unwrap();
     let before = rows(&pool, &group).await;
@@ -573,7 +570,8 @@ async fn a_time_resolves_to_the_first_record_at_or_after_it<DB: TestDb>() {
             .unwrap();
     }
     producer.flush(Duration::from_secs(30)).unwrap();
-    consumer_runtime::set_offsets(&pool, SCHEMA, &group, &topic, &[(0, 20)])
+    store(&pool)
+        .set_offsets(&group, &topic, &[(0, 20)])
         .await
         .unwrap();
 

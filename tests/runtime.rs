@@ -224,7 +224,8 @@ async fn rewinding_stored_offsets_reapplies_nothing<DB: TestDb>() {
 
     // Rewind every partition to 0 while the consumer runs: it is fenced, reloads, re-reads
     // the whole topic, and the ledger skips every record.
-    consumer_runtime::set_offsets(&pool, SCHEMA, &group, &topic, &[(0, 0), (1, 0), (2, 0)])
+    store(&pool)
+        .set_offsets(&group, &topic, &[(0, 0), (1, 0), (2, 0)])
         .await
         .unwrap();
     wait_until(WAIT, "the rewound topic to be read again", || async {
@@ -548,7 +549,9 @@ async fn rejected_record_is_parked_and_the_partition_goes_on<DB: TestDb>() {
     assert!(!task.is_finished(), "the consumer stopped");
     stop.shutdown();
     task.await.unwrap().expect("clean shutdown");
-    let parked = consumer_runtime::dead_letters::list(&pool, SCHEMA, &group, None)
+    let parked = store(&pool)
+        .dead_letters()
+        .list(&group, None)
         .await
         .unwrap();
     assert_eq!(parked.len(), 1, "{parked:?}");

@@ -23,6 +23,11 @@ use consumer_runtime::{Backend, Context, Handler, HandlerError};
 
 pub const SCHEMA: &str = "consumer_runtime";
 
+/// The runtime's tables in the test schema of `pool`'s database.
+pub fn store<DB: Backend>(pool: &Pool<DB>) -> consumer_runtime::Store<DB> {
+    consumer_runtime::Store::new(pool.clone(), SCHEMA).expect("the test schema is a valid name")
+}
+
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())

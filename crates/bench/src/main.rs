@@ -831,7 +831,9 @@ where
             let memory = Memory::reset();
             let ticker = Ticker::start(name, env.args_messages);
             let rewind: Vec<(i32, i64)> = (0..env.partitions).map(|p| (p, 0)).collect();
-            consumer_runtime::set_offsets(&env.pool, &env.schema, &group, TOPIC, &rewind).await?;
+            consumer_runtime::Store::new(env.pool.clone(), &env.schema)?
+                .set_offsets(&group, TOPIC, &rewind)
+                .await?;
             let target = finished(&stats) + env.args_messages;
             let (messages, secs, cpu) =
                 time_until_caught_up(env, &group, &ticker, &mut task, &stats, target).await?;

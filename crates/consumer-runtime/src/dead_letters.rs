@@ -8,8 +8,6 @@
 //! The stored row ([`DeadLetter`]) and the format of its `headers` column are the store's
 //! (`store/dead_letter.rs`).
 
-use sqlx::Pool;
-
 use crate::error::{Error, FailureKind, Result, error_chain};
 use crate::event_id::EventId;
 use crate::handler::{Handler, HandlerError, Record};
@@ -117,76 +115,6 @@ impl<DB: Backend> DeadLetters<'_, DB> {
     }
 }
 
-/// A group's dead letters, of one topic or all, ordered by topic, partition and offset.
-pub async fn list<DB: Backend>(
-    pool: &Pool<DB>,
-    schema: &str,
-    group: &str,
-    topic: Option<&str>,
-) -> Result<Vec<DeadLetter>> {
-    let q = DB::queries(schema)?;
-    DB::dead_letters(pool, &q, group, topic)
-        .await
-        .map_err(Error::db("reading dead letters"))
-}
-
-/// One dead letter by id.
-pub async fn get<DB: Backend>(
-    pool: &Pool<DB>,
-    schema: &str,
-    id: i64,
-) -> Result<Option<DeadLetter>> {
-    let q = DB::queries(schema)?;
-    DB::dead_letter(pool, &q, id)
-        .await
-        .map_err(Error::db("reading a dead letter"))
-}
-
-/// Deletes a group's dead letters, of one topic or all, without applying them; returns how
-/// many. Their records are then neither applied nor parked anywhere: only for records you
-/// have decided to drop.
-pub async fn purge<DB: Backend>(
-    pool: &Pool<DB>,
-    schema: &str,
-    group: &str,
-    topic: Option<&str>,
-) -> Result<u64> {
-    let q = DB::queries(schema)?;
-    DB::purge_dead_letters(pool, &q, group, topic)
-        .await
-        .map_err(Error::db("purging dead letters"))
-}
-
-/// Deletes one dead letter without applying it; `false` if there was none.
-pub async fn delete<DB: Backend>(pool: &Pool<DB>, schema: &str, id: i64) -> Result<bool> {
-    let q = DB::queries(schema)?;
-    DB::delete_dead_letter(pool, &q, id)
-        .await
-        .map_err(Error::db("deleting a dead letter"))
-}
-
-/// Runs `handler` for the parked record `id`, exactly once.
-///
-/// One transaction deletes the dead letter (`DELETE … RETURNING`, which also locks it against
-/// a concurrent redrive), works out the event id under `strategy` (as the consumer would),
-/// claims it in the group's ledger and runs the handler. It commits only if the handler
-/// succeeds, so the effect, the ledger row and the removal of the dead letter happen together.
-/// A second redrive, concurrent or later, finds no row ([`Redriven::NotFound`]); a record
-/// whose event id the ledger already holds is not applied again
-/// ([`Redriven::AlreadyApplied`]). A handler that rejects or panics leaves the dead letter in
-/// place with the new error ([`Redriven::Failed`]); one that asks for a retry changes nothing
-/// ([`Redriven::Retry`]). Errors are the database's.
-pub async fn redrive<H: Handler<DB>, DB: Backend>(
-    pool: &Pool<DB>,
-    schema: &str,
-    handler: &H,
-    strategy: &EventId<H::Event>,
-    id: i64,
-) -> Result<Redriven> {
-    let store = Store::new(pool.clone(), schema)?;
-    redrive_in(&store, handler, strategy, id).await
-}
-
 async fn redrive_in<H: Handler<DB>, DB: Backend>(
     store: &Store<DB>,
     handler: &H,
@@ -256,7 +184,7 @@ async fn redrive_in<H: Handler<DB>, DB: Backend>(
 }
 
 async fn failed_again<DB: Backend>(
-    pool: &Pool<DB>,
+    pool: &sqlx::Pool<DB>,
     q: &crate::store::Queries,
     id: i64,
     kind: FailureKind,

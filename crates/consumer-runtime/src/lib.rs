@@ -66,11 +66,10 @@ pub use dead_letters::{DeadLetter, Redriven};
 pub use error::{BoxError, Coordinates, Error, FailureKind, Result};
 pub use event_id::EventId;
 pub use handler::{Context, Decode, Handler, HandlerError, Raw, Record, ResultExt};
-pub use replay::{PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress, ReplayRequest, replay};
+pub use replay::{PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress, ReplayRequest};
 pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats};
 pub use store::{
-    Backend, Claim, DatabaseKind, PartitionKey, Store, StoredOffset, check_schema, connect,
-    migrate, set_offsets,
+    Backend, Claim, DatabaseKind, PartitionKey, Store, StoredOffset, connect, migrate,
 };
 pub use unit::{BatchError, BatchOutcome, Parked, PartitionWriter, WriterConfig};
 

@@ -27,7 +27,7 @@
 //! stored offset is already at or before the requested position is left alone (its range is
 //! empty), so a replay can never skip records that were not processed.
 //!
-//! Start with [`replay`]; the consumer program's `replay` command is a thin wrapper around it.
+//! Start with [`Store::replay`]; the consumer program's `replay` command is a thin wrapper around it.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -42,14 +42,14 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
-use sqlx::Pool;
+
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::event_id::EventId;
 use crate::handler::Decode;
-use crate::store::{Backend, PartitionKey, Queries, StoredOffset, check_schema};
+use crate::store::{Backend, PartitionKey, Store, StoredOffset};
 
 /// How long a metadata, watermark or time lookup may take.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,7 +57,7 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_STALL: Duration = Duration::from_secs(30);
 /// Records per ledger lookup (and per progress report) in a dry run.
 const CHUNK: usize = 1000;
-/// How often [`replay`] re-reads the stored offsets when a consumer committed between the read
+/// How often [`Store::replay`] re-reads the stored offsets when a consumer committed between the read
 /// and the replay's transaction.
 const WRITE_ATTEMPTS: u32 = 50;
 
@@ -146,9 +146,12 @@ pub struct ReplayRequest {
     pub partition: Option<i32>,
     /// Where the replay starts.
     pub from: ReplayFrom,
+    /// What to do with the range: look ([`ReplayMode::DryRun`]), move the offsets
+    /// ([`ReplayMode::Apply`]) or also clear the range's ledger ([`ReplayMode::Rebuild`]).
+    pub mode: ReplayMode,
 }
 
-/// What [`replay`] does with the range.
+/// What [`Store::replay`] does with the range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ReplayMode {
@@ -200,7 +203,7 @@ pub struct PartitionReplay {
     /// compacted or written by transactional producers.
     pub records: u64,
     /// Dry run only: how many of those records the ledger already holds (by event id, under the
-    /// strategy passed to [`replay`]) and would therefore skip. `records - already_processed`
+    /// strategy passed to [`Store::replay`]) and would therefore skip. `records - already_processed`
     /// records would run the handler (with a ledger that is complete, none).
     pub already_processed: Option<u64>,
     /// `Rebuild` only: how many ledger rows of the range were deleted (one per event id whose
@@ -208,7 +211,7 @@ pub struct PartitionReplay {
     pub ledger_rows_cleared: u64,
 }
 
-/// How far a dry run has read, reported to [`replay`]'s `progress` callback every
+/// How far a dry run has read, reported to [`Store::replay`]'s `progress` callback every
 /// 1,000 records and at the end of each partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -226,121 +229,116 @@ pub struct ReplayProgress {
     pub done: bool,
 }
 
-/// Replays a consumer group's view of a topic (or of one partition) from `request.from`.
-///
-/// Checks the request, resolves the start in each selected partition, and then, by `mode`:
-/// reports the range without changing anything ([`ReplayMode::DryRun`]), moves the stored
-/// offsets back ([`ReplayMode::Apply`]: nothing is applied twice), or also clears the ledger of
-/// the range ([`ReplayMode::Rebuild`]: **the handler's effects are applied again**, once per
-/// event). The writes are one transaction; running consumers are fenced by the bumped epochs,
-/// reload, and continue from the new positions without a restart. Returns one
-/// [`PartitionReplay`] per selected partition, in partition order.
-///
-/// - `schema`: the schema (PostgreSQL) or table prefix (SQLite) of the runtime's tables.
-/// - `kafka`: the Kafka client configuration: `bootstrap.servers` and any other librdkafka
-///   property the consumer uses (security, for instance). The replay makes its own short-lived
-///   client from it, with a throw-away `group.id`; it never joins or commits for the group.
-/// - `event_id`: the consumer's event-id strategy, used by a dry run to work out which records
-///   the ledger holds (the other modes ignore it). Pass the same strategy as the consumer's,
-///   or the counts are meaningless.
-/// - `progress`: called during a dry run every 1,000 records and at the end of each partition,
-///   so that a long dry run can show progress; never called by the other modes.
-///
-/// Refused, with an [`Error::Config`] that names the value and the fix: a group without stored
-/// offsets, a group that never consumed the topic, a partition the topic does not have, an
-/// offset beyond a partition's high watermark, a time before the topic's earliest record. A
-/// topic Kafka does not know is an [`Error::UnknownTopic`]. A partition that has no stored
-/// offset (nothing committed yet) has nothing to replay and is left alone, as is a partition
-/// whose stored offset is at or before the requested start: a replay only moves offsets back.
-///
-/// The Kafka calls are blocking and run on tokio's blocking threads, never on the executor.
-///
-/// ```no_run
-/// use consumer_runtime::replay::{ReplayFrom, ReplayMode, ReplayRequest, replay};
-/// use consumer_runtime::rdkafka::ClientConfig;
-/// use consumer_runtime::sqlx::Postgres;
-/// use consumer_runtime::{EventId, Raw};
-///
-/// # async fn run() -> Result<(), consumer_runtime::Error> {
-/// let pool = consumer_runtime::connect::<Postgres>("postgres://app@db/app", 2).await?;
-/// let mut kafka = ClientConfig::new();
-/// kafka.set("bootstrap.servers", "kafka:9092");
-/// let request = ReplayRequest {
-///     group: "balances".into(),
-///     topic: "payments".into(),
-///     partition: None,
-///     from: "2026-11-23T09:00:00Z".parse()?,
-/// };
-/// // The consumer's event-id strategy (here the default header).
-/// let event_id = EventId::<Raw>::header("event-id");
-///
-/// // Look first: this changes nothing.
-/// let plan = consumer_runtime::replay(
-///     &pool, "consumer_runtime", &kafka, &event_id, &request, ReplayMode::DryRun,
-///     &mut |p| eprint!("\rpartition {}: {}/{} records read", p.partition, p.read, p.span),
-/// )
-/// .await?;
-/// for p in &plan {
-///     println!(
-///         "partition {}: [{}, {}) {} records, {} already processed",
-///         p.partition, p.from, p.to, p.records, p.already_processed.unwrap_or(0)
-///     );
-/// }
-///
-/// // Then move the offsets: running consumers reload and re-read; the ledger skips everything
-/// // they had processed, so nothing is applied twice.
-/// replay(&pool, "consumer_runtime", &kafka, &event_id, &request, ReplayMode::Apply, &mut |_| {})
-///     .await?;
-/// # Ok(())
-/// # }
-/// ```
-pub async fn replay<DB: Backend, E: Decode>(
-    pool: &Pool<DB>,
-    schema: &str,
-    kafka: &ClientConfig,
-    event_id: &EventId<E>,
-    request: &ReplayRequest,
-    mode: ReplayMode,
-    progress: &mut (dyn FnMut(ReplayProgress) + Send),
-) -> Result<Vec<PartitionReplay>> {
-    let ReplayRequest { group, topic, .. } = request;
-    if group.is_empty() || topic.is_empty() {
-        return Err(Error::Config(
-            "a replay needs a consumer group and a topic; name both".to_owned(),
-        ));
-    }
-    let queries = DB::queries(schema)?;
-    check_schema(pool, &queries).await?;
+impl<DB: Backend> Store<DB> {
+    /// Replays a consumer group's view of a topic (or of one partition) from `request.from`.
+    ///
+    /// Checks the request, resolves the start in each selected partition, and then, by `mode`:
+    /// reports the range without changing anything ([`ReplayMode::DryRun`]), moves the stored
+    /// offsets back ([`ReplayMode::Apply`]: nothing is applied twice), or also clears the ledger of
+    /// the range ([`ReplayMode::Rebuild`]: **the handler's effects are applied again**, once per
+    /// event). The writes are one transaction; running consumers are fenced by the bumped epochs,
+    /// reload, and continue from the new positions without a restart. Returns one
+    /// [`PartitionReplay`] per selected partition, in partition order.
+    ///
+    /// - `kafka`: the Kafka client configuration: `bootstrap.servers` and any other librdkafka
+    ///   property the consumer uses (security, for instance). The replay makes its own short-lived
+    ///   client from it, with a throw-away `group.id`; it never joins or commits for the group.
+    /// - `event_id`: the consumer's event-id strategy, used by a dry run to work out which records
+    ///   the ledger holds (the other modes ignore it). Pass the same strategy as the consumer's,
+    ///   or the counts are meaningless.
+    /// - `progress`: called during a dry run every 1,000 records and at the end of each partition,
+    ///   so that a long dry run can show progress; never called by the other modes.
+    ///
+    /// Refused, with an [`Error::Config`] that names the value and the fix: a group without stored
+    /// offsets, a group that never consumed the topic, a partition the topic does not have, an
+    /// offset beyond a partition's high watermark, a time before the topic's earliest record. A
+    /// topic Kafka does not know is an [`Error::UnknownTopic`]. A partition that has no stored
+    /// offset (nothing committed yet) has nothing to replay and is left alone, as is a partition
+    /// whose stored offset is at or before the requested start: a replay only moves offsets back.
+    ///
+    /// The Kafka calls are blocking and run on tokio's blocking threads, never on the executor.
+    ///
+    /// ```no_run
+    /// use consumer_runtime::replay::{ReplayMode, ReplayRequest};
+    /// use consumer_runtime::rdkafka::ClientConfig;
+    /// use consumer_runtime::sqlx::Postgres;
+    /// use consumer_runtime::{EventId, Raw, Store};
+    ///
+    /// # async fn run() -> Result<(), consumer_runtime::Error> {
+    /// let pool = consumer_runtime::connect::<Postgres>("postgres://app@db/app", 2).await?;
+    /// let store = Store::new(pool, "consumer_runtime")?;
+    /// let mut kafka = ClientConfig::new();
+    /// kafka.set("bootstrap.servers", "kafka:9092");
+    /// let mut request = ReplayRequest {
+    ///     group: "balances".into(),
+    ///     topic: "payments".into(),
+    ///     partition: None,
+    ///     from: "2026-11-23T09:00:00Z".parse()?,
+    ///     mode: ReplayMode::DryRun,
+    /// };
+    /// // The consumer's event-id strategy (here the default header).
+    /// let event_id = EventId::<Raw>::header("event-id");
+    ///
+    /// // Look first: this changes nothing.
+    /// let plan = store
+    ///     .replay(&kafka, &request, &event_id, &mut |p| {
+    ///         eprint!("\rpartition {}: {}/{} records read", p.partition, p.read, p.span)
+    ///     })
+    ///     .await?;
+    /// for p in &plan {
+    ///     println!(
+    ///         "partition {}: [{}, {}) {} records, {} already processed",
+    ///         p.partition, p.from, p.to, p.records, p.already_processed.unwrap_or(0)
+    ///     );
+    /// }
+    ///
+    /// // Then move the offsets: running consumers reload and re-read; the ledger skips everything
+    /// // they had processed, so nothing is applied twice.
+    /// request.mode = ReplayMode::Apply;
+    /// store.replay(&kafka, &request, &event_id, &mut |_| {}).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn replay<E: Decode>(
+        &self,
+        kafka: &ClientConfig,
+        request: &ReplayRequest,
+        event_id: &EventId<E>,
+        progress: &mut (dyn FnMut(ReplayProgress) + Send),
+    ) -> Result<Vec<PartitionReplay>> {
+        let ReplayRequest { group, topic, .. } = request;
+        if group.is_empty() || topic.is_empty() {
+            return Err(Error::Config(
+                "a replay needs a consumer group and a topic; name both".to_owned(),
+            ));
+        }
+        self.check_schema().await?;
 
-    // 1. The group must have stored offsets.
-    let rows = DB::offsets(pool, &queries, group).await?;
-    if rows.is_empty() {
-        return Err(Error::Config(format!(
-            "no stored offsets for consumer group `{group}` in schema `{schema}`: it has never committed there; check the group name and the schema"
-        )));
-    }
+        // 1. The group must have stored offsets.
+        let rows = self.stored_offsets(group).await?;
+        if rows.is_empty() {
+            return Err(Error::Config(format!(
+                "no stored offsets for consumer group `{group}` in schema `{}`: it has never committed there; check the group name and the schema",
+                self.schema()
+            )));
+        }
 
-    // 2. Kafka must know the topic, and the group must have consumed it.
-    let client = Arc::new(Reader::new(kafka)?);
-    let result = with_client(
-        pool, &queries, &client, event_id, request, &rows, mode, progress,
-    )
-    .await;
-    // Closing a Kafka client blocks until its threads end: not on the executor.
-    let _ = tokio::task::spawn_blocking(move || drop(client)).await;
-    result
+        // 2. Kafka must know the topic, and the group must have consumed it.
+        let client = Arc::new(Reader::new(kafka)?);
+        let result = with_client(self, &client, event_id, request, &rows, progress).await;
+        // Closing a Kafka client blocks until its threads end: not on the executor.
+        let _ = tokio::task::spawn_blocking(move || drop(client)).await;
+        result
+    }
 }
 
-/// [`replay`], from the Kafka checks on.
-#[allow(clippy::too_many_arguments)]
+/// [`Store::replay`], from the Kafka checks on.
 async fn with_client<DB: Backend, E: Decode>(
-    pool: &Pool<DB>,
-    queries: &Queries,
+    store: &Store<DB>,
     client: &Arc<Reader>,
     event_id: &EventId<E>,
     request: &ReplayRequest,
     rows: &[StoredOffset],
-    mode: ReplayMode,
     progress: &mut (dyn FnMut(ReplayProgress) + Send),
 ) -> Result<Vec<PartitionReplay>> {
     let ReplayRequest {
@@ -348,7 +346,9 @@ async fn with_client<DB: Backend, E: Decode>(
         topic,
         partition,
         from,
+        mode,
     } = request;
+    let mode = *mode;
     let all_partitions = blocking({
         let (client, topic) = (client.clone(), topic.clone());
         move || client.partitions(&topic)
@@ -384,14 +384,9 @@ async fn with_client<DB: Backend, E: Decode>(
     match mode {
         ReplayMode::DryRun => {
             let plan = plan(&starts, rows, topic);
-            dry_run(
-                pool, queries, client, group, topic, event_id, plan, progress,
-            )
-            .await
+            dry_run(store, client, group, topic, event_id, plan, progress).await
         }
-        ReplayMode::Apply | ReplayMode::Rebuild => {
-            write(pool, queries, group, topic, &starts, mode).await
-        }
+        ReplayMode::Apply | ReplayMode::Rebuild => write(store, group, topic, &starts, mode).await,
     }
 }
 
@@ -438,14 +433,14 @@ fn plan(starts: &[Start], rows: &[StoredOffset], topic: &str) -> Vec<PartitionRe
 /// exactly the stored offset the transaction replaced; if a consumer committed in between, the
 /// transaction rolls back and the replay reads again.
 async fn write<DB: Backend>(
-    pool: &Pool<DB>,
-    q: &Queries,
+    store: &Store<DB>,
     group: &str,
     topic: &str,
     starts: &[Start],
     mode: ReplayMode,
 ) -> Result<Vec<PartitionReplay>> {
     const CONTEXT: &str = "replaying stored offsets";
+    let (pool, q) = (store.pool(), store.queries());
     for attempt in 1..=WRITE_ATTEMPTS {
         let rows = DB::offsets(pool, q, group).await?;
         let mut report = plan(starts, &rows, topic);
@@ -522,10 +517,8 @@ enum Read {
     },
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn dry_run<DB: Backend, E: Decode>(
-    pool: &Pool<DB>,
-    q: &Queries,
+    store: &Store<DB>,
     client: &Arc<Reader>,
     group: &str,
     topic: &str,
@@ -533,6 +526,7 @@ async fn dry_run<DB: Backend, E: Decode>(
     mut report: Vec<PartitionReplay>,
     progress: &mut (dyn FnMut(ReplayProgress) + Send),
 ) -> Result<Vec<PartitionReplay>> {
+    let (pool, q) = (store.pool(), store.queries());
     for r in &mut report {
         r.records = 0;
         r.already_processed = Some(0);

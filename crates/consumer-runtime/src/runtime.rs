@@ -1472,7 +1472,9 @@ mod tests {
         let (pool, lock) = test.block_on(async {
             let pool = crate::connect::<Postgres>(&url, 2).await.unwrap();
             crate::migrate(&pool, &schema).await.unwrap();
-            crate::set_offsets(&pool, &schema, "g", "t", &[(0, 0)])
+            crate::Store::new(pool.clone(), &schema)
+                .unwrap()
+                .set_offsets("g", "t", &[(0, 0)])
                 .await
                 .unwrap();
             let mut lock = pool.begin().await.unwrap();

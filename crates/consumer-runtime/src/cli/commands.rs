@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use sqlx::Pool;
 use sqlx::migrate::Migrate;
 use tracing::{info, warn};
 
@@ -15,13 +14,13 @@ use super::settings::{
 };
 use super::{App, CliError, exporter};
 use crate::config::{CircuitBreaker, ParkedRatio, RetryPolicy};
-use crate::dead_letters::{self, DeadLetter, Redriven};
+use crate::dead_letters::{DeadLetter, Redriven};
 use crate::error::{Error, redact_url};
 use crate::event_id::EventId;
 use crate::handler::Handler;
 use crate::replay::{PartitionReplay, ReplayMode, ReplayProgress, ReplayRequest};
 use crate::runtime::Runtime;
-use crate::store::{Backend, StoredOffset, check_schema, connect, set_offsets};
+use crate::store::{Backend, Store, StoredOffset, connect};
 
 /// Connections for the commands that only read or move offsets.
 const TOOL_POOL: u32 = 2;
@@ -50,8 +49,8 @@ where
         Action::Run(run) => run_consumer(app, &database_url, schema, kafka, run).await,
         Action::Migrate => migrate(app, &database_url, &schema).await,
         Action::Offsets { group, topic } => {
-            let pool = open::<DB>(&database_url, &schema, TOOL_POOL).await?;
-            let rows = stored_offsets(&pool, &schema, &group, topic.as_deref()).await?;
+            let store = open::<DB>(&database_url, &schema, TOOL_POOL).await?;
+            let rows = stored_offsets(&store, &group, topic.as_deref()).await?;
             let table: Vec<Vec<String>> = rows
                 .iter()
                 .map(|r| {
@@ -87,15 +86,16 @@ where
             partition,
             offset,
         } => {
-            let pool = open::<DB>(&database_url, &schema, TOOL_POOL).await?;
-            let queries = DB::queries(&schema)?;
-            let old = DB::offsets(&pool, &queries, &group)
-                .await?
-                .into_iter()
-                .find(|r| r.topic == topic && r.partition == partition);
-            let claims =
-                set_offsets(&pool, &schema, &group, &topic, &[(partition, offset)]).await?;
-            let new = claims.first().ok_or_else(|| {
+            let store = open::<DB>(&database_url, &schema, TOOL_POOL).await?;
+            let find = |rows: Vec<StoredOffset>| {
+                rows.into_iter()
+                    .find(|r| r.topic == topic && r.partition == partition)
+            };
+            let old = find(store.stored_offsets(&group).await?);
+            store
+                .set_offsets(&group, &topic, &[(partition, offset)])
+                .await?;
+            let new = find(store.stored_offsets(&group).await?).ok_or_else(|| {
                 CliError::Failed("the database returned no row for the moved offset".into())
             })?;
             println!(
@@ -128,32 +128,29 @@ where
         }
         Action::Replay(replay) => replay_command(app, &database_url, &schema, kafka, replay).await,
         Action::DeadLetters(action) => {
-            let pool = open::<DB>(&database_url, &schema, TOOL_POOL).await?;
-            dead_letters_command(app, &pool, &schema, action).await
+            let store = open::<DB>(&database_url, &schema, TOOL_POOL).await?;
+            dead_letters_command(app, &store, action).await
         }
     }
 }
 
 /// Connects and checks that the runtime's tables are up to date.
-async fn open<DB: Backend>(url: &str, schema: &str, size: u32) -> Result<Pool<DB>, CliError> {
-    let pool = connect::<DB>(url, size).await?;
-    let queries = DB::queries(schema)?;
-    check_schema(&pool, &queries).await?;
-    Ok(pool)
+async fn open<DB: Backend>(url: &str, schema: &str, size: u32) -> Result<Store<DB>, CliError> {
+    let store = Store::new(connect::<DB>(url, size).await?, schema)?;
+    store.check_schema().await?;
+    Ok(store)
 }
 
 /// A group's stored offsets (of one topic, if given); an error naming the group when there are
 /// none.
 async fn stored_offsets<DB: Backend>(
-    pool: &Pool<DB>,
-    schema: &str,
+    store: &Store<DB>,
     group: &str,
     topic: Option<&str>,
 ) -> Result<Vec<StoredOffset>, CliError> {
-    let queries = DB::queries(schema)?;
-    let rows = DB::offsets(pool, &queries, group).await?;
+    let rows = store.stored_offsets(group).await?;
     if rows.is_empty() {
-        return Err(unknown_group(group, schema));
+        return Err(unknown_group(group, store.schema()));
     }
     let rows: Vec<StoredOffset> = rows
         .into_iter()
@@ -384,9 +381,8 @@ async fn status<DB: Backend>(
     topic: Option<String>,
     configured: Vec<String>,
 ) -> Result<(), CliError> {
-    let pool = open::<DB>(url, schema, TOOL_POOL).await?;
-    let queries = DB::queries(schema)?;
-    let rows = DB::offsets(&pool, &queries, &group).await?;
+    let store = open::<DB>(url, schema, TOOL_POOL).await?;
+    let rows = store.stored_offsets(&group).await?;
     if rows.is_empty() {
         return Err(unknown_group(&group, schema));
     }
@@ -545,7 +541,7 @@ async fn replay_command<H: Handler<DB>, DB: Backend>(
             "--rebuild: the ledger rows of the range are deleted, so the handler runs AGAIN for every record it already processed in the range"
         );
     }
-    let pool = open::<DB>(url, schema, TOOL_POOL).await?;
+    let store = open::<DB>(url, schema, TOOL_POOL).await?;
     let config = client_config(&r.brokers, &kafka);
     let strategy = event_id(r.event_id, app.event_id);
     let request = ReplayRequest {
@@ -553,18 +549,12 @@ async fn replay_command<H: Handler<DB>, DB: Backend>(
         topic: r.topic.clone(),
         partition: r.partition,
         from: r.from,
+        mode,
     };
     let mut progress = ProgressLine::new();
-    let result = crate::replay::replay(
-        &pool,
-        schema,
-        &config,
-        &strategy,
-        &request,
-        mode,
-        &mut |p| progress.report(p),
-    )
-    .await;
+    let result = store
+        .replay(&config, &request, &strategy, &mut |p| progress.report(p))
+        .await;
     progress.finish();
     let partitions = result?;
     print!("{}", replay_table(mode, &partitions));
@@ -667,20 +657,20 @@ impl ProgressLine {
 
 async fn dead_letters_command<H: Handler<DB>, DB: Backend>(
     app: App<H, DB>,
-    pool: &Pool<DB>,
-    schema: &str,
+    store: &Store<DB>,
     action: DeadLetters,
 ) -> Result<(), CliError> {
+    let letters_of = store.dead_letters();
     match action {
         DeadLetters::List { group, topic } => {
-            let letters = dead_letters::list(pool, schema, &group, topic.as_deref()).await?;
+            let letters = letters_of.list(&group, topic.as_deref()).await?;
             if !letters.is_empty() {
                 print!("{}", dead_letters_table(&letters));
             }
             println!("{}", count(letters.len() as u64, "dead letter"));
             Ok(())
         }
-        DeadLetters::Show { id } => match dead_letters::get(pool, schema, id).await? {
+        DeadLetters::Show { id } => match letters_of.get(id).await? {
             Some(letter) => {
                 print!("{}", show_dead_letter(&letter));
                 Ok(())
@@ -694,12 +684,12 @@ async fn dead_letters_command<H: Handler<DB>, DB: Backend>(
             let ids = match target {
                 RedriveTarget::Ids(ids) => ids,
                 RedriveTarget::All { group, topic } => {
-                    let mut ids: Vec<i64> =
-                        dead_letters::list(pool, schema, &group, topic.as_deref())
-                            .await?
-                            .iter()
-                            .map(|l| l.id)
-                            .collect();
+                    let mut ids: Vec<i64> = letters_of
+                        .list(&group, topic.as_deref())
+                        .await?
+                        .iter()
+                        .map(|l| l.id)
+                        .collect();
                     ids.sort_unstable();
                     if ids.is_empty() {
                         println!(
@@ -714,8 +704,7 @@ async fn dead_letters_command<H: Handler<DB>, DB: Backend>(
             let strategy = event_id(chosen, app.event_id);
             let mut tally = RedriveTally::default();
             for id in ids {
-                let outcome =
-                    dead_letters::redrive(pool, schema, &app.handler, &strategy, id).await?;
+                let outcome = letters_of.redrive(&app.handler, &strategy, id).await?;
                 println!("dead letter {id}: {}", redrive_line(&outcome));
                 tally.add(&outcome);
             }
@@ -723,7 +712,7 @@ async fn dead_letters_command<H: Handler<DB>, DB: Backend>(
             tally.result(app.name)
         }
         DeadLetters::Purge(PurgeTarget::Id(id)) => {
-            let removed = dead_letters::delete(pool, schema, id).await?;
+            let removed = letters_of.delete(id).await?;
             if removed {
                 println!("removed 1 dead letter (id {id}) without applying it");
             } else {
@@ -732,7 +721,7 @@ async fn dead_letters_command<H: Handler<DB>, DB: Backend>(
             Ok(())
         }
         DeadLetters::Purge(PurgeTarget::Group { group, topic }) => {
-            let removed = dead_letters::purge(pool, schema, &group, topic.as_deref()).await?;
+            let removed = letters_of.purge(&group, topic.as_deref()).await?;
             println!(
                 "removed {} of group {group}{} without applying {}",
                 count(removed, "dead letter"),

@@ -1210,7 +1210,10 @@ async fn dead_letters_list_show_redrive_and_purge_on_sqlite() {
     let remaining = |group: &'static str| {
         let pool = pool.clone();
         async move {
-            crate::dead_letters::list(&pool, "consumer_runtime", group, None)
+            crate::Store::new(pool.clone(), "consumer_runtime")
+                .unwrap()
+                .dead_letters()
+                .list(group, None)
                 .await
                 .unwrap()
         }

@@ -182,7 +182,10 @@ impl<DB: Backend> Store<DB> {
     }
 
     /// Moves a group's stored offsets for `topic` to `positions` (partition, next offset), in
-    /// one transaction; see [`set_offsets`].
+    /// one transaction, bumping each partition's epoch and clearing its owner: a consumer
+    /// that is running is fenced, reloads the new position and continues from it without a
+    /// restart. Records before the new position that were already processed are skipped by the
+    /// ledger, so moving offsets backwards re-applies nothing.
     pub async fn set_offsets(
         &self,
         group: &str,
@@ -240,16 +243,6 @@ pub(crate) async fn connect_error<DB: sqlx::Database>(pool: &Pool<DB>) -> Option
 /// running is fenced, reloads the new position and continues from it without a restart.
 /// Records before the new position that were already processed are skipped by the ledger, so
 /// moving offsets backwards re-applies nothing. Returns the new claims, in the given order.
-pub async fn set_offsets<DB: Backend>(
-    pool: &Pool<DB>,
-    schema: &str,
-    group: &str,
-    topic: &str,
-    positions: &[(i32, i64)],
-) -> Result<Vec<Claim>> {
-    set_offsets_with(pool, &DB::queries(schema)?, group, topic, positions).await
-}
-
 async fn set_offsets_with<DB: Backend>(
     pool: &Pool<DB>,
     q: &Queries,
@@ -296,7 +289,7 @@ pub async fn migrate<DB: Backend>(pool: &Pool<DB>, schema: &str) -> Result<i64> 
 }
 
 /// Checks that the runtime's tables exist and are at the version this runtime needs.
-pub async fn check_schema<DB: Backend>(pool: &Pool<DB>, q: &Queries) -> Result<()> {
+pub(crate) async fn check_schema<DB: Backend>(pool: &Pool<DB>, q: &Queries) -> Result<()> {
     let required = required_version::<DB>();
     let applied = DB::applied_version(pool, q).await?;
     match applied {
