@@ -44,8 +44,6 @@
 //! # }
 //! ```
 
-#[cfg(feature = "cli")]
-pub mod cli;
 pub mod config;
 pub mod dead_letters;
 pub mod error;
@@ -66,8 +64,8 @@ pub use handler::{Context, Decode, Handler, HandlerError, Raw, Record, ResultExt
 pub use replay::{PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress, ReplayRequest, replay};
 pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats};
 pub use store::{
-    Backend, Claim, DatabaseKind, PartitionKey, StoredOffset, check_schema, connect, migrate,
-    set_offsets,
+    Backend, Claim, DatabaseKind, PartitionKey, StoredOffset, check_migrated, check_schema,
+    connect, migrate, set_offsets, stored_offsets,
 };
 pub use unit::{BatchError, BatchOutcome, Parked, PartitionWriter, WriterConfig};
 

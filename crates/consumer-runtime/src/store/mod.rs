@@ -802,6 +802,23 @@ pub async fn check_schema<DB: Backend>(pool: &Pool<DB>, q: &Queries) -> Result<(
     }
 }
 
+/// Checks that `migrate` brought the runtime's tables in `schema` (PostgreSQL) or with table
+/// prefix `schema` (SQLite) to the version this runtime needs: [`Error::SchemaBehind`] if they
+/// are missing or older. A program calls it before it reads or moves stored offsets.
+pub async fn check_migrated<DB: Backend>(pool: &Pool<DB>, schema: &str) -> Result<()> {
+    check_schema(pool, &DB::queries(schema)?).await
+}
+
+/// The stored offsets of consumer group `group` in `schema`: one row per partition it was ever
+/// assigned or moved, in no particular order (empty for a group the database does not know).
+pub async fn stored_offsets<DB: Backend>(
+    pool: &Pool<DB>,
+    schema: &str,
+    group: &str,
+) -> Result<Vec<StoredOffset>> {
+    DB::offsets(pool, &DB::queries(schema)?, group).await
+}
+
 /// Rewrites `{s}` in the embedded migrations for a schema and returns a migrator whose history
 /// table is `{s}_migrations`.
 fn substitute(base: &Migrator, prefix: &str, table: String) -> Migrator {

@@ -1,5 +1,5 @@
 //! The generated consumer program, run as real processes: the `orders` example
-//! (`examples/orders/main.rs`) against real PostgreSQL and a librdkafka mock cluster hosted by
+//! (`crates/consumer-runtime-cli/examples/orders/main.rs`) against real PostgreSQL and a librdkafka mock cluster hosted by
 //! this test process (its bootstrap address is passed with `--brokers`).
 //!
 //! The example's handler keeps `order_events_applied.applied = applied + 1` per event id, a
@@ -7,17 +7,17 @@
 //! Each test uses its own topic, consumer group and runtime schema (`--schema`), created by
 //! the program's own `migrate` and dropped at the end.
 
+#[path = "../../../tests/support/mod.rs"]
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use consumer_runtime::StoredOffset;
 use consumer_runtime::sqlx::{self, Pool, Postgres, Row};
-use consumer_runtime::{Backend, StoredOffset};
 use support::{Kafka, assert_exactly_once, database_url, rand_name, wait_until};
 
 /// How long any one step may take before the test fails.
@@ -33,35 +33,9 @@ const QUICK_SESSION: [&str; 4] = [
     "heartbeat.interval.ms=500",
 ];
 
-/// The `orders` example, built once per test run into the target directory of this test.
+/// The `orders` example program, which cargo builds for this test.
 fn orders_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // This test runs as `<target>/<profile>/deps/cli-<hash>`.
-        let exe = std::env::current_exe().expect("the test's own path");
-        let profile = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("<target>/<profile>");
-        let target = profile.parent().expect("<target>");
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "consumer-runtime",
-                "--example",
-                "orders",
-            ])
-            .env("CARGO_TARGET_DIR", target);
-        if profile.file_name().is_some_and(|p| p == "release") {
-            cargo.arg("--release");
-        }
-        let status = cargo.status().expect("run cargo build");
-        assert!(status.success(), "building the orders example failed");
-        profile.join("examples").join("orders")
-    })
+    Path::new(env!("CARGO_BIN_EXE_orders"))
 }
 
 /// A finished command: its exit status and what it printed.
@@ -293,8 +267,7 @@ impl Setup {
 
     /// The group's rows of `consumer_offsets`, as the library reads them.
     async fn stored(&self) -> Vec<StoredOffset> {
-        let q = Postgres::queries(&self.schema).unwrap();
-        Postgres::offsets(&self.pool, &q, &self.group)
+        consumer_runtime::stored_offsets(&self.pool, &self.schema, &self.group)
             .await
             .unwrap()
     }
@@ -1536,16 +1509,16 @@ async fn demo_session() {
     let pool = consumer_runtime::connect::<Postgres>(&url, 2)
         .await
         .unwrap();
-    let q = Postgres::queries("consumer_runtime").unwrap();
     wait_until(WAIT, "the demo consumer to catch up", || async {
-        let stored: BTreeMap<i32, i64> = Postgres::offsets(&pool, &q, "orders-projection")
-            .await
-            .map(|rows| {
-                rows.into_iter()
-                    .filter_map(|o| Some((o.partition, o.next_offset?)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let stored: BTreeMap<i32, i64> =
+            consumer_runtime::stored_offsets(&pool, "consumer_runtime", "orders-projection")
+                .await
+                .map(|rows| {
+                    rows.into_iter()
+                        .filter_map(|o| Some((o.partition, o.next_offset?)))
+                        .collect()
+                })
+                .unwrap_or_default();
         stored == ends
     })
     .await;

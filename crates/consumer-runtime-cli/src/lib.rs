@@ -10,7 +10,7 @@
 //! #     async fn handle(&self, _: &mut Context<'_, sqlx::Postgres>, _: Self::Event) -> Result<(), HandlerError> { Ok(()) }
 //! # }
 //! fn main() -> std::process::ExitCode {
-//!     consumer_runtime::cli::App::new("orders", Orders)
+//!     consumer_runtime_cli::App::new("orders", Orders)
 //!         .about("Keeps the orders projection up to date")
 //!         .main()
 //! }
@@ -33,7 +33,7 @@
 //! success, 2 for a usage error (flags, environment, config file) and 1 for any other failure,
 //! with a one-line `error: …` on stderr.
 //!
-//! `run --metrics-addr HOST:PORT` serves Prometheus metrics (see [`crate::telemetry`]) at
+//! `run --metrics-addr HOST:PORT` serves Prometheus metrics (see [`consumer_runtime::telemetry`]) at
 //! `http://HOST:PORT/metrics`; `--log-format json` writes one JSON object per log line.
 
 mod args;
@@ -49,13 +49,10 @@ use clap::{CommandFactory, FromArgMatches};
 use sqlx::migrate::{Migrate, Migrator};
 use sqlx::{Postgres, Sqlite};
 
-use crate::error::Error;
-use crate::event_id::EventId;
-use crate::handler::Handler;
-use crate::store::{Backend, DatabaseKind};
+use consumer_runtime::{Backend, DatabaseKind, Error, EventId, Handler};
 
-use self::args::Cli;
-use self::settings::{ConfigFile, ENV_CONFIG, Env};
+use crate::args::Cli;
+use crate::settings::{ConfigFile, ENV_CONFIG, Env};
 
 /// Why the program failed. [`CliError::exit_code`] maps it to the process's exit status.
 #[derive(Debug, thiserror::Error)]
