@@ -1,5 +1,7 @@
 //! The generated consumer program: one call turns a [`Handler`] into a complete command-line
-//! program with `run`, `migrate`, `offsets`, `status`, `replay` and `dead-letters`.
+//! program with `run`, `migrate`, `offsets`, `status`, `replay` and `dead-letters`. It is a crate
+//! of its own: an application that embeds [`consumer_runtime::Runtime`] in a service of its own
+//! depends on `consumer-runtime` alone, without clap, TOML, a log subscriber or an exporter.
 //!
 //! ```no_run
 //! # use consumer_runtime::{Context, Handler, HandlerError};
@@ -117,7 +119,7 @@ impl CliError {
 }
 
 /// A consumer program around a [`Handler`]: `App::new("orders", Orders).main()` is a complete
-/// `main`. See the [module documentation](self).
+/// `main`. See the [crate documentation](crate).
 pub struct App<H: Handler<DB>, DB: Backend> {
     name: &'static str,
     about: Option<&'static str>,

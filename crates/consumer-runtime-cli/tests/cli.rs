@@ -1,6 +1,7 @@
-//! The generated consumer program, run as real processes: the `orders` example
-//! (`crates/consumer-runtime-cli/examples/orders/main.rs`) against real PostgreSQL and a librdkafka mock cluster hosted by
-//! this test process (its bootstrap address is passed with `--brokers`).
+//! The generated consumer program, run as real processes: the `orders` example program
+//! (`examples/orders/main.rs`, this crate's `orders` binary) against real PostgreSQL and a
+//! librdkafka mock cluster hosted by this test process (its bootstrap address is passed with
+//! `--brokers`).
 //!
 //! The example's handler keeps `order_events_applied.applied = applied + 1` per event id, a
 //! deliberately non-idempotent counter: every check below that says "exactly once" reads it.
@@ -1011,7 +1012,11 @@ fn scrape(addr: &str) -> String {
 /// (`None`: no such series).
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
+    // Families are separated by blank lines.
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let (series, value) = line.rsplit_once(' ').expect("`series value`");
         let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
         if metric != name {

@@ -16,7 +16,8 @@
 //! (the version-based update: an older or repeated version changes nothing), and counts every
 //! application in `order_events_applied`, deliberately NOT idempotently, so that an event
 //! applied twice would show as `applied = 2`. The tables are the app's own migrations in
-//! `crates/consumer-runtime-cli/examples/orders/migrations/`, applied by `orders migrate` with the runtime's.
+//! `crates/consumer-runtime-cli/examples/orders/migrations/`, applied by `orders migrate` with
+//! the runtime's.
 
 use consumer_runtime::sqlx::{self, Postgres};
 use consumer_runtime::{Context, Handler, HandlerError};
