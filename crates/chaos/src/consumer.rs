@@ -102,7 +102,7 @@ impl Handler for ChaosHandler {
 
 /// Runs the consumer program with `args` (everything after `chaos consumer`).
 pub(crate) fn main(args: Vec<OsString>) -> ExitCode {
-    let app = consumer_runtime::cli::App::new("chaos-consumer", ChaosHandler::from_env()).about(
+    let app = consumer_runtime_cli::App::new("chaos-consumer", ChaosHandler::from_env()).about(
         "The chaos program's consumer: counts every application of an event, not idempotently",
     );
     app.main_with_args(std::iter::once(OsString::from("chaos-consumer")).chain(args))

@@ -44,8 +44,6 @@
 //! # }
 //! ```
 
-#[cfg(feature = "cli")]
-pub mod cli;
 pub mod config;
 pub mod dead_letters;
 pub mod error;

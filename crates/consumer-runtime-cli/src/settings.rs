@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::CliError;
-use super::args::{
+use crate::CliError;
+use crate::args::{
     Cli, Command, DeadLettersCommand, EventIdArg, Limit, LogFormat, MaxAttempts, MetricsAddr,
     OffsetsAction, Ratio, parse_duration, parse_kafka_property,
 };
-use crate::config::{Assignor, Guarantee, OffsetReset};
-use crate::replay::ReplayFrom;
+use consumer_runtime::{Assignor, Guarantee, OffsetReset, ReplayFrom};
 
 /// Looks up an environment variable (`std::env::var` in the program, a map in tests).
 pub(super) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;

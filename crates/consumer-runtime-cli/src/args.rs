@@ -8,11 +8,10 @@ use std::time::Duration;
 use clap::builder::{PossibleValuesParser, TypedValueParser as _};
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Assignor, Guarantee, OffsetReset};
-use crate::replay::ReplayFrom;
+use consumer_runtime::{Assignor, Guarantee, OffsetReset, ReplayFrom};
 
 /// The whole command line. The program's name and description are set at run time from the
-/// [`App`](super::App).
+/// [`App`](crate::App).
 #[derive(Debug, Parser)]
 #[command(
     name = "consumer",
@@ -456,7 +455,7 @@ pub(super) struct ReplayArgs {
 }
 
 /// An event-id strategy that can be named on the command line (a business key can only be
-/// given in code, with [`App::event_id`](super::App::event_id)).
+/// given in code, with [`App::event_id`](crate::App::event_id)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum EventIdArg {
     /// `header:NAME`.
@@ -549,7 +548,7 @@ impl FromStr for Ratio {
 
 fn parse_replay_from(s: &str) -> Result<ReplayFrom, String> {
     s.parse::<ReplayFrom>().map_err(|e| match e {
-        crate::Error::Config(why) => why,
+        consumer_runtime::Error::Config(why) => why,
         other => other.to_string(),
     })
 }

@@ -6,12 +6,11 @@ use std::time::Duration;
 
 use clap::Parser as _;
 
+use consumer_runtime::{Context, DatabaseKind, Guarantee, Handler, HandlerError, Raw};
+
 use super::args::{Cli, EventIdArg};
 use super::settings::{Action, ConfigFile, Settings, resolve};
 use super::{App, CliError, parse};
-use crate::config::Guarantee;
-use crate::handler::{Context, Handler, HandlerError, Raw};
-use crate::store::DatabaseKind;
 
 fn cli(args: &[&str]) -> Cli {
     Cli::try_parse_from(std::iter::once("orders").chain(args.iter().copied()))
@@ -160,7 +159,7 @@ fn flags_win_over_environment_which_wins_over_the_file() {
 #[test]
 fn retry_and_circuit_breaker_settings_layer_and_build_the_policies() {
     use super::commands::{circuit_breaker, retry_policy};
-    use crate::config::{CircuitBreaker, ParkedRatio, RetryPolicy};
+    use consumer_runtime::{CircuitBreaker, ParkedRatio, RetryPolicy};
     let base = MINIMAL_RUN;
     let with = |extra: &[&str], file: Option<&str>| {
         let args: Vec<&str> = base.iter().chain(extra).copied().collect();
@@ -690,8 +689,10 @@ async fn offsets_of_an_unknown_group_name_the_group_and_set_moves_one() {
     )
     .await
     .unwrap();
-    let pool = crate::connect::<sqlx::Sqlite>(&url, 1).await.unwrap();
-    let rows = crate::Store::new(pool, "consumer_runtime")
+    let pool = consumer_runtime::connect::<sqlx::Sqlite>(&url, 1)
+        .await
+        .unwrap();
+    let rows = consumer_runtime::Store::new(pool, "consumer_runtime")
         .unwrap()
         .stored_offsets("g")
         .await
@@ -732,7 +733,7 @@ fn replay_takes_a_start_and_one_mode() {
             );
             assert!(r.dry_run && !r.rebuild);
             assert!(
-                matches!(r.from, crate::replay::ReplayFrom::Time(_)),
+                matches!(r.from, consumer_runtime::ReplayFrom::Time(_)),
                 "{:?}",
                 r.from
             );
@@ -773,8 +774,10 @@ async fn the_config_file_comes_from_consumer_config_or_the_flag() {
         .await
         .unwrap();
     run(&["migrate", "--config", &path], &[]).await.unwrap();
-    let pool = crate::connect::<sqlx::Sqlite>(&url, 1).await.unwrap();
-    let store = crate::Store::new(pool, "from_file").unwrap();
+    let pool = consumer_runtime::connect::<sqlx::Sqlite>(&url, 1)
+        .await
+        .unwrap();
+    let store = consumer_runtime::Store::new(pool, "from_file").unwrap();
     store.check_schema().await.unwrap();
     let err = run(&["migrate", "--config", "/nonexistent/orders.toml"], &[])
         .await
@@ -1020,8 +1023,8 @@ fn dead_letters_help_has_every_subcommand_flag_and_examples() {
     }
 }
 
-fn letter() -> crate::DeadLetter {
-    crate::DeadLetter {
+fn letter() -> consumer_runtime::DeadLetter {
+    consumer_runtime::DeadLetter {
         id: 7,
         group: "g".into(),
         topic: "orders".into(),
@@ -1037,7 +1040,7 @@ fn letter() -> crate::DeadLetter {
         timestamp_ms: Some(1_763_900_961_123),
         event_id: Some("e-7".into()),
         error: "order o-7 has version 0;\n  versions start at 1".into(),
-        kind: crate::FailureKind::Rejected,
+        kind: consumer_runtime::FailureKind::Rejected,
         attempts: 1,
         first_failed_at: "2026-11-23T14:09:21.123Z".into(),
         last_failed_at: "2026-11-23T14:09:21.123Z".into(),
@@ -1107,25 +1110,19 @@ fn dead_letters_print_as_a_table_and_in_full() {
 }
 
 #[test]
-fn base64_and_times_are_standard() {
-    use super::commands::{base64, rfc3339_from_millis};
-    assert_eq!(base64(b""), "");
-    assert_eq!(base64(b"f"), "Zg==");
-    assert_eq!(base64(b"fo"), "Zm8=");
-    assert_eq!(base64(b"foobar"), "Zm9vYmFy");
-    assert_eq!(base64(&[0xff, 0xfe, 0x00, 0x80]), "//4AgA==");
-    assert_eq!(rfc3339_from_millis(0), "1970-01-01T00:00:00.000Z");
-    assert_eq!(
-        rfc3339_from_millis(1_709_210_096_007),
-        "2024-02-29T12:34:56.007Z"
-    );
-    assert_eq!(rfc3339_from_millis(-1), "1969-12-31T23:59:59.999Z");
+fn times_are_rfc3339_utc_to_the_millisecond() {
+    use super::commands::rfc3339_from_millis;
+    let shown = |ms| rfc3339_from_millis(ms).unwrap();
+    assert_eq!(shown(0), "1970-01-01T00:00:00.000Z");
+    assert_eq!(shown(1_709_210_096_007), "2024-02-29T12:34:56.007Z");
+    assert_eq!(shown(-1), "1969-12-31T23:59:59.999Z");
+    assert_eq!(rfc3339_from_millis(i64::MAX), None);
 }
 
 #[test]
 fn redrive_outcomes_print_one_line_each_and_fail_the_exit_status() {
     use super::commands::{RedriveTally, redrive_line};
-    use crate::Redriven;
+    use consumer_runtime::Redriven;
     let outcomes = [
         Redriven::Applied {
             event_id: "e-1".into(),
@@ -1135,7 +1132,7 @@ fn redrive_outcomes_print_one_line_each_and_fail_the_exit_status() {
         },
         Redriven::NotFound,
         Redriven::Failed {
-            kind: crate::FailureKind::Undecodable,
+            kind: consumer_runtime::FailureKind::Undecodable,
             error: "expected value\nat line 1".into(),
         },
         Redriven::Retry {
@@ -1187,7 +1184,9 @@ async fn dead_letters_list_show_redrive_and_purge_on_sqlite() {
         run(&args, &[]).await
     }
     go(with_db(&["migrate"])).await.unwrap();
-    let pool = crate::connect::<sqlx::Sqlite>(&url, 1).await.unwrap();
+    let pool = consumer_runtime::connect::<sqlx::Sqlite>(&url, 1)
+        .await
+        .unwrap();
     // Three parked records of group g: two with an event id (redrivable by the `Nothing`
     // handler), one without (fails again: no event id).
     for (offset, topic, headers) in [
@@ -1210,7 +1209,7 @@ async fn dead_letters_list_show_redrive_and_purge_on_sqlite() {
     let remaining = |group: &'static str| {
         let pool = pool.clone();
         async move {
-            crate::Store::new(pool.clone(), "consumer_runtime")
+            consumer_runtime::Store::new(pool.clone(), "consumer_runtime")
                 .unwrap()
                 .dead_letters()
                 .list(group, None)
@@ -1262,7 +1261,7 @@ async fn dead_letters_list_show_redrive_and_purge_on_sqlite() {
     let failed = left.iter().find(|l| l.offset == 7).unwrap();
     assert_eq!(
         (failed.kind, failed.attempts),
-        (crate::FailureKind::MissingEventId, 2)
+        (consumer_runtime::FailureKind::MissingEventId, 2)
     );
     let ledger: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM consumer_runtime_processed WHERE consumer_group = 'g' AND event_id = 'e-5'",

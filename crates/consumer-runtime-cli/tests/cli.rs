@@ -1,19 +1,20 @@
-//! The generated consumer program, run as real processes: the `orders` example
-//! (`examples/orders/main.rs`) against real PostgreSQL and a librdkafka mock cluster hosted by
-//! this test process (its bootstrap address is passed with `--brokers`).
+//! The generated consumer program, run as real processes: the `orders` example program
+//! (`examples/orders/main.rs`, this crate's `orders` binary) against real PostgreSQL and a
+//! librdkafka mock cluster hosted by this test process (its bootstrap address is passed with
+//! `--brokers`).
 //!
 //! The example's handler keeps `order_events_applied.applied = applied + 1` per event id, a
 //! deliberately non-idempotent counter: every check below that says "exactly once" reads it.
 //! Each test uses its own topic, consumer group and runtime schema (`--schema`), created by
 //! the program's own `migrate` and dropped at the end.
 
+#[path = "../../../tests/support/mod.rs"]
 mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use consumer_runtime::StoredOffset;
@@ -33,35 +34,9 @@ const QUICK_SESSION: [&str; 4] = [
     "heartbeat.interval.ms=500",
 ];
 
-/// The `orders` example, built once per test run into the target directory of this test.
+/// The `orders` example program, which cargo builds for this test.
 fn orders_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // This test runs as `<target>/<profile>/deps/cli-<hash>`.
-        let exe = std::env::current_exe().expect("the test's own path");
-        let profile = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("<target>/<profile>");
-        let target = profile.parent().expect("<target>");
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "consumer-runtime",
-                "--example",
-                "orders",
-            ])
-            .env("CARGO_TARGET_DIR", target);
-        if profile.file_name().is_some_and(|p| p == "release") {
-            cargo.arg("--release");
-        }
-        let status = cargo.status().expect("run cargo build");
-        assert!(status.success(), "building the orders example failed");
-        profile.join("examples").join("orders")
-    })
+    Path::new(env!("CARGO_BIN_EXE_orders"))
 }
 
 /// A finished command: its exit status and what it printed.
@@ -1039,7 +1014,11 @@ fn scrape(addr: &str) -> String {
 /// (`None`: no such series).
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
+    // Families are separated by blank lines.
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let (series, value) = line.rsplit_once(' ').expect("`series value`");
         let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
         if metric != name {

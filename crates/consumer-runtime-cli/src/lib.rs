@@ -1,5 +1,7 @@
 //! The generated consumer program: one call turns a [`Handler`] into a complete command-line
-//! program with `run`, `migrate`, `offsets`, `status`, `replay` and `dead-letters`.
+//! program with `run`, `migrate`, `offsets`, `status`, `replay` and `dead-letters`. It is a crate
+//! of its own: an application that embeds [`consumer_runtime::Runtime`] in a service of its own
+//! depends on `consumer-runtime` alone, without clap, TOML, a log subscriber or an exporter.
 //!
 //! ```no_run
 //! # use consumer_runtime::{Context, Handler, HandlerError};
@@ -10,7 +12,7 @@
 //! #     async fn handle(&self, _: &mut Context<'_, sqlx::Postgres>, _: Self::Event) -> Result<(), HandlerError> { Ok(()) }
 //! # }
 //! fn main() -> std::process::ExitCode {
-//!     consumer_runtime::cli::App::new("orders", Orders)
+//!     consumer_runtime_cli::App::new("orders", Orders)
 //!         .about("Keeps the orders projection up to date")
 //!         .main()
 //! }
@@ -33,7 +35,7 @@
 //! success, 2 for a usage error (flags, environment, config file) and 1 for any other failure,
 //! with a one-line `error: …` on stderr.
 //!
-//! `run --metrics-addr HOST:PORT` serves Prometheus metrics (see [`crate::telemetry`]) at
+//! `run --metrics-addr HOST:PORT` serves Prometheus metrics (see [`consumer_runtime::telemetry`]) at
 //! `http://HOST:PORT/metrics`; `--log-format json` writes one JSON object per log line.
 
 mod args;
@@ -49,13 +51,10 @@ use clap::{CommandFactory, FromArgMatches};
 use sqlx::migrate::{Migrate, Migrator};
 use sqlx::{Postgres, Sqlite};
 
-use crate::error::Error;
-use crate::event_id::EventId;
-use crate::handler::Handler;
-use crate::store::{Backend, DatabaseKind};
+use consumer_runtime::{Backend, DatabaseKind, Error, EventId, Handler};
 
-use self::args::Cli;
-use self::settings::{ConfigFile, ENV_CONFIG, Env};
+use crate::args::Cli;
+use crate::settings::{ConfigFile, ENV_CONFIG, Env};
 
 /// Why the program failed. [`CliError::exit_code`] maps it to the process's exit status.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +119,7 @@ impl CliError {
 }
 
 /// A consumer program around a [`Handler`]: `App::new("orders", Orders).main()` is a complete
-/// `main`. See the [module documentation](self).
+/// `main`. See the [crate documentation](crate).
 pub struct App<H: Handler<DB>, DB: Backend> {
     name: &'static str,
     about: Option<&'static str>,

@@ -1,4 +1,4 @@
-//! Run with: `cargo run --example orders -- --help` (the consumer program; `migrate`, `run`,
+//! Run with: `cargo run --bin orders -- --help` (the consumer program; `migrate`, `run`,
 //! `status`, `offsets` and `replay` need PostgreSQL and Kafka, see the README's "The consumer
 //! program").
 //!
@@ -16,7 +16,8 @@
 //! (the version-based update: an older or repeated version changes nothing), and counts every
 //! application in `order_events_applied`, deliberately NOT idempotently, so that an event
 //! applied twice would show as `applied = 2`. The tables are the app's own migrations in
-//! `examples/orders/migrations/`, applied by `orders migrate` with the runtime's.
+//! `crates/consumer-runtime-cli/examples/orders/migrations/`, applied by `orders migrate` with
+//! the runtime's.
 
 use consumer_runtime::sqlx::{self, Postgres};
 use consumer_runtime::{Context, Handler, HandlerError};
@@ -104,8 +105,8 @@ impl Handler for Orders {
 }
 
 fn main() -> std::process::ExitCode {
-    consumer_runtime::cli::App::new("orders", Orders)
+    consumer_runtime_cli::App::new("orders", Orders)
         .about("Keeps the `orders` table up to date from order events (placed, paid, shipped, cancelled)")
-        .migrations(sqlx::migrate!("../../examples/orders/migrations"))
+        .migrations(sqlx::migrate!("examples/orders/migrations"))
         .main()
 }
