@@ -58,13 +58,15 @@ pub mod telemetry;
 pub mod unit;
 mod util;
 
-pub use config::{Assignor, CircuitBreaker, Guarantee, OffsetReset, ParkedRatio, RetryPolicy};
+pub use config::{
+    Assignor, CircuitBreaker, ConsumerOptions, Guarantee, OffsetReset, ParkedRatio, RetryPolicy,
+};
 pub use dead_letters::{DeadLetter, Redriven};
 pub use error::{BoxError, Coordinates, Error, FailureKind, Result};
 pub use event_id::EventId;
 pub use handler::{Context, Decode, Handler, HandlerError, Raw, Record, ResultExt};
 pub use replay::{PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress, ReplayRequest, replay};
-pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats};
+pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats, StatsSnapshot};
 pub use store::{
     Backend, Claim, DatabaseKind, PartitionKey, StoredOffset, check_schema, connect, migrate,
     set_offsets,

@@ -40,13 +40,12 @@ pub(super) async fn wait_for_signal(enabled: bool) {
 /// partition learns the same from its next fenced commit.
 pub(super) async fn watch_epochs<H: Handler<DB>, DB: Backend>(
     core: Arc<Core<H, DB>>,
-    every: Duration,
 ) {
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(core.options.epoch_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Ok(rows) = DB::offsets(&core.writer.pool, &core.writer.queries, &core.group).await
+        let Ok(rows) = DB::offsets(&core.writer.pool, &core.writer.queries, &core.options.group).await
         else {
             continue;
         };
@@ -76,8 +75,8 @@ pub(super) async fn count_ledger<H: Handler<DB>, DB: Backend>(
 ) {
     loop {
         let started = Instant::now();
-        match DB::ledger_size(&core.writer.pool, &core.writer.queries, &core.group).await {
-            Ok(rows) => telemetry::ledger_rows(&core.group, rows),
+        match DB::ledger_size(&core.writer.pool, &core.writer.queries, &core.options.group).await {
+            Ok(rows) => telemetry::ledger_rows(&core.options.group, rows),
             Err(e) => debug!(error = %e, "counting the ledger rows failed"),
         }
         let took = started.elapsed();

@@ -1,4 +1,5 @@
-//! [`RuntimeBuilder`]: the runtime's settings and their defaults, checked by `build`.
+//! [`RuntimeBuilder`]: a thin face over [`ConsumerOptions`] (each setter writes one field), plus
+//! the handler, the pool and the event-id strategy; `build` checks the whole.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +8,9 @@ use sqlx::Pool;
 use tokio::sync::watch;
 
 use super::{Runtime, Stats};
-use crate::config::{Assignor, CircuitBreaker, Guarantee, OffsetReset, RetryPolicy};
+use crate::config::{
+    Assignor, CircuitBreaker, ConsumerOptions, Guarantee, OffsetReset, RetryPolicy,
+};
 use crate::error::{Error, Result};
 use crate::event_id::EventId;
 use crate::handler::Handler;
@@ -18,24 +21,8 @@ use crate::unit::WriterConfig;
 pub struct RuntimeBuilder<H: Handler<DB>, DB: Backend> {
     handler: H,
     pool: Option<Pool<DB>>,
-    brokers: Option<String>,
-    group: Option<String>,
-    topics: Vec<String>,
-    batch_size: usize,
-    batch_wait: Duration,
-    concurrency: Option<usize>,
-    guarantee: Guarantee,
     event_id: EventId<H::Event>,
-    reset: OffsetReset,
-    schema: String,
-    assignor: Assignor,
-    retry: RetryPolicy,
-    breaker: CircuitBreaker,
-    kafka: Vec<(String, String)>,
-    handle_signals: bool,
-    startup_timeout: Duration,
-    epoch_check: Duration,
-    metrics_refresh: Option<Duration>,
+    options: ConsumerOptions,
 }
 
 impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
@@ -44,27 +31,18 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
         RuntimeBuilder {
             handler,
             pool: None,
-            brokers: None,
-            group: None,
-            topics: Vec::new(),
-            batch_size: 500,
-            batch_wait: Duration::from_millis(20),
-            concurrency: None,
-            guarantee: Guarantee::default(),
             event_id: EventId::default(),
-            reset: OffsetReset::default(),
-            schema: "consumer_runtime".to_owned(),
-            assignor: Assignor::default(),
-            retry: RetryPolicy::default(),
-            breaker: CircuitBreaker::default(),
-            kafka: Vec::new(),
-            handle_signals: true,
-            startup_timeout: Duration::from_secs(10),
-            epoch_check: Duration::from_secs(1),
-            metrics_refresh: None,
+            options: ConsumerOptions::default(),
         }
     }
 
+    /// Every setting at once (from a configuration file, say), replacing what earlier setters
+    /// set; the pool, the handler and the event-id strategy stay. Setters called afterwards
+    /// change single fields on top.
+    pub fn options(mut self, options: ConsumerOptions) -> Self {
+        self.options = options;
+        self
+    }
     /// The database pool holding the runtime's tables and the handler's.
     pub fn pool(mut self, pool: Pool<DB>) -> Self {
         self.pool = Some(pool);
@@ -72,43 +50,43 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
     }
     /// Kafka's bootstrap servers, `host:port[,host:port…]`.
     pub fn brokers(mut self, brokers: impl Into<String>) -> Self {
-        self.brokers = Some(brokers.into());
+        self.options.brokers = brokers.into();
         self
     }
     /// The consumer group. Dedup is scoped per group.
     pub fn group(mut self, group: impl Into<String>) -> Self {
-        self.group = Some(group.into());
+        self.options.group = group.into();
         self
     }
     /// Adds a topic to consume.
     pub fn topic(mut self, topic: impl Into<String>) -> Self {
-        self.topics.push(topic.into());
+        self.options.topics.push(topic.into());
         self
     }
     /// Adds topics to consume.
     pub fn topics<I: IntoIterator<Item = S>, S: Into<String>>(mut self, topics: I) -> Self {
-        self.topics.extend(topics.into_iter().map(Into::into));
+        self.options.topics.extend(topics.into_iter().map(Into::into));
         self
     }
     /// The most records in one batch (one transaction) of a partition. Default 500; 1 gives
     /// one transaction per record.
     pub fn batch_size(mut self, n: usize) -> Self {
-        self.batch_size = n;
+        self.options.batch_size = n;
         self
     }
     /// How long a partition's batch may wait to fill after its first record. Default 20 ms.
     pub fn batch_wait(mut self, wait: Duration) -> Self {
-        self.batch_wait = wait;
+        self.options.batch_wait = wait;
         self
     }
     /// The most transactions open at once. Default and maximum: the pool's size (SQLite: 1).
     pub fn concurrency(mut self, n: usize) -> Self {
-        self.concurrency = Some(n);
+        self.options.concurrency = Some(n);
         self
     }
     /// The delivery guarantee. Default: effectively-once.
     pub fn guarantee(mut self, guarantee: Guarantee) -> Self {
-        self.guarantee = guarantee;
+        self.options.guarantee = guarantee;
         self
     }
     /// Where event ids come from. Default: the `event-id` header.
@@ -118,52 +96,54 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
     }
     /// Where a partition starts when the database has no offset for it. Default: earliest.
     pub fn offset_reset(mut self, reset: OffsetReset) -> Self {
-        self.reset = reset;
+        self.options.offset_reset = reset;
         self
     }
     /// The schema (PostgreSQL) or table prefix (SQLite) of the runtime's tables. Default
     /// `consumer_runtime`.
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
-        self.schema = schema.into();
+        self.options.schema = schema.into();
         self
     }
     /// The partition assignment strategy. Default: cooperative-sticky.
     pub fn assignor(mut self, assignor: Assignor) -> Self {
-        self.assignor = assignor;
+        self.options.assignor = assignor;
         self
     }
     /// How transient failures are retried.
     pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
-        self.retry = policy;
+        self.options.retry_policy = policy;
         self
     }
     /// When parking becomes the norm, stop. Default: 100 parked records in a row, or more
     /// than half of the last 1,000 ([`CircuitBreaker::default`]).
     pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
-        self.breaker = breaker;
+        self.options.circuit_breaker = breaker;
         self
     }
     /// Sets a librdkafka consumer property (as `kcat -X key=value`); it wins over the
     /// runtime's own settings, except that offsets are never auto-committed.
     pub fn kafka_config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.kafka.push((key.into(), value.into()));
+        self.options.kafka.insert(key.into(), value.into());
         self
     }
-    /// Whether [`Runtime::run`] stops gracefully on SIGINT and SIGTERM. Default: true.
+    /// Whether [`Runtime::run`] stops gracefully on SIGINT and SIGTERM. Default: false, so
+    /// that an application embedding the runtime keeps its signals; it can stop the runtime
+    /// with [`Runtime::run_until`] or a [`ShutdownHandle`](super::ShutdownHandle).
     pub fn handle_signals(mut self, yes: bool) -> Self {
-        self.handle_signals = yes;
+        self.options.handle_signals = yes;
         self
     }
     /// How long to wait for the brokers at startup before giving up. Default 10 s.
     pub fn startup_timeout(mut self, timeout: Duration) -> Self {
-        self.startup_timeout = timeout;
+        self.options.startup_timeout = timeout;
         self
     }
 
     /// How often idle partitions check the database for an epoch bumped behind their back (a
     /// replay or an explicit offset change). Default 1 s.
     pub fn epoch_check_interval(mut self, every: Duration) -> Self {
-        self.epoch_check = every;
+        self.options.epoch_check_interval = every;
         self
     }
 
@@ -174,64 +154,69 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
     /// off. Counters and histograms are always recorded (see [`crate::telemetry`]); without a
     /// `metrics` recorder installed they cost next to nothing.
     pub fn metrics_refresh(mut self, every: Duration) -> Self {
-        self.metrics_refresh = Some(every);
+        self.options.metrics_refresh = Some(every);
         self
     }
 
     /// Checks the configuration and builds the runtime.
     pub fn build(self) -> Result<Runtime<H, DB>> {
-        let missing = |what: &str, how: &str| Error::Config(format!("no {what} given; {how}"));
         let pool = self
             .pool
             .ok_or_else(|| missing("database pool", "call .pool(…)"))?;
-        let brokers = self
-            .brokers
-            .ok_or_else(|| missing("Kafka brokers", "call .brokers(\"host:9092\")"))?;
-        let group = self
-            .group
-            .ok_or_else(|| missing("consumer group", "call .group(\"name\")"))?;
-        if self.topics.is_empty() {
-            return Err(missing("topic", "call .topic(\"name\")"));
-        }
-        if self.batch_size == 0 {
-            return Err(Error::Config("batch size must be at least 1".into()));
-        }
-        if self.kafka.iter().any(|(k, v)| {
-            (k == "enable.auto.commit" || k == "enable.auto.offset.store") && v != "false"
-        }) {
-            return Err(Error::Config(
-                "enable.auto.commit and enable.auto.offset.store must stay false: offsets live in the database".into(),
-            ));
-        }
-        let queries = DB::queries(&self.schema)?;
+        let options = self.options;
+        check(&options)?;
+        let queries = DB::queries(&options.schema)?;
         let writers = DB::max_writers(&pool);
-        let concurrency = self.concurrency.unwrap_or(writers).clamp(1, writers.max(1));
+        let concurrency = options
+            .concurrency
+            .unwrap_or(writers)
+            .clamp(1, writers.max(1));
         let (shutdown_tx, _) = watch::channel(false);
         Ok(Runtime {
             writer: Arc::new(WriterConfig {
                 handler: Arc::new(self.handler),
                 pool,
                 queries,
-                guarantee: self.guarantee,
+                guarantee: options.guarantee,
                 event_id: self.event_id,
             }),
-            brokers,
-            group,
-            topics: self.topics,
-            batch_size: self.batch_size,
-            batch_wait: self.batch_wait,
+            options,
             concurrency,
-            reset: self.reset,
-            assignor: self.assignor,
-            retry: self.retry,
-            breaker: self.breaker,
-            kafka: self.kafka,
-            handle_signals: self.handle_signals,
-            startup_timeout: self.startup_timeout,
-            epoch_check: self.epoch_check,
-            metrics_refresh: self.metrics_refresh,
             shutdown: Arc::new(shutdown_tx),
             stats: Arc::new(Stats::default()),
         })
     }
+}
+
+fn missing(what: &str, how: &str) -> Error {
+    Error::Config(format!("no {what} given; {how}"))
+}
+
+/// The options a runtime cannot start without, and the ones it refuses.
+fn check(options: &ConsumerOptions) -> Result<()> {
+    if options.brokers.trim().is_empty() {
+        return Err(missing("Kafka brokers", "call .brokers(\"host:9092\")"));
+    }
+    if options.group.trim().is_empty() {
+        return Err(missing("consumer group", "call .group(\"name\")"));
+    }
+    if options.topics.is_empty() {
+        return Err(missing("topic", "call .topic(\"name\")"));
+    }
+    if options.batch_size == 0 {
+        return Err(Error::Config("batch size must be at least 1".into()));
+    }
+    if options.epoch_check_interval.is_zero() {
+        return Err(Error::Config(
+            "the epoch check interval must be longer than 0".into(),
+        ));
+    }
+    if options.kafka.iter().any(|(k, v)| {
+        (k == "enable.auto.commit" || k == "enable.auto.offset.store") && v != "false"
+    }) {
+        return Err(Error::Config(
+            "enable.auto.commit and enable.auto.offset.store must stay false: offsets live in the database".into(),
+        ));
+    }
+    Ok(())
 }

@@ -8,6 +8,12 @@
 //!   there block only this thread, never the async runtime.
 //! - one *worker task* per assigned partition batches that partition's records and commits them
 //!   through the unit of work ([`crate::unit`]), at most as many at once as the pool allows.
+//!
+//! The files follow them: `builder` (the settings, a [`ConsumerOptions`] value), `partitions`
+//! (the state they share: `Core` and each partition's slot), `worker` (a
+//! partition's batch loop and what happens to a record after a failure: retries, backoff,
+//! parking, the circuit breaker), `poll` (the poll thread), `rebalance` (the rdkafka callbacks)
+//! and `background` (the epoch watcher, the ledger counter, the signal listener).
 
 mod background;
 mod builder;
@@ -16,17 +22,16 @@ mod poll;
 mod rebalance;
 mod worker;
 
-use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc as std_mpsc};
-use std::time::Duration;
+use std::sync::{Arc, mpsc as std_mpsc};
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
-use crate::config::{Assignor, BreakerState, CircuitBreaker, OffsetReset, RetryPolicy};
+use crate::config::{ConsumerOptions, OffsetReset};
 use crate::error::{Error, Result};
 use crate::event_id::EventId;
 use crate::handler::Handler;
@@ -36,33 +41,68 @@ use crate::unit::WriterConfig;
 
 use background::{AbortOnDrop, AbortTaskOnDrop, count_ledger, wait_for_signal, watch_epochs};
 pub use builder::RuntimeBuilder;
-use partitions::{Core, instance_id};
+use partitions::Core;
 use poll::PollThread;
 use rebalance::RuntimeContext;
 
-/// Counters of what the runtime has done since it started.
+/// Counters of what the runtime has done since it started; read them with
+/// [`snapshot`](Self::snapshot).
 #[derive(Debug, Default)]
 pub struct Stats {
+    applied: AtomicU64,
+    duplicates: AtomicU64,
+    lost: AtomicU64,
+    parked: AtomicU64,
+    batches: AtomicU64,
+    retries: AtomicU64,
+    fenced: AtomicU64,
+    reloads: AtomicU64,
+    assignments: AtomicU64,
+}
+
+/// The [`Stats`] at one moment. Each counter is read on its own (they are not one atomic
+/// snapshot), and each only grows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
     /// Records whose handler ran and committed.
-    pub applied: AtomicU64,
+    pub applied: u64,
     /// Records skipped because their event id was already claimed.
-    pub duplicates: AtomicU64,
+    pub duplicates: u64,
     /// Records lost after their offset committed (at-most-once only).
-    pub lost: AtomicU64,
+    pub lost: u64,
     /// Records that failed permanently and were parked in `dead_letters` (their batch
     /// committed without them).
-    pub parked: AtomicU64,
+    pub parked: u64,
     /// Batches committed.
-    pub batches: AtomicU64,
+    pub batches: u64,
     /// Batch attempts rolled back and retried.
-    pub retries: AtomicU64,
+    pub retries: u64,
     /// Commits refused by the fence.
-    pub fenced: AtomicU64,
+    pub fenced: u64,
     /// Times a partition was reloaded after its epoch changed behind the worker: a fenced
     /// commit, or the epoch watcher noticing a replay, an offset set or another owner first.
-    pub reloads: AtomicU64,
+    pub reloads: u64,
     /// Partition assignments (each one claims the partition and bumps its epoch).
-    pub assignments: AtomicU64,
+    pub assignments: u64,
+}
+
+impl Stats {
+    /// The counters' current values.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            applied: get(&self.applied),
+            duplicates: get(&self.duplicates),
+            lost: get(&self.lost),
+            parked: get(&self.parked),
+            batches: get(&self.batches),
+            retries: get(&self.retries),
+            fenced: get(&self.fenced),
+            reloads: get(&self.reloads),
+            assignments: get(&self.assignments),
+        }
+    }
 }
 
 fn bump(counter: &AtomicU64, n: usize) {
@@ -85,21 +125,9 @@ impl ShutdownHandle {
 /// [`Runtime::run`] it.
 pub struct Runtime<H: Handler<DB>, DB: Backend> {
     writer: Arc<WriterConfig<H, DB>>,
-    brokers: String,
-    group: String,
-    topics: Vec<String>,
-    batch_size: usize,
-    batch_wait: Duration,
+    options: ConsumerOptions,
+    /// `options.concurrency` within the pool's size.
     concurrency: usize,
-    reset: OffsetReset,
-    assignor: Assignor,
-    retry: RetryPolicy,
-    breaker: CircuitBreaker,
-    kafka: Vec<(String, String)>,
-    handle_signals: bool,
-    startup_timeout: Duration,
-    epoch_check: Duration,
-    metrics_refresh: Option<Duration>,
     shutdown: Arc<watch::Sender<bool>>,
     stats: Arc<Stats>,
 }
@@ -120,91 +148,68 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
         self.stats.clone()
     }
 
-    fn client_config(&self) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers)
-            .set("group.id", &self.group)
-            .set("partition.assignment.strategy", self.assignor.as_kafka())
-            .set("enable.partition.eof", "false")
-            .set(
-                "auto.offset.reset",
-                match self.reset {
-                    OffsetReset::Earliest => "earliest",
-                    OffsetReset::Latest => "latest",
-                },
-            );
-        if let Some(every) = self.metrics_refresh {
-            // The lag gauges read the high watermarks from librdkafka's statistics.
-            c.set(
-                "statistics.interval.ms",
-                every.as_millis().clamp(1, i32::MAX as u128).to_string(),
-            );
-        }
-        for (k, v) in &self.kafka {
-            c.set(k, v);
-        }
-        c.set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false");
-        c
+    /// The settings it runs with.
+    pub fn options(&self) -> &ConsumerOptions {
+        &self.options
     }
 
-    /// Consumes until a shutdown is requested (a [`ShutdownHandle`], or SIGINT/SIGTERM unless
-    /// disabled). A record that fails permanently is parked in `dead_letters` and the consumer
-    /// goes on; it stops with [`Error::RecordFailed`] only if such a record cannot be parked.
+    /// Consumes until a shutdown is requested (a [`ShutdownHandle`], or SIGINT/SIGTERM if
+    /// [`handle_signals`](RuntimeBuilder::handle_signals) is on). A record that fails
+    /// permanently is parked in `dead_letters` and the consumer goes on; it stops with
+    /// [`Error::RecordFailed`] only if such a record cannot be parked.
     ///
     /// Dropping the returned future without a shutdown stops everything at once, without
     /// finishing in-flight batches (they roll back), as a crash would.
     pub async fn run(self) -> Result<()> {
-        let pool = &self.writer.pool;
-        check_schema(pool, &self.writer.queries).await?;
-        let strategy = self.writer.event_id.describe();
-        if matches!(self.writer.event_id, EventId::Coordinates) {
+        self.run_until(std::future::pending::<()>()).await
+    }
+
+    /// [`run`](Self::run), and shuts down gracefully (stop fetching, finish in-flight batches,
+    /// leave the group) once `shutdown` completes, as axum's `with_graceful_shutdown` does:
+    /// `runtime.run_until(tokio::signal::ctrl_c())`, or a future of the application's own
+    /// shutdown. A [`ShutdownHandle`] and, if enabled, SIGINT/SIGTERM stop it as well.
+    pub async fn run_until(self, shutdown: impl Future) -> Result<()> {
+        let Runtime {
+            writer,
+            options,
+            concurrency,
+            shutdown: shutdown_tx,
+            stats,
+        } = self;
+        let pool = &writer.pool;
+        check_schema(pool, &writer.queries).await?;
+        let strategy = writer.event_id.describe();
+        if matches!(writer.event_id, EventId::Coordinates) {
             warn!(
                 "event ids are the records' coordinates (topic/partition/offset): replays and restarts are safe, but producer-side duplicates (retries, double publishes) land at new offsets and WILL be applied again; use a header or a business key to catch them"
             );
         }
         info!(
-            group = %self.group,
-            topics = ?self.topics,
+            group = %options.group,
+            topics = ?options.topics,
             database = <DB as sqlx::Database>::NAME,
-            guarantee = %self.writer.guarantee,
+            guarantee = %writer.guarantee,
             event_id = %strategy,
-            batch_size = self.batch_size,
-            concurrency = self.concurrency,
+            batch_size = options.batch_size,
+            concurrency,
             "starting consumer"
         );
 
         telemetry::describe();
+        let client_config = client_config(&options);
+        let (metrics_refresh, handle_signals) = (options.metrics_refresh, options.handle_signals);
         let (control_tx, control_rx) = std_mpsc::channel();
-        let core = Arc::new(Core {
-            writer: self.writer.clone(),
-            group: self.group.clone(),
-            owner: instance_id(),
-            reset: self.reset,
-            batch_size: self.batch_size,
-            batch_wait: self.batch_wait,
-            retry: self.retry.clone(),
-            breaker: (self.breaker.clone(), Mutex::new(BreakerState::default())),
-            permits: Arc::new(Semaphore::new(self.concurrency)),
-            handle: tokio::runtime::Handle::current(),
-            control: control_tx,
-            slots: Mutex::new(HashMap::new()),
-            generation: AtomicU64::new(0),
-            shutdown: self.shutdown.clone(),
-            stats: self.stats.clone(),
-            stale_retry: Duration::from_millis(
-                self.kafka
-                    .iter()
-                    .find(|(k, _)| k == "session.timeout.ms")
-                    .and_then(|(_, v)| v.parse().ok())
-                    .unwrap_or(45_000u64)
-                    + 5_000,
-            ),
-        });
+        let core = Arc::new(Core::new(
+            writer,
+            options,
+            concurrency,
+            control_tx,
+            shutdown_tx.clone(),
+            stats,
+        ));
         let context = RuntimeContext { core: core.clone() };
         let core_for_watch = core.clone();
-        let consumer: BaseConsumer<RuntimeContext<H, DB>> = self
-            .client_config()
+        let consumer: BaseConsumer<RuntimeContext<H, DB>> = client_config
             .create_with_context(context)
             .map_err(|e| {
                 Error::Config(format!("the Kafka client configuration was refused: {e}"))
@@ -218,9 +223,6 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             consumer,
             control: control_rx,
             abort: abort.clone(),
-            brokers: self.brokers.clone(),
-            topics: self.topics.clone(),
-            startup_timeout: self.startup_timeout,
             failure: None,
         };
         std::thread::Builder::new()
@@ -231,10 +233,10 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             })
             .map_err(|e| Error::Internal(format!("cannot start the poll thread: {e}")))?;
         let guard = AbortOnDrop(Some(abort));
-        let _ledger = self.metrics_refresh.map(|every| {
+        let _ledger = metrics_refresh.map(|every| {
             AbortTaskOnDrop(tokio::spawn(count_ledger(core_for_watch.clone(), every)))
         });
-        let watcher = tokio::spawn(watch_epochs(core_for_watch, self.epoch_check));
+        let watcher = tokio::spawn(watch_epochs(core_for_watch));
         let _watcher = AbortTaskOnDrop(watcher);
 
         match ready_rx.await {
@@ -246,20 +248,56 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             Err(_) => {}
         }
         let mut done_rx = done_rx;
-        let signal = wait_for_signal(self.handle_signals);
+        let signal = wait_for_signal(handle_signals);
         tokio::pin!(signal);
-        let mut signalled = false;
+        tokio::pin!(shutdown);
+        let mut stopping = false;
         let result = loop {
             tokio::select! {
                 r = &mut done_rx => break r,
-                () = &mut signal, if !signalled => {
+                () = &mut signal, if !stopping => {
                     info!("shutdown signal received; finishing in-flight batches");
-                    signalled = true;
-                    self.shutdown.send_replace(true);
+                    stopping = true;
+                    shutdown_tx.send_replace(true);
+                }
+                _ = &mut shutdown, if !stopping => {
+                    info!("shutdown requested; finishing in-flight batches");
+                    stopping = true;
+                    shutdown_tx.send_replace(true);
                 }
             }
         };
         guard.disarm();
         result.unwrap_or_else(|_| Err(Error::Internal("the poll thread died".into())))
     }
+}
+
+/// The librdkafka client configuration: the runtime's settings, the user's properties over
+/// them, and offsets never auto-committed.
+fn client_config(options: &ConsumerOptions) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &options.brokers)
+        .set("group.id", &options.group)
+        .set("partition.assignment.strategy", options.assignor.as_kafka())
+        .set("enable.partition.eof", "false")
+        .set(
+            "auto.offset.reset",
+            match options.offset_reset {
+                OffsetReset::Earliest => "earliest",
+                OffsetReset::Latest => "latest",
+            },
+        );
+    if let Some(every) = options.metrics_refresh {
+        // The lag gauges read the high watermarks from librdkafka's statistics.
+        c.set(
+            "statistics.interval.ms",
+            every.as_millis().clamp(1, i32::MAX as u128).to_string(),
+        );
+    }
+    for (k, v) in &options.kafka {
+        c.set(k, v);
+    }
+    c.set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    c
 }

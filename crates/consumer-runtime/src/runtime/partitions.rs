@@ -15,14 +15,14 @@ use tracing::{info, warn};
 
 use super::worker::Exit;
 use super::{Stats, bump};
-use crate::config::{BreakerState, CircuitBreaker, OffsetReset, RetryPolicy};
+use crate::config::{BreakerState, ConsumerOptions, OffsetReset};
 use crate::error::Error;
 use crate::handler::Handler;
 use crate::store::{Backend, Claim, PartitionKey};
 use crate::telemetry::PartitionMetrics;
 use crate::unit::{PartitionWriter, WriterConfig};
 
-pub(super) fn instance_id() -> String {
+fn instance_id() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
     format!(
         "{host}:{}:{:08x}",
@@ -73,13 +73,11 @@ pub(super) enum Slot {
 /// State shared by the poll thread, the rebalance callbacks and the workers.
 pub(super) struct Core<H: Handler<DB>, DB: Backend> {
     pub(super) writer: Arc<WriterConfig<H, DB>>,
-    pub(super) group: String,
+    pub(super) options: ConsumerOptions,
+    /// This instance, as recorded in the claimed partitions' `owner` column.
     pub(super) owner: String,
-    pub(super) reset: OffsetReset,
-    pub(super) batch_size: usize,
-    pub(super) batch_wait: Duration,
-    pub(super) retry: RetryPolicy,
-    pub(super) breaker: (CircuitBreaker, Mutex<BreakerState>),
+    /// The circuit breaker's count, over all partitions (its limits are in `options`).
+    pub(super) breaker: Mutex<BreakerState>,
     pub(super) permits: Arc<Semaphore>,
     pub(super) handle: tokio::runtime::Handle,
     pub(super) control: std_mpsc::Sender<Control>,
@@ -91,9 +89,42 @@ pub(super) struct Core<H: Handler<DB>, DB: Backend> {
 }
 
 impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
+    /// The state of a runtime that has not assigned any partition yet.
+    pub(super) fn new(
+        writer: Arc<WriterConfig<H, DB>>,
+        options: ConsumerOptions,
+        concurrency: usize,
+        control: std_mpsc::Sender<Control>,
+        shutdown: Arc<watch::Sender<bool>>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let stale_retry = Duration::from_millis(
+            options
+                .kafka
+                .get("session.timeout.ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(45_000u64)
+                + 5_000,
+        );
+        Core {
+            writer,
+            options,
+            owner: instance_id(),
+            breaker: Mutex::new(BreakerState::default()),
+            permits: Arc::new(Semaphore::new(concurrency)),
+            handle: tokio::runtime::Handle::current(),
+            control,
+            slots: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            shutdown,
+            stats,
+            stale_retry,
+        }
+    }
+
     pub(super) fn key(&self, topic: &str, partition: i32) -> PartitionKey {
         PartitionKey {
-            group: self.group.clone(),
+            group: self.options.group.clone(),
             topic: topic.to_owned(),
             partition,
         }
@@ -122,7 +153,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
     pub(super) fn start_offset(&self, claim: &Claim) -> Offset {
         match claim.next_offset {
             Some(n) => Offset::Offset(n),
-            None => match self.reset {
+            None => match self.options.offset_reset {
                 OffsetReset::Earliest => Offset::Beginning,
                 OffsetReset::Latest => Offset::End,
             },
@@ -156,7 +187,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                 Ok(claims) => return Some(claims),
                 Err(e) => {
                     attempt += 1;
-                    let delay = self.retry.delay(attempt);
+                    let delay = self.options.retry_policy.delay(attempt);
                     warn!(error = %e, attempt, ?delay, "cannot claim partitions in the database; waiting for it");
                     if self.shutting_down() {
                         return None;
@@ -171,7 +202,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
     pub(super) fn activate(self: &Arc<Self>, topic: &str, partition: i32, claim: Claim) -> Active {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let key = self.key(topic, partition);
-        let depth = self.batch_size.saturating_mul(CHANNEL_BATCHES);
+        let depth = self.options.batch_size.saturating_mul(CHANNEL_BATCHES);
         let (sender, receiver) = mpsc::channel(depth.max(64));
         let (stop, stop_rx) = watch::channel(false);
         bump(&self.stats.assignments, 1);
@@ -183,11 +214,11 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             "partition claimed"
         );
         let metrics = Arc::new(PartitionMetrics::new(
-            &self.group,
+            &self.options.group,
             topic,
             partition,
             claim.next_offset,
-            self.reset == OffsetReset::Latest,
+            self.options.offset_reset == OffsetReset::Latest,
         ));
         let writer = PartitionWriter::new(self.writer.clone(), key, claim).park_failures(true);
         let core = self.clone();
@@ -214,7 +245,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             task,
             pending: VecDeque::new(),
             paused: false,
-            resume_room: (self.batch_size.saturating_sub(1) * CHANNEL_BATCHES / 2).max(1),
+            resume_room: (self.options.batch_size.saturating_sub(1) * CHANNEL_BATCHES / 2).max(1),
             metrics,
         }
     }

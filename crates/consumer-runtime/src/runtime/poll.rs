@@ -26,9 +26,6 @@ pub(super) struct PollThread<H: Handler<DB>, DB: Backend> {
     pub(super) consumer: BaseConsumer<RuntimeContext<H, DB>>,
     pub(super) control: std_mpsc::Receiver<Control>,
     pub(super) abort: Arc<AtomicBool>,
-    pub(super) brokers: String,
-    pub(super) topics: Vec<String>,
-    pub(super) startup_timeout: Duration,
     pub(super) failure: Option<Error>,
 }
 
@@ -78,12 +75,13 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
     }
 
     fn startup(&self) -> Result<()> {
-        for topic in &self.topics {
+        let options = &self.core.options;
+        for topic in &options.topics {
             let metadata = self
                 .consumer
-                .fetch_metadata(Some(topic), self.startup_timeout)
+                .fetch_metadata(Some(topic), options.startup_timeout)
                 .map_err(|e| Error::BrokerUnreachable {
-                    brokers: self.brokers.clone(),
+                    brokers: options.brokers.clone(),
                     detail: e.to_string(),
                 })?;
             let missing = metadata
@@ -94,11 +92,11 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
             if missing {
                 return Err(Error::UnknownTopic {
                     topic: topic.clone(),
-                    brokers: self.brokers.clone(),
+                    brokers: options.brokers.clone(),
                 });
             }
         }
-        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
         self.consumer
             .subscribe(&topics)
             .map_err(Error::kafka("subscribing to the topics"))

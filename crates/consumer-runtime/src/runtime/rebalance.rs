@@ -91,7 +91,7 @@ impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 info!(partitions = ?parts, cooperative, "partitions assigned");
-                telemetry::rebalance(&core.group, "assigned");
+                telemetry::rebalance(&core.options.group, "assigned");
                 let claims = if parts.is_empty() {
                     Some(Vec::new())
                 } else {
@@ -138,7 +138,7 @@ impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let lost = consumer.assignment_lost();
                 info!(partitions = ?parts, lost, "partitions revoked; finishing their in-flight batches");
-                telemetry::rebalance(&core.group, "revoked");
+                telemetry::rebalance(&core.options.group, "revoked");
                 stop_workers(core, Some(&parts));
                 let result = if cooperative {
                     consumer.incremental_unassign(tpl)
@@ -151,7 +151,7 @@ impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
             }
             other => {
                 error!(error = ?other, "rebalance failed; dropping the assignment");
-                telemetry::rebalance(&core.group, "failed");
+                telemetry::rebalance(&core.options.group, "failed");
                 stop_workers(core, None);
                 if let Err(e) = consumer.unassign() {
                     error!(%e, "unassigning partitions failed");

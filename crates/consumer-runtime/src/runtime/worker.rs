@@ -27,7 +27,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
         mut stop: watch::Receiver<bool>,
         metrics: &PartitionMetrics,
     ) -> Exit {
-        let mut batch = Vec::with_capacity(self.batch_size);
+        let mut batch = Vec::with_capacity(self.options.batch_size);
         loop {
             tokio::select! {
                 biased;
@@ -37,8 +37,8 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                     None => return Exit::Stopped,
                 },
             }
-            let deadline = tokio::time::Instant::now() + self.batch_wait;
-            while batch.len() < self.batch_size {
+            let deadline = tokio::time::Instant::now() + self.options.batch_wait;
+            while batch.len() < self.options.batch_size {
                 match rx.try_recv() {
                     Ok(m) => {
                         batch.push(m);
@@ -71,7 +71,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
         writer: &PartitionWriter<H, DB>,
         batch: &[OwnedMessage],
     ) -> Option<Error> {
-        let (limits, state) = &self.breaker;
+        let (limits, state) = (&self.options.circuit_breaker, &self.breaker);
         if limits.max_consecutive.is_none() && limits.ratio.is_none() {
             return None;
         }
@@ -175,7 +175,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                     bump(&self.stats.retries, 1);
                     metrics.retried.increment(batch.len() as u64);
                     if let (Some(at), false, Some(max)) =
-                        (&at, infrastructure, self.retry.max_attempts)
+                        (&at, infrastructure, self.options.retry_policy.max_attempts)
                         && attempt >= max
                     {
                         // Park the record (with the rest of the batch committing) and go on.
@@ -191,7 +191,11 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
                         attempt = 0;
                         continue;
                     }
-                    let delay = self.retry.delay(attempt).max(after.unwrap_or_default());
+                    let delay = self
+                        .options
+                        .retry_policy
+                        .delay(attempt)
+                        .max(after.unwrap_or_default());
                     if infrastructure {
                         // A pool that timed out hides why; one direct attempt tells.
                         let cause = match source.downcast_ref::<sqlx::Error>() {
