@@ -40,10 +40,7 @@ async fn consume_all_once<DB: TestDb>(batch_size: usize) {
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
     assert_eq!(ledger_rows(&pool, &group).await, 400);
     assert_eq!(counter.applied(), 400);
-    assert_eq!(
-        stats.snapshot().duplicates,
-        100
-    );
+    assert_eq!(stats.snapshot().duplicates, 100);
 }
 
 async fn producer_duplicates_are_applied_once<DB: TestDb>() {

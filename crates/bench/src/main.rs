@@ -863,12 +863,7 @@ fn summary(name: &str, stats: &consumer_runtime::Stats) {
     let stats = stats.snapshot();
     eprintln!(
         "  [{name}] done: applied {} skipped {} lost {} batches {} retries {} fenced {} (runtime totals)",
-        stats.applied,
-        stats.duplicates,
-        stats.lost,
-        stats.batches,
-        stats.retries,
-        stats.fenced,
+        stats.applied, stats.duplicates, stats.lost, stats.batches, stats.retries, stats.fenced,
     );
 }
 

@@ -19,9 +19,10 @@ use serde::Deserialize;
 pub enum Guarantee {
     /// The stored offset is advanced in a transaction of its own *before* the handler runs, and
     /// the handler's transaction follows; there is no ledger. A crash, or a handler failure,
-    /// after the first commit loses the batch (its records are counted in `Stats::lost` and
-    /// logged); a crash never makes the runtime apply a record twice. Producer-side
-    /// duplicates are different records to this mode and are applied again.
+    /// after the first commit loses the batch (its records are counted in
+    /// [`StatsSnapshot::lost`](crate::StatsSnapshot::lost) and logged); a crash never makes the
+    /// runtime apply a record twice. Producer-side duplicates are different records to this
+    /// mode and are applied again.
     ///
     /// Pick it for logs, metrics and samples, where a gap is acceptable and a double count is
     /// not worth a ledger row.
@@ -687,5 +688,187 @@ mod breaker_tests {
             BreakerState::default().record(&CircuitBreaker::disabled(), true),
             None
         );
+    }
+}
+
+#[cfg(test)]
+mod options_tests {
+    use super::*;
+
+    fn from_toml(text: &str) -> Result<ConsumerOptions, String> {
+        toml::from_str(text).map_err(|e| e.message().to_owned())
+    }
+
+    #[test]
+    fn durations_need_a_unit_and_accept_the_common_ones() {
+        assert_eq!(parse_duration("20ms").unwrap(), Duration::from_millis(20));
+        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
+        assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
+        assert_eq!(parse_duration("500µs").unwrap(), Duration::from_micros(500));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("0ms").unwrap(), Duration::ZERO);
+        for bad in ["20", "ms", "", "20 parsecs", "1.2.3s", "-1s"] {
+            let err = parse_duration(bad).unwrap_err();
+            assert!(err.contains("20ms"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_defaults() {
+        let options = from_toml("").unwrap();
+        assert_eq!(options, ConsumerOptions::default());
+        assert_eq!(options.batch_size, 500);
+        assert_eq!(options.batch_wait, Duration::from_millis(20));
+        assert_eq!(options.schema, "consumer_runtime");
+        assert!(
+            !options.handle_signals,
+            "an embedded runtime leaves signals alone"
+        );
+        assert_eq!(options.metrics_refresh, None);
+    }
+
+    #[test]
+    fn every_option_reads_from_a_toml_file() {
+        let options = from_toml(
+            r#"
+            brokers = "kafka:9092"
+            group = "balances"
+            topics = ["payments", "refunds"]
+            batch_size = 200
+            batch_wait = "50ms"
+            concurrency = 4
+            guarantee = "at-least-once"
+            offset_reset = "latest"
+            schema = "billing"
+            assignor = "range"
+            handle_signals = true
+            startup_timeout = "30s"
+            epoch_check_interval = "1.5s"
+            metrics_refresh = "15s"
+            retry_policy = { initial_delay = "10ms", max_attempts = "unlimited" }
+            circuit_breaker = { max_consecutive = "off", ratio = { max_ratio = 0.25 } }
+
+            [kafka]
+            "client.id" = "billing-1"
+            session.timeout.ms = 6000
+            enable.partition.eof = false
+            "#,
+        )
+        .unwrap();
+        assert_eq!(options.brokers, "kafka:9092");
+        assert_eq!(options.group, "balances");
+        assert_eq!(options.topics, ["payments", "refunds"]);
+        assert_eq!(options.batch_size, 200);
+        assert_eq!(options.batch_wait, Duration::from_millis(50));
+        assert_eq!(options.concurrency, Some(4));
+        assert_eq!(options.guarantee, Guarantee::AtLeastOnce);
+        assert_eq!(options.offset_reset, OffsetReset::Latest);
+        assert_eq!(options.schema, "billing");
+        assert_eq!(options.assignor, Assignor::Range);
+        assert!(options.handle_signals);
+        assert_eq!(options.startup_timeout, Duration::from_secs(30));
+        assert_eq!(options.epoch_check_interval, Duration::from_millis(1500));
+        assert_eq!(options.metrics_refresh, Some(Duration::from_secs(15)));
+        // A table keeps the defaults of the keys it leaves out.
+        assert_eq!(
+            options.retry_policy,
+            RetryPolicy {
+                initial_delay: Duration::from_millis(10),
+                max_delay: Duration::from_secs(30),
+                max_attempts: None,
+            }
+        );
+        assert_eq!(
+            options.circuit_breaker,
+            CircuitBreaker {
+                max_consecutive: None,
+                ratio: Some(ParkedRatio {
+                    max_ratio: 0.25,
+                    window: 1000
+                }),
+            }
+        );
+        // Dotted keys, quoted or nested, become librdkafka's names; values become text.
+        let kafka: Vec<(&str, &str)> = options
+            .kafka
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            kafka,
+            [
+                ("client.id", "billing-1"),
+                ("enable.partition.eof", "false"),
+                ("session.timeout.ms", "6000"),
+            ]
+        );
+    }
+
+    #[test]
+    fn any_serde_format_works_json_too() {
+        let options: ConsumerOptions = serde_json::from_str(
+            r#"{"group": "g", "batch_wait": "1s", "circuit_breaker": {"ratio": "off"},
+                "kafka": {"fetch.max.bytes": 1048576}}"#,
+        )
+        .unwrap();
+        assert_eq!(options.group, "g");
+        assert_eq!(options.batch_wait, Duration::from_secs(1));
+        assert_eq!(options.circuit_breaker.ratio, None);
+        assert_eq!(options.circuit_breaker.max_consecutive, Some(100));
+        assert_eq!(options.kafka["fetch.max.bytes"], "1048576");
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_that_names_it() {
+        let err = from_toml("batch_sise = 10").unwrap_err();
+        assert!(err.contains("unknown field `batch_sise`"), "{err}");
+        assert!(
+            err.contains("batch_size"),
+            "the error lists the known keys: {err}"
+        );
+        let err = from_toml("retry_policy = { attempts = 3 }").unwrap_err();
+        assert!(err.contains("unknown field `attempts`"), "{err}");
+    }
+
+    #[test]
+    fn a_duration_without_a_unit_is_an_error_that_shows_one() {
+        let err = from_toml(r#"batch_wait = "20""#).unwrap_err();
+        assert!(
+            err.contains("`20` is not a duration (no unit)") && err.contains("20ms"),
+            "{err}"
+        );
+        let err = from_toml("startup_timeout = 10").unwrap_err();
+        assert!(err.contains("expected a duration such as 20ms"), "{err}");
+        let err = from_toml(r#"retry_policy = { max_delay = "5 parsecs" }"#).unwrap_err();
+        assert!(err.contains("unknown unit"), "{err}");
+    }
+
+    #[test]
+    fn enums_and_limits_say_what_they_accept() {
+        let err = from_toml(r#"guarantee = "exactly-once""#).unwrap_err();
+        assert!(
+            err.contains("unknown guarantee `exactly-once`; use at-most-once"),
+            "{err}"
+        );
+        let err = from_toml(r#"assignor = "sticky""#).unwrap_err();
+        assert!(err.contains("unknown assignor `sticky`"), "{err}");
+        let err = from_toml("retry_policy = { max_attempts = 0 }").unwrap_err();
+        assert!(
+            err.contains("`0` is not a number of attempts; use a number from 1 up, or unlimited"),
+            "{err}"
+        );
+        let err = from_toml("circuit_breaker = { ratio = { max_ratio = 1.5 } }").unwrap_err();
+        assert!(err.contains("not a share of parked records"), "{err}");
+        let err = from_toml(r#"circuit_breaker = { ratio = "never" }"#).unwrap_err();
+        assert!(err.contains(r#"or "off""#), "{err}");
+        let err = from_toml("[kafka]\n\"client.id\" = [1, 2]").unwrap_err();
+        assert!(
+            err.contains("`kafka.client.id`: a librdkafka property must be a string"),
+            "{err}"
+        );
+        let options = from_toml(r#"retry_policy = { max_attempts = "3" }"#).unwrap();
+        assert_eq!(options.retry_policy.max_attempts, Some(3));
     }
 }

@@ -38,14 +38,13 @@ pub(super) async fn wait_for_signal(enabled: bool) {
 /// Notices epochs changed behind a worker's back (a replay, or an offset set by an operator)
 /// even while its partition is idle, and has the poll thread reload those partitions. A busy
 /// partition learns the same from its next fenced commit.
-pub(super) async fn watch_epochs<H: Handler<DB>, DB: Backend>(
-    core: Arc<Core<H, DB>>,
-) {
+pub(super) async fn watch_epochs<H: Handler<DB>, DB: Backend>(core: Arc<Core<H, DB>>) {
     let mut tick = tokio::time::interval(core.options.epoch_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Ok(rows) = DB::offsets(&core.writer.pool, &core.writer.queries, &core.options.group).await
+        let Ok(rows) =
+            DB::offsets(&core.writer.pool, &core.writer.queries, &core.options.group).await
         else {
             continue;
         };

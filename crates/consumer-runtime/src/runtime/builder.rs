@@ -65,7 +65,9 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
     }
     /// Adds topics to consume.
     pub fn topics<I: IntoIterator<Item = S>, S: Into<String>>(mut self, topics: I) -> Self {
-        self.options.topics.extend(topics.into_iter().map(Into::into));
+        self.options
+            .topics
+            .extend(topics.into_iter().map(Into::into));
         self
     }
     /// The most records in one batch (one transaction) of a partition. Default 500; 1 gives
@@ -219,4 +221,124 @@ fn check(options: &ConsumerOptions) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Sqlite;
+
+    struct Nothing;
+
+    #[async_trait::async_trait]
+    impl Handler<Sqlite> for Nothing {
+        type Event = serde_json::Value;
+        async fn handle(
+            &self,
+            _ctx: &mut crate::Context<'_, Sqlite>,
+            _event: serde_json::Value,
+        ) -> std::result::Result<(), crate::HandlerError> {
+            Ok(())
+        }
+    }
+
+    fn pool() -> Pool<Sqlite> {
+        sqlx::SqlitePool::connect_lazy("sqlite::memory:").expect("an in-memory SQLite pool")
+    }
+
+    fn builder() -> RuntimeBuilder<Nothing, Sqlite> {
+        Runtime::builder(Nothing)
+    }
+
+    fn refused(built: Result<Runtime<Nothing, Sqlite>>) -> String {
+        match built {
+            Ok(_) => panic!("the builder accepted an incomplete configuration"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn options_set_everything_at_once_and_later_setters_change_single_fields() {
+        let options: ConsumerOptions = toml::from_str(
+            r#"
+            brokers = "kafka:9092"
+            group = "g"
+            topics = ["t"]
+            batch_size = 7
+            concurrency = 4
+            "#,
+        )
+        .unwrap();
+        let runtime = builder()
+            .batch_size(99)
+            .pool(pool())
+            .options(options)
+            .batch_wait(Duration::from_secs(2))
+            .topic("u")
+            .build()
+            .unwrap();
+        let options = runtime.options();
+        assert_eq!(
+            options.batch_size, 7,
+            "options replace what setters set before"
+        );
+        assert_eq!(options.batch_wait, Duration::from_secs(2));
+        assert_eq!(options.topics, ["t", "u"]);
+        assert_eq!(options.brokers, "kafka:9092");
+        assert_eq!(
+            options.concurrency,
+            Some(4),
+            "the options keep what was asked"
+        );
+        assert_eq!(runtime.concurrency, 1, "SQLite has one writer");
+        assert!(!options.handle_signals);
+    }
+
+    #[tokio::test]
+    async fn build_names_what_is_missing_or_refused() {
+        let complete = || {
+            builder()
+                .pool(pool())
+                .brokers("b:9092")
+                .group("g")
+                .topic("t")
+        };
+        assert!(complete().build().is_ok());
+        let cases = [
+            (
+                builder().brokers("b:9092").group("g").topic("t").build(),
+                "no database pool given; call .pool(…)",
+            ),
+            (
+                builder().pool(pool()).group("g").topic("t").build(),
+                "no Kafka brokers given; call .brokers(\"host:9092\")",
+            ),
+            (
+                builder().pool(pool()).brokers("b:9092").topic("t").build(),
+                "no consumer group given; call .group(\"name\")",
+            ),
+            (
+                builder().pool(pool()).brokers("b:9092").group("g").build(),
+                "no topic given; call .topic(\"name\")",
+            ),
+            (
+                complete().batch_size(0).build(),
+                "batch size must be at least 1",
+            ),
+            (
+                complete().epoch_check_interval(Duration::ZERO).build(),
+                "the epoch check interval must be longer than 0",
+            ),
+            (
+                complete()
+                    .kafka_config("enable.auto.commit", "true")
+                    .build(),
+                "enable.auto.commit and enable.auto.offset.store must stay false",
+            ),
+        ];
+        for (built, expected) in cases {
+            let message = refused(built);
+            assert!(message.contains(expected), "{message}");
+        }
+    }
 }

@@ -209,9 +209,8 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
         ));
         let context = RuntimeContext { core: core.clone() };
         let core_for_watch = core.clone();
-        let consumer: BaseConsumer<RuntimeContext<H, DB>> = client_config
-            .create_with_context(context)
-            .map_err(|e| {
+        let consumer: BaseConsumer<RuntimeContext<H, DB>> =
+            client_config.create_with_context(context).map_err(|e| {
                 Error::Config(format!("the Kafka client configuration was refused: {e}"))
             })?;
 
