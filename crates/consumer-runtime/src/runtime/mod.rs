@@ -300,3 +300,80 @@ fn client_config(options: &ConsumerOptions) -> ClientConfig {
         .set("enable.auto.offset.store", "false");
     c
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use rdkafka::mocking::MockCluster;
+    use sqlx::Postgres;
+
+    use super::*;
+
+    struct Nothing;
+
+    #[async_trait::async_trait]
+    impl Handler<Postgres> for Nothing {
+        type Event = serde_json::Value;
+        async fn handle(
+            &self,
+            _ctx: &mut crate::Context<'_, Postgres>,
+            _event: serde_json::Value,
+        ) -> std::result::Result<(), crate::HandlerError> {
+            Ok(())
+        }
+    }
+
+    /// An application that embeds the runtime stops it with its own shutdown future: the
+    /// runtime runs until that future completes, then shuts down gracefully and returns `Ok`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_until_runs_until_its_future_completes_then_shuts_down_gracefully() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("t", 1, 1).expect("create topic");
+        let url = std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let schema = format!("lib_until_{}", std::process::id());
+        let pool = crate::connect::<Postgres>(&url, 2).await.unwrap();
+        crate::migrate(&pool, &schema).await.unwrap();
+
+        let runtime = Runtime::builder(Nothing)
+            .pool(pool.clone())
+            .schema(&schema)
+            .brokers(cluster.bootstrap_servers())
+            .group("g")
+            .topic("t")
+            .build()
+            .unwrap();
+        let stats = runtime.stats();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run = tokio::spawn(runtime.run_until(stopped));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while stats.snapshot().assignments == 0 {
+            assert!(!run.is_finished(), "the runtime stopped on its own");
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for the assignment"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            !run.is_finished(),
+            "the runtime runs until its future completes"
+        );
+
+        stop.send(()).unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("run_until returns once its future completed")
+            .expect("the run task");
+        assert!(
+            result.is_ok(),
+            "a requested shutdown is not an error: {result:?}"
+        );
+
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+}
