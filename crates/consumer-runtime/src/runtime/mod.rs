@@ -9,11 +9,11 @@
 //! - one *worker task* per assigned partition batches that partition's records and commits them
 //!   through the unit of work ([`crate::unit`]), at most as many at once as the pool allows.
 //!
-//! The files follow them: `builder` (the settings, a [`ConsumerOptions`] value), `partitions`
-//! (the state they share: `Core` and each partition's slot), `worker` (a
-//! partition's batch loop and what happens to a record after a failure: retries, backoff,
-//! parking, the circuit breaker), `poll` (the poll thread), `rebalance` (the rdkafka callbacks)
-//! and `background` (the epoch watcher, the ledger counter, the signal listener).
+//! The files follow them: `builder` (the settings: a [`ConsumerOptions`] value), `partitions`
+//! (the state they share: `Core` and each partition's slot), `worker` (a partition's batch
+//! loop and what happens to a record after a failure: retries, backoff, parking, the circuit
+//! breaker), `poll` (the poll thread), `rebalance` (the rdkafka callbacks) and `background`
+//! (the epoch watcher, the ledger counter, the signal listener).
 
 mod background;
 mod builder;
