@@ -301,7 +301,7 @@ where
     until(
         running.as_mut(),
         poll_until("a third of the payments to be applied", async || {
-            let applied = stats.applied.load(Ordering::Relaxed);
+            let applied = stats.snapshot().applied;
             Ok((applied >= target, format!("{applied} of {target} applied")))
         }),
     )
@@ -318,7 +318,7 @@ where
     .await?;
     let committed_before_crash: i64 = DB::payments(&pool).await?.iter().map(|p| p.1).sum();
     let calls_before_crash = calls.load(Ordering::Relaxed);
-    let duplicates_before_crash = stats.duplicates.load(Ordering::Relaxed);
+    let duplicates_before_crash = stats.snapshot().duplicates;
 
     // 2. Restart: a new consumer for the same group resumes from the offsets in the database.
     let restarted = Instant::now();
@@ -331,15 +331,15 @@ where
         .await
         .context("consuming after the restart")?;
     let restart_secs = restarted.elapsed().as_secs_f64();
-    let duplicates = duplicates_before_crash + stats.duplicates.load(Ordering::Relaxed);
+    let duplicates = duplicates_before_crash + stats.snapshot().duplicates;
     let before_replay: i64 = DB::payments(&pool).await?.iter().map(|p| p.1).sum();
 
     // 3. Replay: rewind the group to offset 0 while the consumer runs. It notices within a
     //    second, reloads and consumes everything again; the ledger skips every record.
     let (calls_before, applied_before, skipped_before) = (
         calls.load(Ordering::Relaxed),
-        stats.applied.load(Ordering::Relaxed),
-        stats.duplicates.load(Ordering::Relaxed),
+        stats.snapshot().applied,
+        stats.snapshot().duplicates,
     );
     let rewind: Vec<(i32, i64)> = (0..PARTITIONS).map(|p| (p, 0)).collect();
     consumer_runtime::Store::new(pool.clone(), SCHEMA)?
@@ -352,8 +352,8 @@ where
     stop.shutdown();
     running.await.context("shutting the consumer down")?;
     let replay_calls = calls.load(Ordering::Relaxed) - calls_before;
-    let replay_applied = stats.applied.load(Ordering::Relaxed) - applied_before;
-    let replay_skipped = stats.duplicates.load(Ordering::Relaxed) - skipped_before;
+    let replay_applied = stats.snapshot().applied - applied_before;
+    let replay_skipped = stats.snapshot().duplicates - skipped_before;
 
     // 4. The database's final state.
     let applied: HashMap<String, i64> = DB::payments(&pool).await?.into_iter().collect();

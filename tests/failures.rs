@@ -259,7 +259,7 @@ async fn rejected_record_is_parked_and_the_consumer_keeps_running<DB: TestDb>() 
     assert_eq!(letters[0].kind, FailureKind::Rejected);
     // Record i is at partition i % 2, offset i / 2.
     assert_eq!((letters[0].partition, letters[0].offset), (1, 3));
-    assert_eq!(stats.parked.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.snapshot().parked, 1);
     let mut expected: Vec<String> = all.into_iter().filter(|i| *i != bad).collect();
     expected.extend(more_ids);
     assert_exactly_once(&effect_counts(&pool, &group).await, &expected);
@@ -323,7 +323,7 @@ async fn records_without_a_key_with_an_empty_key_or_oversized_are_applied_once<D
     stop.shutdown();
     task.await.unwrap().expect("clean shutdown");
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
-    assert_eq!(stats.parked.load(Ordering::SeqCst), 0);
+    assert_eq!(stats.snapshot().parked, 0);
     assert!(parked(&pool, &group).await.is_empty());
 }
 
@@ -529,7 +529,7 @@ async fn a_panicking_handler_parks_its_record_and_the_consumer_keeps_running<DB:
         "{}",
         letters[0].error
     );
-    assert_eq!(stats.parked.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.snapshot().parked, 1);
     let expected: Vec<String> = all.into_iter().filter(|i| *i != bad).collect();
     assert_exactly_once(&effect_counts(&pool, &group).await, &expected);
     // Records of the panicking batch before the panic ran twice (the slow path); their
@@ -573,7 +573,7 @@ async fn a_record_that_never_stops_failing_is_parked_after_max_attempts<DB: Test
         "{}",
         l.error
     );
-    assert!(stats.retries.load(Ordering::SeqCst) >= 3);
+    assert!(stats.snapshot().retries >= 3);
     let expected: Vec<String> = all.into_iter().filter(|i| *i != bad).collect();
     assert_exactly_once(&effect_counts(&pool, &group).await, &expected);
     assert!(!in_ledger(&pool, &group, &bad).await);
@@ -631,11 +631,11 @@ async fn retrying_longer_than_max_poll_interval_keeps_the_partitions<DB: TestDb>
     task.await.unwrap().expect("clean shutdown");
 
     assert_eq!(
-        stats.assignments.load(Ordering::SeqCst),
+        stats.snapshot().assignments,
         2,
         "a partition was revoked and assigned again: the group membership was lost"
     );
-    assert_eq!(stats.fenced.load(Ordering::SeqCst), 0);
+    assert_eq!(stats.snapshot().fenced, 0);
     let letters = parked(&pool, &group).await;
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(
@@ -1047,7 +1047,7 @@ mod database_restart {
 
         catch_up_and_stop(&pool, &group, &topic, &records, stop, task).await;
         assert!(
-            stats.retries.load(Ordering::Relaxed) >= 1,
+            stats.snapshot().retries >= 1,
             "a restart mid-stream must have rolled back at least one batch"
         );
         assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
@@ -1129,7 +1129,7 @@ mod frozen_transaction {
 
         catch_up_and_stop(&pool, &group, &topic, &records, stop, task).await;
         assert!(
-            stats.reloads.load(Ordering::SeqCst) >= 1,
+            stats.snapshot().reloads >= 1,
             "the woken consumer must have been fenced"
         );
         assert_exactly_once(&effect_counts(&pool, &group).await, &ids);

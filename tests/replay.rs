@@ -11,7 +11,6 @@ mod support;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use consumer_runtime::rdkafka::ClientConfig;
@@ -152,7 +151,7 @@ impl Consumer {
     }
 
     fn duplicates(&self) -> u64 {
-        self.stats.duplicates.load(Ordering::Relaxed)
+        self.stats.snapshot().duplicates
     }
 
     async fn stop(self) {

@@ -40,10 +40,7 @@ async fn consume_all_once<DB: TestDb>(batch_size: usize) {
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
     assert_eq!(ledger_rows(&pool, &group).await, 400);
     assert_eq!(counter.applied(), 400);
-    assert_eq!(
-        stats.duplicates.load(std::sync::atomic::Ordering::Relaxed),
-        100
-    );
+    assert_eq!(stats.snapshot().duplicates, 100);
 }
 
 async fn producer_duplicates_are_applied_once<DB: TestDb>() {
@@ -159,7 +156,6 @@ async fn a_partition_paused_when_revoked_is_consumed_when_assigned_back<DB: Test
     let (rt_a, rt_b) = (build(&a), build(&b));
     let (stats_a, stats_b) = (rt_a.stats(), rt_b.stats());
     let (stop_a, stop_b) = (rt_a.shutdown_handle(), rt_b.shutdown_handle());
-    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::SeqCst);
     let task_a = tokio::spawn(rt_a.run());
     wait_until(WAIT, "the first instance to make progress", || async {
         a.applied() >= 20
@@ -180,7 +176,7 @@ async fn a_partition_paused_when_revoked_is_consumed_when_assigned_back<DB: Test
     wait_until(
         WAIT,
         "the first instance to be fenced and reload",
-        || async { count(&stats_a.reloads) >= 1 },
+        || async { stats_a.snapshot().reloads >= 1 },
     )
     .await;
 
@@ -190,7 +186,7 @@ async fn a_partition_paused_when_revoked_is_consumed_when_assigned_back<DB: Test
     wait_until(
         WAIT,
         "the rebalance after the second instance joined",
-        || async { count(&stats_a.assignments) >= 2 || count(&stats_b.assignments) >= 1 },
+        || async { stats_a.snapshot().assignments >= 2 || stats_b.snapshot().assignments >= 1 },
     )
     .await;
     stop_b.shutdown();
@@ -229,7 +225,7 @@ async fn rewinding_stored_offsets_reapplies_nothing<DB: TestDb>() {
         .await
         .unwrap();
     wait_until(WAIT, "the rewound topic to be read again", || async {
-        stats.duplicates.load(std::sync::atomic::Ordering::Relaxed) >= 30 + records.len() as u64
+        stats.snapshot().duplicates >= 30 + records.len() as u64
     })
     .await;
     wait_caught_up(&pool, &group, &topic, &ends).await;
@@ -290,7 +286,7 @@ async fn many_partitions_commit_without_lock_errors<DB: TestDb>() {
     stop.shutdown();
     task.await.unwrap().unwrap();
     assert_eq!(
-        stats.retries.load(std::sync::atomic::Ordering::SeqCst),
+        stats.snapshot().retries,
         0,
         "a batch failed and was retried on {}",
         DB::KIND
@@ -564,7 +560,7 @@ async fn rejected_record_is_parked_and_the_partition_goes_on<DB: TestDb>() {
         (topic.as_str(), 0, 4)
     );
     assert_eq!(parked[0].kind, consumer_runtime::FailureKind::Rejected);
-    assert_eq!(stats.parked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(stats.snapshot().parked, 1);
     assert_eq!(ledger_rows(&pool, &group).await, 9);
     let expected: Vec<String> = ids
         .into_iter()
@@ -736,7 +732,7 @@ async fn crash_and_restart<DB: TestDb>(
         }
         Crash::BeforeOffsetCommit => {
             wait_until(WAIT, "the offset commit to fail", || async {
-                stats.retries.load(std::sync::atomic::Ordering::SeqCst) > 0
+                stats.snapshot().retries > 0
             })
             .await
         }

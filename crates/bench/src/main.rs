@@ -690,9 +690,8 @@ async fn progress<DB: BenchDb>(env: &Env<DB>, group: &str) -> anyhow::Result<(u6
 
 /// The records the runtime has finished with: applied, skipped or lost.
 fn finished(stats: &consumer_runtime::Stats) -> u64 {
-    stats.applied.load(Ordering::Relaxed)
-        + stats.duplicates.load(Ordering::Relaxed)
-        + stats.lost.load(Ordering::Relaxed)
+    let stats = stats.snapshot();
+    stats.applied + stats.duplicates + stats.lost
 }
 
 /// Waits for the first commit (the clock starts there), then until every partition's stored
@@ -827,7 +826,7 @@ where
         if replay {
             let name = "replay_processed";
             eprintln!("bench: {name} (effectively_once's group rewound to offset 0)");
-            let before = stats.duplicates.load(Ordering::Relaxed);
+            let before = stats.snapshot().duplicates;
             let memory = Memory::reset();
             let ticker = Ticker::start(name, env.args_messages);
             let rewind: Vec<(i32, i64)> = (0..env.partitions).map(|p| (p, 0)).collect();
@@ -839,7 +838,7 @@ where
                 time_until_caught_up(env, &group, &ticker, &mut task, &stats, target).await?;
             drop(ticker);
             out.push(memory.finish(name, messages, secs, cpu));
-            let skipped = stats.duplicates.load(Ordering::Relaxed) - before;
+            let skipped = stats.snapshot().duplicates - before;
             summary(name, &stats);
             if skipped != env.args_messages {
                 eprintln!(
@@ -863,15 +862,10 @@ where
 }
 
 fn summary(name: &str, stats: &consumer_runtime::Stats) {
-    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let stats = stats.snapshot();
     eprintln!(
         "  [{name}] done: applied {} skipped {} lost {} batches {} retries {} fenced {} (runtime totals)",
-        get(&stats.applied),
-        get(&stats.duplicates),
-        get(&stats.lost),
-        get(&stats.batches),
-        get(&stats.retries),
-        get(&stats.fenced),
+        stats.applied, stats.duplicates, stats.lost, stats.batches, stats.retries, stats.fenced,
     );
 }
 

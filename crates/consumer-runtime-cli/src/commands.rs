@@ -301,14 +301,14 @@ async fn run_consumer<H: Handler<DB>, DB: Backend>(
     let runtime = builder.build()?;
     let stats = runtime.stats();
     runtime.run().await?;
-    let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let stats = stats.snapshot();
     info!(
-        applied = n(&stats.applied),
-        duplicates_skipped = n(&stats.duplicates),
-        lost = n(&stats.lost),
-        parked = n(&stats.parked),
-        batches = n(&stats.batches),
-        retries = n(&stats.retries),
+        applied = stats.applied,
+        duplicates_skipped = stats.duplicates,
+        lost = stats.lost,
+        parked = stats.parked,
+        batches = stats.batches,
+        retries = stats.retries,
         "stopped"
     );
     Ok(())

@@ -59,13 +59,15 @@ mod util;
 #[cfg(test)]
 mod layers;
 
-pub use config::{Assignor, CircuitBreaker, Guarantee, OffsetReset, ParkedRatio, RetryPolicy};
+pub use config::{
+    Assignor, CircuitBreaker, ConsumerOptions, Guarantee, OffsetReset, ParkedRatio, RetryPolicy,
+};
 pub use dead_letters::{DeadLetter, Redriven};
 pub use error::{BoxError, Coordinates, Error, FailureKind, Result};
 pub use event_id::EventId;
 pub use handler::{Context, Decode, Handler, HandlerError, Raw, Record, ResultExt};
 pub use replay::{PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress, ReplayRequest};
-pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats};
+pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats, StatsSnapshot};
 pub use store::{
     Backend, Claim, DatabaseKind, PartitionKey, Store, StoredOffset, connect, migrate,
 };

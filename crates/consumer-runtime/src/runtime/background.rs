@@ -1,0 +1,109 @@
+//! The background tasks beside the workers: the epoch watcher, the ledger counter, the signal
+//! listener, and the guards that end them with `run`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use super::partitions::{Control, Core, Slot};
+use crate::handler::Handler;
+use crate::store::Backend;
+use crate::telemetry;
+
+pub(super) async fn wait_for_signal(enabled: bool) {
+    if !enabled {
+        return std::future::pending().await;
+    }
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Notices epochs changed behind a worker's back (a replay, or an offset set by an operator)
+/// even while its partition is idle, and has the poll thread reload those partitions. A busy
+/// partition learns the same from its next fenced commit.
+pub(super) async fn watch_epochs<H: Handler<DB>, DB: Backend>(core: Arc<Core<H, DB>>) {
+    let mut tick = tokio::time::interval(core.options.epoch_check_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(rows) =
+            DB::offsets(&core.writer.pool, &core.writer.queries, &core.options.group).await
+        else {
+            continue;
+        };
+        let stale: Vec<Control> = {
+            let slots = core.slots.lock().expect("slots lock");
+            rows.into_iter()
+                .filter_map(|row| match slots.get(&(row.topic.clone(), row.partition)) {
+                    Some(Slot::Active(a)) if row.epoch > a.epoch => Some(Control::Fenced {
+                        key: core.key(&row.topic, row.partition),
+                        generation: a.generation,
+                    }),
+                    _ => None,
+                })
+                .collect()
+        };
+        for c in stale {
+            let _ = core.control.send(c);
+        }
+    }
+}
+
+/// Keeps the ledger size gauge current: a count every `every`, but never more often than 100
+/// times the last count took (at most 1% of one connection, however large the ledger).
+pub(super) async fn count_ledger<H: Handler<DB>, DB: Backend>(
+    core: Arc<Core<H, DB>>,
+    every: Duration,
+) {
+    loop {
+        let started = Instant::now();
+        match DB::ledger_size(&core.writer.pool, &core.writer.queries, &core.options.group).await {
+            Ok(rows) => telemetry::ledger_rows(&core.options.group, rows),
+            Err(e) => debug!(error = %e, "counting the ledger rows failed"),
+        }
+        let took = started.elapsed();
+        tokio::time::sleep(every.max(took.saturating_mul(100))).await;
+    }
+}
+
+pub(super) struct AbortTaskOnDrop(pub(super) JoinHandle<()>);
+
+impl Drop for AbortTaskOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sets the abort flag if the `run` future is dropped before the poll thread finished.
+pub(super) struct AbortOnDrop(pub(super) Option<Arc<AtomicBool>>);
+
+impl AbortOnDrop {
+    pub(super) fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(flag) = &self.0 {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+}

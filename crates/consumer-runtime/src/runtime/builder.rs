@@ -1,0 +1,344 @@
+//! [`RuntimeBuilder`]: a thin face over [`ConsumerOptions`] (each setter writes one field), plus
+//! the handler, the pool and the event-id strategy; `build` checks the whole.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Pool;
+use tokio::sync::watch;
+
+use super::{Runtime, Stats};
+use crate::config::{
+    Assignor, CircuitBreaker, ConsumerOptions, Guarantee, OffsetReset, RetryPolicy,
+};
+use crate::error::{Error, Result};
+use crate::event_id::EventId;
+use crate::handler::Handler;
+use crate::store::Backend;
+use crate::unit::WriterConfig;
+
+/// Builds a [`Runtime`]. Start with [`Runtime::builder`].
+pub struct RuntimeBuilder<H: Handler<DB>, DB: Backend> {
+    handler: H,
+    pool: Option<Pool<DB>>,
+    event_id: EventId<H::Event>,
+    options: ConsumerOptions,
+}
+
+impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
+    /// The defaults; see [`Runtime::builder`].
+    pub(super) fn new(handler: H) -> Self {
+        RuntimeBuilder {
+            handler,
+            pool: None,
+            event_id: EventId::default(),
+            options: ConsumerOptions::default(),
+        }
+    }
+
+    /// Every setting at once (from a configuration file, say), replacing what earlier setters
+    /// set; the pool, the handler and the event-id strategy stay. Setters called afterwards
+    /// change single fields on top.
+    pub fn options(mut self, options: ConsumerOptions) -> Self {
+        self.options = options;
+        self
+    }
+    /// The database pool holding the runtime's tables and the handler's.
+    pub fn pool(mut self, pool: Pool<DB>) -> Self {
+        self.pool = Some(pool);
+        self
+    }
+    /// Kafka's bootstrap servers, `host:port[,host:port…]`.
+    pub fn brokers(mut self, brokers: impl Into<String>) -> Self {
+        self.options.brokers = brokers.into();
+        self
+    }
+    /// The consumer group. Dedup is scoped per group.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.options.group = group.into();
+        self
+    }
+    /// Adds a topic to consume.
+    pub fn topic(mut self, topic: impl Into<String>) -> Self {
+        self.options.topics.push(topic.into());
+        self
+    }
+    /// Adds topics to consume.
+    pub fn topics<I: IntoIterator<Item = S>, S: Into<String>>(mut self, topics: I) -> Self {
+        self.options
+            .topics
+            .extend(topics.into_iter().map(Into::into));
+        self
+    }
+    /// The most records in one batch (one transaction) of a partition. Default 500; 1 gives
+    /// one transaction per record.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.options.batch_size = n;
+        self
+    }
+    /// How long a partition's batch may wait to fill after its first record. Default 20 ms.
+    pub fn batch_wait(mut self, wait: Duration) -> Self {
+        self.options.batch_wait = wait;
+        self
+    }
+    /// The most transactions open at once. Default and maximum: the pool's size (SQLite: 1).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.options.concurrency = Some(n);
+        self
+    }
+    /// The delivery guarantee. Default: effectively-once.
+    pub fn guarantee(mut self, guarantee: Guarantee) -> Self {
+        self.options.guarantee = guarantee;
+        self
+    }
+    /// Where event ids come from. Default: the `event-id` header.
+    pub fn event_id(mut self, strategy: EventId<H::Event>) -> Self {
+        self.event_id = strategy;
+        self
+    }
+    /// Where a partition starts when the database has no offset for it. Default: earliest.
+    pub fn offset_reset(mut self, reset: OffsetReset) -> Self {
+        self.options.offset_reset = reset;
+        self
+    }
+    /// The schema (PostgreSQL) or table prefix (SQLite) of the runtime's tables. Default
+    /// `consumer_runtime`.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.options.schema = schema.into();
+        self
+    }
+    /// The partition assignment strategy. Default: cooperative-sticky.
+    pub fn assignor(mut self, assignor: Assignor) -> Self {
+        self.options.assignor = assignor;
+        self
+    }
+    /// How transient failures are retried.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.options.retry_policy = policy;
+        self
+    }
+    /// When parking becomes the norm, stop. Default: 100 parked records in a row, or more
+    /// than half of the last 1,000 ([`CircuitBreaker::default`]).
+    pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.options.circuit_breaker = breaker;
+        self
+    }
+    /// Sets a librdkafka consumer property (as `kcat -X key=value`); it wins over the
+    /// runtime's own settings, except that offsets are never auto-committed.
+    pub fn kafka_config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.options.kafka.insert(key.into(), value.into());
+        self
+    }
+    /// Whether [`Runtime::run`] stops gracefully on SIGINT and SIGTERM. Default: false, so
+    /// that an application embedding the runtime keeps its signals; it can stop the runtime
+    /// with [`Runtime::run_until`] or a [`ShutdownHandle`](super::ShutdownHandle).
+    pub fn handle_signals(mut self, yes: bool) -> Self {
+        self.options.handle_signals = yes;
+        self
+    }
+    /// How long to wait for the brokers at startup before giving up. Default 10 s.
+    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
+        self.options.startup_timeout = timeout;
+        self
+    }
+
+    /// How often idle partitions check the database for an epoch bumped behind their back (a
+    /// replay or an explicit offset change). Default 1 s.
+    pub fn epoch_check_interval(mut self, every: Duration) -> Self {
+        self.options.epoch_check_interval = every;
+        self
+    }
+
+    /// Keeps the gauges that cost something current, every `every`: each assigned partition's
+    /// lag (from librdkafka's statistics, `statistics.interval.ms`, unless a
+    /// [`kafka_config`](Self::kafka_config) sets it) and the ledger size (a `count(*)` of the
+    /// group's ledger rows, never more often than 100 times the last count took). Default:
+    /// off. Counters and histograms are always recorded (see [`crate::telemetry`]); without a
+    /// `metrics` recorder installed they cost next to nothing.
+    pub fn metrics_refresh(mut self, every: Duration) -> Self {
+        self.options.metrics_refresh = Some(every);
+        self
+    }
+
+    /// Checks the configuration and builds the runtime.
+    pub fn build(self) -> Result<Runtime<H, DB>> {
+        let pool = self
+            .pool
+            .ok_or_else(|| missing("database pool", "call .pool(…)"))?;
+        let options = self.options;
+        check(&options)?;
+        let queries = DB::queries(&options.schema)?;
+        let writers = DB::max_writers(&pool);
+        let concurrency = options
+            .concurrency
+            .unwrap_or(writers)
+            .clamp(1, writers.max(1));
+        let (shutdown_tx, _) = watch::channel(false);
+        Ok(Runtime {
+            writer: Arc::new(WriterConfig {
+                handler: Arc::new(self.handler),
+                pool,
+                queries,
+                guarantee: options.guarantee,
+                event_id: self.event_id,
+            }),
+            options,
+            concurrency,
+            shutdown: Arc::new(shutdown_tx),
+            stats: Arc::new(Stats::default()),
+        })
+    }
+}
+
+fn missing(what: &str, how: &str) -> Error {
+    Error::Config(format!("no {what} given; {how}"))
+}
+
+/// The options a runtime cannot start without, and the ones it refuses.
+fn check(options: &ConsumerOptions) -> Result<()> {
+    if options.brokers.trim().is_empty() {
+        return Err(missing("Kafka brokers", "call .brokers(\"host:9092\")"));
+    }
+    if options.group.trim().is_empty() {
+        return Err(missing("consumer group", "call .group(\"name\")"));
+    }
+    if options.topics.is_empty() {
+        return Err(missing("topic", "call .topic(\"name\")"));
+    }
+    if options.batch_size == 0 {
+        return Err(Error::Config("batch size must be at least 1".into()));
+    }
+    if options.epoch_check_interval.is_zero() {
+        return Err(Error::Config(
+            "the epoch check interval must be longer than 0".into(),
+        ));
+    }
+    if options.kafka.iter().any(|(k, v)| {
+        (k == "enable.auto.commit" || k == "enable.auto.offset.store") && v != "false"
+    }) {
+        return Err(Error::Config(
+            "enable.auto.commit and enable.auto.offset.store must stay false: offsets live in the database".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Sqlite;
+
+    struct Nothing;
+
+    #[async_trait::async_trait]
+    impl Handler<Sqlite> for Nothing {
+        type Event = serde_json::Value;
+        async fn handle(
+            &self,
+            _ctx: &mut crate::Context<'_, Sqlite>,
+            _event: serde_json::Value,
+        ) -> std::result::Result<(), crate::HandlerError> {
+            Ok(())
+        }
+    }
+
+    fn pool() -> Pool<Sqlite> {
+        sqlx::SqlitePool::connect_lazy("sqlite::memory:").expect("an in-memory SQLite pool")
+    }
+
+    fn builder() -> RuntimeBuilder<Nothing, Sqlite> {
+        Runtime::builder(Nothing)
+    }
+
+    fn refused(built: Result<Runtime<Nothing, Sqlite>>) -> String {
+        match built {
+            Ok(_) => panic!("the builder accepted an incomplete configuration"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn options_set_everything_at_once_and_later_setters_change_single_fields() {
+        let options: ConsumerOptions = toml::from_str(
+            r#"
+            brokers = "kafka:9092"
+            group = "g"
+            topics = ["t"]
+            batch_size = 7
+            concurrency = 4
+            "#,
+        )
+        .unwrap();
+        let runtime = builder()
+            .batch_size(99)
+            .pool(pool())
+            .options(options)
+            .batch_wait(Duration::from_secs(2))
+            .topic("u")
+            .build()
+            .unwrap();
+        let options = runtime.options();
+        assert_eq!(
+            options.batch_size, 7,
+            "options replace what setters set before"
+        );
+        assert_eq!(options.batch_wait, Duration::from_secs(2));
+        assert_eq!(options.topics, ["t", "u"]);
+        assert_eq!(options.brokers, "kafka:9092");
+        assert_eq!(
+            options.concurrency,
+            Some(4),
+            "the options keep what was asked"
+        );
+        assert_eq!(runtime.concurrency, 1, "SQLite has one writer");
+        assert!(!options.handle_signals);
+    }
+
+    #[tokio::test]
+    async fn build_names_what_is_missing_or_refused() {
+        let complete = || {
+            builder()
+                .pool(pool())
+                .brokers("b:9092")
+                .group("g")
+                .topic("t")
+        };
+        assert!(complete().build().is_ok());
+        let cases = [
+            (
+                builder().brokers("b:9092").group("g").topic("t").build(),
+                "no database pool given; call .pool(…)",
+            ),
+            (
+                builder().pool(pool()).group("g").topic("t").build(),
+                "no Kafka brokers given; call .brokers(\"host:9092\")",
+            ),
+            (
+                builder().pool(pool()).brokers("b:9092").topic("t").build(),
+                "no consumer group given; call .group(\"name\")",
+            ),
+            (
+                builder().pool(pool()).brokers("b:9092").group("g").build(),
+                "no topic given; call .topic(\"name\")",
+            ),
+            (
+                complete().batch_size(0).build(),
+                "batch size must be at least 1",
+            ),
+            (
+                complete().epoch_check_interval(Duration::ZERO).build(),
+                "the epoch check interval must be longer than 0",
+            ),
+            (
+                complete()
+                    .kafka_config("enable.auto.commit", "true")
+                    .build(),
+                "enable.auto.commit and enable.auto.offset.store must stay false",
+            ),
+        ];
+        for (built, expected) in cases {
+            let message = refused(built);
+            assert!(message.contains(expected), "{message}");
+        }
+    }
+}
