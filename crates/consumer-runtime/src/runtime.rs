@@ -867,6 +867,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             };
             // Once started, a batch is finished (committed or rolled back) even if a stop
             // arrives meanwhile: revocation and shutdown wait for it.
+            writer.set_attempt(attempt + 1);
             let result = writer.write(batch).instrument(span.clone()).await;
             drop(permit);
             match result {
@@ -1414,13 +1415,12 @@ mod tests {
 
     struct Nothing;
 
-    #[async_trait::async_trait]
     impl Handler<Postgres> for Nothing {
-        type Event = serde_json::Value;
+        type Event = crate::Raw;
         async fn handle(
             &self,
             _ctx: &mut crate::Context<'_, Postgres>,
-            _event: serde_json::Value,
+            _event: crate::Raw,
         ) -> std::result::Result<(), crate::HandlerError> {
             Ok(())
         }
