@@ -28,7 +28,7 @@ use consumer_runtime::rdkafka::message::{Header, OwnedHeaders};
 use consumer_runtime::rdkafka::mocking::MockCluster;
 use consumer_runtime::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use consumer_runtime::sqlx::{self, Pool, Postgres, Sqlite};
-use consumer_runtime::{Backend, Context, DatabaseKind, Handler, HandlerError, Runtime};
+use consumer_runtime::{Backend, Context, DatabaseKind, Handler, HandlerError, Json, Runtime};
 
 /// The schema (PostgreSQL) or table prefix (SQLite) of the runtime's own tables.
 const SCHEMA: &str = "consumer_runtime";
@@ -85,14 +85,13 @@ trait ExampleDb: Backend {
 /// tables are named there (`consumer_runtime.` schema or `consumer_runtime_` prefix).
 macro_rules! for_database {
     ($db:ty, $name:literal, $pool_size:literal, $tables:literal) => {
-        #[consumer_runtime::async_trait]
         impl Handler<$db> for Payments {
-            type Event = PaymentCaptured;
+            type Event = Json<PaymentCaptured>;
 
             async fn handle(
                 &self,
                 ctx: &mut Context<'_, $db>,
-                p: PaymentCaptured,
+                Json(p): Json<PaymentCaptured>,
             ) -> Result<(), HandlerError> {
                 if p.cents <= 0 {
                     return Err(HandlerError::reject("a captured payment must be positive"));
@@ -103,7 +102,7 @@ macro_rules! for_database {
                     .bind(&p.account)
                     .bind(p.cents)
                     .bind(&p.currency)
-                    .execute(&mut *ctx.tx)
+                    .execute(ctx.conn())
                     .await?;
                 // Some work per payment (~0.5 ms), so that the crash lands mid-stream.
                 if calls % 2 == 0 {

@@ -982,6 +982,158 @@ async fn a_record_that_cannot_be_parked_stops_the_consumer_before_it<DB: TestDb>
 
 // ---- The suite, once per backend ------------------------------------------------------------
 
+// ---- (h) integrity violations and time limits ---------------------------------------------
+
+/// Applies the test effect with a plain `INSERT` (no `ON CONFLICT`): the record `collide.0`
+/// inserts the key of `collide.1`, which is already there, and fails with a unique violation.
+#[derive(Clone)]
+struct Unique {
+    group: String,
+    collide: (String, String),
+}
+
+macro_rules! unique_for {
+    ($db:ty) => {
+        impl consumer_runtime::Handler<$db> for Unique {
+            type Event = consumer_runtime::Json<serde_json::Value>;
+
+            async fn handle(
+                &self,
+                ctx: &mut consumer_runtime::Context<'_, $db>,
+                _: Self::Event,
+            ) -> Result<(), consumer_runtime::HandlerError> {
+                let mut id = ctx.record().event_id();
+                if id == self.collide.0 {
+                    id = &self.collide.1;
+                }
+                consumer_runtime::sqlx::query(
+                    "INSERT INTO test_effects (consumer_group, event_id, count) VALUES ($1, $2, 1)",
+                )
+                .bind(&self.group)
+                .bind(id)
+                .execute(ctx.conn())
+                .await?;
+                Ok(())
+            }
+        }
+    };
+}
+
+unique_for!(consumer_runtime::sqlx::Postgres);
+unique_for!(consumer_runtime::sqlx::Sqlite);
+
+/// A unique violation in a handler cannot succeed on a retry: the record is parked as
+/// `rejected` after one attempt, the batch is never rolled back for a retry (so the partition
+/// does not wait through the retry policy's 10 attempts), and the rest commits once.
+async fn a_unique_violation_in_a_handler_parks_the_record_without_retrying<DB: TestDb>()
+where
+    Unique: consumer_runtime::Handler<DB>,
+{
+    let pool = DB::pool().await;
+    let (kafka, topic, group, records, all) = produced("unique", 1, 20, 0);
+    let bad = format!("{topic}-7");
+    let handler = Unique {
+        group: group.clone(),
+        collide: (bad.clone(), format!("{topic}-2")),
+    };
+    let rt = consumer_runtime::Runtime::builder(handler)
+        .pool(pool.clone())
+        .brokers(kafka.bootstrap.clone())
+        .topic(&topic)
+        .group(&group)
+        .handle_signals(false)
+        .kafka_config("session.timeout.ms", "6000")
+        .kafka_config("heartbeat.interval.ms", "500")
+        .build()
+        .unwrap();
+    let stats = rt.stats();
+    let stop = rt.shutdown_handle();
+    let task = tokio::spawn(rt.run());
+    catch_up_and_stop(&pool, &group, &topic, &records, stop, task).await;
+
+    let letters = parked(&pool, &group).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].kind, FailureKind::Rejected);
+    assert_eq!(letters[0].event_id.as_deref(), Some(bad.as_str()));
+    assert_eq!(letters[0].attempts, 1, "{:?}", letters[0]);
+    assert_eq!(
+        stats.snapshot().retries,
+        0,
+        "a unique violation must not be retried"
+    );
+    let expected: Vec<String> = all.into_iter().filter(|i| *i != bad).collect();
+    assert_exactly_once(&effect_counts(&pool, &group).await, &expected);
+}
+
+/// Writes the test effect; the first try of the record `slow_on` then sleeps past the
+/// handler's 300 ms limit. Records the attempt numbers that record saw.
+#[derive(Clone)]
+struct Sleepy {
+    group: String,
+    slow_on: String,
+    attempts: Arc<std::sync::Mutex<Vec<u32>>>,
+}
+
+impl<DB: TestDb> consumer_runtime::Handler<DB> for Sleepy {
+    type Event = consumer_runtime::Json<serde_json::Value>;
+
+    async fn handle(
+        &self,
+        ctx: &mut consumer_runtime::Context<'_, DB>,
+        _: Self::Event,
+    ) -> Result<(), consumer_runtime::HandlerError> {
+        let id = ctx.record().event_id();
+        DB::apply_effect(ctx.conn(), &self.group, id).await?;
+        if id == self.slow_on {
+            self.attempts.lock().unwrap().push(ctx.attempt());
+            if ctx.attempt() == 1 {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(300)
+    }
+}
+
+/// A handler past its time limit is cancelled and its batch rolled back and retried (a
+/// transient failure, not a parked record); the retry sees `ctx.attempt() == 2`, and every
+/// event is applied once.
+async fn a_handler_past_its_time_limit_is_retried_and_applied_once<DB: TestDb>() {
+    let pool = DB::pool().await;
+    let (kafka, topic, group, records, all) = produced("timeout", 1, 20, 0);
+    let handler = Sleepy {
+        group: group.clone(),
+        slow_on: format!("{topic}-5"),
+        attempts: Arc::default(),
+    };
+    let rt = consumer_runtime::Runtime::builder(handler.clone())
+        .pool(pool.clone())
+        .brokers(kafka.bootstrap.clone())
+        .topic(&topic)
+        .group(&group)
+        .handle_signals(false)
+        .retry_policy(RetryPolicy {
+            initial_delay: Duration::from_millis(50),
+            ..RetryPolicy::default()
+        })
+        .kafka_config("session.timeout.ms", "6000")
+        .kafka_config("heartbeat.interval.ms", "500")
+        .build()
+        .unwrap();
+    let stats = rt.stats();
+    let stop = rt.shutdown_handle();
+    let task = tokio::spawn(rt.run());
+    catch_up_and_stop(&pool, &group, &topic, &records, stop, task).await;
+
+    assert_eq!(*handler.attempts.lock().unwrap(), [1, 2]);
+    assert!(stats.snapshot().retries >= 1);
+    assert!(parked(&pool, &group).await.is_empty());
+    assert_exactly_once(&effect_counts(&pool, &group).await, &all);
+}
+
 suite!(
     records_without_a_key_with_an_empty_key_or_oversized_are_applied_once,
     a_broker_outage_mid_stream_loses_and_duplicates_nothing,
@@ -1000,6 +1152,8 @@ suite!(
     several_failures_and_a_duplicate_of_a_parked_record_in_one_batch,
     a_writer_that_does_not_park_rolls_back_and_parks_nothing,
     a_record_that_cannot_be_parked_stops_the_consumer_before_it,
+    a_unique_violation_in_a_handler_parks_the_record_without_retrying,
+    a_handler_past_its_time_limit_is_retried_and_applied_once,
 );
 
 /// PostgreSQL only: the server restarts while the consumer runs.
@@ -1070,25 +1224,6 @@ mod frozen_transaction {
     fn with_idle_timeout(url: &str, value: &str) -> String {
         let sep = if url.contains('?') { '&' } else { '?' };
         format!("{url}{sep}options=-c%20idle_in_transaction_session_timeout%3D{value}")
-    }
-
-    /// The consumer's PostgreSQL sessions end a transaction left idle for a minute, unless
-    /// somebody chose otherwise (here: the URL), and then that choice stands, even "off".
-    #[tokio::test]
-    async fn consumer_sessions_bound_idle_transactions_unless_told_otherwise() {
-        let url = database_url();
-        let default = consumer_runtime::connect::<Postgres>(&url, 1)
-            .await
-            .unwrap();
-        assert_eq!(idle_timeout(&default).await, "1min");
-        let off = consumer_runtime::connect::<Postgres>(&with_idle_timeout(&url, "0"), 1)
-            .await
-            .unwrap();
-        assert_eq!(idle_timeout(&off).await, "0");
-        let short = consumer_runtime::connect::<Postgres>(&with_idle_timeout(&url, "1500"), 1)
-            .await
-            .unwrap();
-        assert_eq!(idle_timeout(&short).await, "1500ms");
     }
 
     /// A consumer freezes in the middle of a batch, its transaction open (a SIGSTOP, a paused

@@ -25,7 +25,8 @@ use support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-type Json = serde_json::Value;
+/// The test handler's event type.
+type Event = consumer_runtime::Json<serde_json::Value>;
 
 fn kafka_config(kafka: &Kafka) -> ClientConfig {
     let mut config = ClientConfig::new();
@@ -62,7 +63,7 @@ async fn replay<DB: TestDb>(
 async fn replay_with<DB: TestDb>(
     pool: &Pool<DB>,
     kafka: &Kafka,
-    event_id: EventId<Json>,
+    event_id: EventId<Event>,
     group: &str,
     topic: &str,
     partition: Option<i32>,

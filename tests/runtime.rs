@@ -15,8 +15,8 @@ use consumer_runtime::rdkafka::Timestamp;
 use consumer_runtime::rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use consumer_runtime::sqlx::{Pool, Postgres, Sqlite};
 use consumer_runtime::{
-    Assignor, BatchError, BatchOutcome, Error, Guarantee, PartitionKey, PartitionWriter, Runtime,
-    WriterConfig,
+    Assignor, BatchError, BatchOutcome, Error, Guarantee, Json, PartitionKey, PartitionWriter,
+    Runtime, WriterConfig,
 };
 use support::*;
 
@@ -319,7 +319,7 @@ fn writer_config<DB: TestDb>(pool: &Pool<DB>, handler: Counter) -> Arc<WriterCon
 fn writer_config_with<DB: TestDb>(
     pool: &Pool<DB>,
     handler: Counter,
-    event_id: consumer_runtime::EventId<serde_json::Value>,
+    event_id: consumer_runtime::EventId<Json<serde_json::Value>>,
 ) -> Arc<WriterConfig<Counter, DB>> {
     Arc::new(WriterConfig {
         handler: Arc::new(handler),
@@ -648,9 +648,9 @@ async fn event_id_from_the_event_or_the_coordinates<DB: TestDb>() {
         .enumerate()
         .map(|(o, id)| message(&key.topic, 0, o as i64, &format!("{group}-{id}")))
         .collect();
-    let strategies: [(consumer_runtime::EventId<serde_json::Value>, usize); 2] = [
+    let strategies: [(consumer_runtime::EventId<Json<serde_json::Value>>, usize); 2] = [
         (
-            consumer_runtime::EventId::from_event(|e: &serde_json::Value| {
+            consumer_runtime::EventId::from_event(|e: &Json<serde_json::Value>| {
                 e["id"].as_str().map(|s| format!("biz:{s}"))
             }),
             2,

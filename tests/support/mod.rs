@@ -19,7 +19,7 @@ use consumer_runtime::rdkafka::producer::{
 };
 use consumer_runtime::rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use consumer_runtime::sqlx::{self, Pool, Postgres, Row, Sqlite};
-use consumer_runtime::{Backend, Context, Handler, HandlerError};
+use consumer_runtime::{Backend, Context, Handler, HandlerError, Json};
 
 pub const SCHEMA: &str = "consumer_runtime";
 
@@ -58,7 +58,7 @@ pub fn rand_name(prefix: &str) -> String {
 
 /// A database the behaviour suite runs against: each test gets a pool with the runtime's
 /// migrations applied, the `test_effects` table, and the crash-point trigger.
-#[consumer_runtime::async_trait]
+#[async_trait::async_trait]
 pub trait TestDb: Backend {
     /// How many batches can commit at once (SQLite: one writer), to size slow test workloads.
     const WRITERS: u32;
@@ -102,7 +102,7 @@ const CRASH_TABLE: &str = "CREATE TABLE IF NOT EXISTS test_crash_points (
 /// The test methods that are the same SQL on both databases.
 macro_rules! impl_test_db {
     ($db:ty, $writers:literal, $ledger:literal, $pool:path) => {
-        #[consumer_runtime::async_trait]
+        #[async_trait::async_trait]
         impl TestDb for $db {
             const WRITERS: u32 = $writers;
 
@@ -600,21 +600,20 @@ impl Counter {
     }
 }
 
-#[consumer_runtime::async_trait]
 impl<DB: TestDb> Handler<DB> for Counter {
-    type Event = serde_json::Value;
+    type Event = Json<serde_json::Value>;
 
     async fn handle(
         &self,
         ctx: &mut Context<'_, DB>,
-        _event: serde_json::Value,
+        _event: Json<serde_json::Value>,
     ) -> Result<(), HandlerError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        DB::apply_effect(&mut *ctx.tx, &self.group, ctx.record.event_id()).await?;
-        let id = ctx.record.event_id();
+        let id = ctx.record().event_id();
+        DB::apply_effect(ctx.conn(), &self.group, id).await?;
         if let Some((fail, reject)) = &self.fail_on
             && fail == id
         {

@@ -3,7 +3,7 @@
 use consumer_runtime::sqlx::{
     self, AssertSqlSafe, Pool, Postgres, SqlSafeStr as _, SqlStr, Sqlite,
 };
-use consumer_runtime::{Backend, Context, Handler, HandlerError};
+use consumer_runtime::{Backend, Context, Handler, HandlerError, Json};
 
 /// The handler: one `INSERT` per event into the benchmark's table, through the runtime's
 /// transaction, with a few fields decoded from the JSON payload.
@@ -56,16 +56,15 @@ pub(crate) trait BenchDb: Backend {
 
 macro_rules! sink_for {
     ($db:ty) => {
-        #[consumer_runtime::async_trait]
         impl Handler<$db> for Sink {
-            type Event = serde_json::Value;
+            type Event = Json<serde_json::Value>;
 
             async fn handle(
                 &self,
                 ctx: &mut Context<'_, $db>,
-                event: serde_json::Value,
+                Json(event): Json<serde_json::Value>,
             ) -> Result<(), HandlerError> {
-                let record = ctx.record;
+                let record = ctx.record();
                 let order_id = event
                     .get("order_id")
                     .and_then(serde_json::Value::as_str)
@@ -87,7 +86,7 @@ macro_rules! sink_for {
                     .bind(amount)
                     .bind(items)
                     .bind(record.payload().map_or(0, |p| p.len() as i32))
-                    .execute(&mut *ctx.tx)
+                    .execute(ctx.conn())
                     .await?;
                 Ok(())
             }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use consumer_runtime::sqlx::{self, Postgres};
-use consumer_runtime::{Context, Handler, HandlerError};
+use consumer_runtime::{Context, Handler, HandlerError, Json};
 
 use crate::rng::{GOLDEN, mix};
 
@@ -69,14 +69,13 @@ pub(crate) fn effects_table_sql(schema: &str) -> String {
     )
 }
 
-#[consumer_runtime::async_trait]
 impl Handler for ChaosHandler {
-    type Event = ChaosEvent;
+    type Event = Json<ChaosEvent>;
 
     async fn handle(
         &self,
         ctx: &mut Context<'_, Postgres>,
-        e: ChaosEvent,
+        Json(e): Json<ChaosEvent>,
     ) -> Result<(), HandlerError> {
         if self.max_delay_us > 0 {
             // A small random delay widens the windows in which a kill or a stop lands
@@ -89,8 +88,8 @@ impl Handler for ChaosHandler {
         }
         sqlx::query(sqlx::AssertSqlSafe(self.sql.clone()))
             .bind(e.trial)
-            .bind(ctx.record.event_id())
-            .execute(&mut *ctx.tx)
+            .bind(ctx.record().event_id())
+            .execute(ctx.conn())
             .await?;
         if e.poison {
             // The effect above must be rolled back with the record's savepoint.

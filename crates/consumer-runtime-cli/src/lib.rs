@@ -6,7 +6,6 @@
 //! ```no_run
 //! # use consumer_runtime::{Context, Handler, HandlerError};
 //! # struct Orders;
-//! # #[consumer_runtime::async_trait]
 //! # impl Handler for Orders {
 //! #     type Event = consumer_runtime::Raw;
 //! #     async fn handle(&self, _: &mut Context<'_, sqlx::Postgres>, _: Self::Event) -> Result<(), HandlerError> { Ok(()) }

@@ -588,7 +588,6 @@ fn help_lists_every_flag_with_examples() {
 
 struct Nothing;
 
-#[async_trait::async_trait]
 impl Handler<sqlx::Sqlite> for Nothing {
     type Event = Raw;
     async fn handle(&self, _: &mut Context<'_, sqlx::Sqlite>, _: Raw) -> Result<(), HandlerError> {

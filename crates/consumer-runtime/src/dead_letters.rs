@@ -152,7 +152,7 @@ async fn redrive_in<H: Handler<DB>, DB: Backend>(
         return Ok(Redriven::AlreadyApplied { event_id });
     }
     let record = Record::new(&message, &event_id);
-    match run_handler(handler, &mut tx, record, event).await {
+    match run_handler(handler, &mut tx, record, event, 1).await {
         Ok(Ok(())) => {
             tx.commit().await.map_err(Error::db(context))?;
             tracing::info!(id, topic = %letter.topic, partition = letter.partition, offset = letter.offset, %event_id, "dead letter redriven");

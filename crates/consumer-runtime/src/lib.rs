@@ -8,7 +8,7 @@
 //! that fences any older owner.
 //!
 //! ```no_run
-//! use consumer_runtime::{Context, Handler, HandlerError, Runtime};
+//! use consumer_runtime::{Context, Handler, HandlerError, Json, Runtime};
 //! use sqlx::Postgres;
 //!
 //! #[derive(serde::Deserialize)]
@@ -16,15 +16,14 @@
 //!
 //! struct Balances;
 //!
-//! #[async_trait::async_trait]
 //! impl Handler for Balances {
-//!     type Event = PaymentCaptured;
+//!     type Event = Json<PaymentCaptured>;
 //!
-//!     async fn handle(&self, ctx: &mut Context<'_, Postgres>, e: PaymentCaptured) -> Result<(), HandlerError> {
+//!     async fn handle(&self, ctx: &mut Context<'_, Postgres>, Json(e): Json<PaymentCaptured>) -> Result<(), HandlerError> {
 //!         sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2")
 //!             .bind(e.cents)
 //!             .bind(&e.account)
-//!             .execute(&mut *ctx.tx)
+//!             .execute(ctx.conn())
 //!             .await?;
 //!         Ok(())
 //!     }
@@ -43,6 +42,11 @@
 //!     .await
 //! # }
 //! ```
+//!
+//! The handler is a plain `async fn`. Its writes through `ctx.conn()` commit once per event;
+//! the handler itself may run more than once (see [`Handler`]). The event's format is explicit
+//! ([`Json`], [`Text`], [`Raw`] or your own [`Decode`]), and [`testing`] runs a handler against
+//! a real database without Kafka.
 
 pub mod config;
 pub mod dead_letters;
@@ -53,6 +57,7 @@ pub mod replay;
 pub mod runtime;
 pub mod store;
 pub mod telemetry;
+pub mod testing;
 pub mod unit;
 mod util;
 
@@ -65,7 +70,7 @@ pub use config::{
 pub use dead_letters::{DeadLetter, Redriven};
 pub use error::{BoxError, Coordinates, Error, FailureKind, Result};
 pub use event_id::EventId;
-pub use handler::{Context, Decode, Handler, HandlerError, Raw, Record, ResultExt};
+pub use handler::{Context, Decode, Handler, HandlerError, Json, Raw, Record, ResultExt, Text};
 pub use replay::{PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress, ReplayRequest};
 pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats, StatsSnapshot};
 pub use store::{
@@ -73,6 +78,5 @@ pub use store::{
 };
 pub use unit::{BatchError, BatchOutcome, Parked, PartitionWriter, WriterConfig};
 
-pub use async_trait::async_trait;
 pub use rdkafka;
 pub use sqlx;

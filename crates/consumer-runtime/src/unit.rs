@@ -45,9 +45,10 @@
 //! and the fast path costs exactly what it cost before dead letters existed.
 //!
 //! Transient failures (a handler's `Retry`, database errors) still roll the whole batch back
-//! for the caller to retry with backoff. A handler panic is caught
-//! (`std::panic::catch_unwind` around each poll of the handler's future) and treated as a
-//! permanent failure of its record, parked as `panicked` with the panic message.
+//! for the caller to retry with backoff, and so does a handler that runs past its
+//! [`Handler::timeout`]. A handler panic is caught (`futures_util`'s `catch_unwind` around the
+//! handler's future) and treated as a permanent failure of its record, parked as `panicked`
+//! with the panic message.
 //!
 //! At-least-once parks in its handler transaction the same way (there is no ledger). At-most-once
 //! parks in its handler transaction, after the offset has moved, so a crash there loses the
@@ -58,12 +59,11 @@
 //! [`crate::Error::RecordFailed`] rather than skip the record.
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
+
+use futures_util::FutureExt as _;
 
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
@@ -72,7 +72,7 @@ use sqlx::Pool;
 use crate::config::Guarantee;
 use crate::error::{BoxError, Coordinates, FailureKind, error_chain};
 use crate::event_id::EventId;
-use crate::handler::{Context, Decode, Handler, HandlerError, Record, header};
+use crate::handler::{Context, Decode, Handler, HandlerError, Record, TimedOut, header};
 use crate::store::{Backend, Claim, Parking, PartitionKey, Queries};
 
 /// What a [`PartitionWriter`] needs that is the same for every partition.
@@ -306,31 +306,6 @@ struct Applied {
     commit: Duration,
 }
 
-/// A future that turns a panic while it is polled into `Err(message)`.
-pub(crate) struct CatchUnwind<'a, T> {
-    inner: Pin<Box<dyn Future<Output = T> + Send + 'a>>,
-}
-
-impl<'a, T> CatchUnwind<'a, T> {
-    pub(crate) fn new(inner: impl Future<Output = T> + Send + 'a) -> Self {
-        CatchUnwind {
-            inner: Box::pin(inner),
-        }
-    }
-}
-
-impl<T> Future for CatchUnwind<'_, T> {
-    type Output = Result<T, String>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        let inner = self.inner.as_mut();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
-            Err(payload) => Poll::Ready(Err(panic_message(payload.as_ref()))),
-        }
-    }
-}
-
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         format!("the handler panicked: {s}")
@@ -341,13 +316,16 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Runs `handler` for one record on `conn`, catching a panic. The error side says whether
-/// the failure is transient (`Ok(Err(Retry…))` keeps the handler's own error).
+/// Runs `handler` for one record on `conn` as try `attempt` of its batch, catching a panic
+/// (`Err(message)`) and bounding it by [`Handler::timeout`] (a time-out is returned as the
+/// transient `Ok(Err(Retry…))`). The error side says whether the failure is transient
+/// (`Ok(Err(Retry…))` keeps the handler's own error).
 pub(crate) async fn run_handler<H: Handler<DB>, DB: Backend>(
     handler: &H,
     conn: &mut DB::Connection,
     record: Record<'_>,
     event: H::Event,
+    attempt: u32,
 ) -> Result<Result<(), HandlerError>, String> {
     let span = tracing::debug_span!(
         "record",
@@ -356,12 +334,14 @@ pub(crate) async fn run_handler<H: Handler<DB>, DB: Backend>(
         offset = record.offset(),
         event_id = %record.event_id()
     );
-    let mut ctx = Context::new(conn, record);
-    CatchUnwind::new(tracing::Instrument::instrument(
-        handler.handle(&mut ctx, event),
-        span,
-    ))
-    .await
+    let limit = handler.timeout();
+    let mut ctx = Context::new(conn, record, attempt);
+    let call = tracing::Instrument::instrument(handler.handle(&mut ctx, event), span);
+    match tokio::time::timeout(limit, AssertUnwindSafe(call).catch_unwind()).await {
+        Ok(Ok(result)) => Ok(result),
+        Ok(Err(payload)) => Err(panic_message(payload.as_ref())),
+        Err(_) => Ok(Err(HandlerError::retry(TimedOut(limit)))),
+    }
 }
 
 /// The fenced writer of one partition: it knows its epoch and the stored position, and commits
@@ -375,6 +355,7 @@ pub struct PartitionWriter<H: Handler<DB>, DB: Backend> {
     given_up: Vec<(i64, Failure)>,
     parked: Vec<Parked>,
     commit_duration: Duration,
+    attempt: u32,
 }
 
 impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
@@ -393,6 +374,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
             given_up: Vec::new(),
             parked: Vec::new(),
             commit_duration: Duration::ZERO,
+            attempt: 1,
         }
     }
 
@@ -418,6 +400,12 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
                 attempts,
             },
         ));
+    }
+
+    /// Which try of the next batch the next [`write`](Self::write) is (1 unless set): what the
+    /// handlers see as [`Context::attempt`]. The runtime's retry loop sets it before each write.
+    pub fn set_attempt(&mut self, attempt: u32) {
+        self.attempt = attempt.max(1);
     }
 
     /// The records the last committed [`write`](Self::write) parked.
@@ -857,7 +845,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         };
         let id = p.id.as_deref().unwrap_or_default();
         let record = Record::new(p.message, id);
-        match run_handler(&*self.config.handler, conn, record, event).await {
+        match run_handler(&*self.config.handler, conn, record, event, self.attempt).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(HandlerError::Retry { source, after })) => {
                 Err(HandleError::Transient(BatchError::Transient {

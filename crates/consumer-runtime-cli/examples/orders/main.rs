@@ -20,7 +20,7 @@
 //! the runtime's.
 
 use consumer_runtime::sqlx::{self, Postgres};
-use consumer_runtime::{Context, Handler, HandlerError};
+use consumer_runtime::{Context, Handler, HandlerError, Json};
 
 /// One order event.
 #[derive(serde::Deserialize)]
@@ -55,14 +55,13 @@ impl Kind {
 
 struct Orders;
 
-#[consumer_runtime::async_trait]
 impl Handler for Orders {
-    type Event = OrderEvent;
+    type Event = Json<OrderEvent>;
 
     async fn handle(
         &self,
         ctx: &mut Context<'_, Postgres>,
-        e: OrderEvent,
+        Json(e): Json<OrderEvent>,
     ) -> Result<(), HandlerError> {
         if e.version < 1 {
             return Err(HandlerError::reject(format!(
@@ -87,7 +86,7 @@ impl Handler for Orders {
         .bind(&e.customer)
         .bind(e.total_cents)
         .bind(e.version)
-        .execute(&mut *ctx.tx)
+        .execute(ctx.conn())
         .await?;
         // Not idempotent on purpose: a second application of this event would make it 2.
         sqlx::query(
@@ -95,10 +94,10 @@ impl Handler for Orders {
              VALUES ($1, $2, $3, 1)
              ON CONFLICT (event_id) DO UPDATE SET applied = order_events_applied.applied + 1",
         )
-        .bind(ctx.record.event_id())
+        .bind(ctx.record().event_id())
         .bind(&e.order_id)
         .bind(e.version)
-        .execute(&mut *ctx.tx)
+        .execute(ctx.conn())
         .await?;
         Ok(())
     }

@@ -230,13 +230,12 @@ mod tests {
 
     struct Nothing;
 
-    #[async_trait::async_trait]
     impl Handler<Sqlite> for Nothing {
-        type Event = serde_json::Value;
+        type Event = crate::Raw;
         async fn handle(
             &self,
             _ctx: &mut crate::Context<'_, Sqlite>,
-            _event: serde_json::Value,
+            _event: crate::Raw,
         ) -> std::result::Result<(), crate::HandlerError> {
             Ok(())
         }

@@ -267,13 +267,12 @@ mod tests {
 
     struct Nothing;
 
-    #[async_trait::async_trait]
     impl Handler<Postgres> for Nothing {
-        type Event = serde_json::Value;
+        type Event = crate::Raw;
         async fn handle(
             &self,
             _ctx: &mut crate::Context<'_, Postgres>,
-            _event: serde_json::Value,
+            _event: crate::Raw,
         ) -> std::result::Result<(), crate::HandlerError> {
             Ok(())
         }

@@ -92,6 +92,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             };
             // Once started, a batch is finished (committed or rolled back) even if a stop
             // arrives meanwhile: revocation and shutdown wait for it.
+            writer.set_attempt(attempt + 1);
             let result = writer.write(batch).instrument(span.clone()).await;
             drop(permit);
             match result {

@@ -419,9 +419,11 @@ pub trait Dialect: sqlx::Database {
     /// mode, a busy timeout).
     async fn open_pool(url: &str, max_connections: u32) -> Result<Pool<Self>, sqlx::Error>;
 
-    /// Begins a transaction that will write (SQLite: `BEGIN IMMEDIATE`, which takes the write
-    /// lock up front, waiting for it under the busy timeout, so that a transaction that read
-    /// first can never fail to upgrade to a writer).
+    /// Begins a transaction that will write, with the settings the guarantees rely on, on any
+    /// pool. PostgreSQL: `idle_in_transaction_session_timeout = 1min` for the transaction unless
+    /// chosen elsewhere. SQLite: a 30 s busy timeout, then `BEGIN IMMEDIATE`, which takes the
+    /// write lock up front, waiting for it under the busy timeout, so that a transaction that
+    /// read first can never fail to upgrade to a writer.
     async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error>;
 
     /// How many transactions may be open at once on `pool` (SQLite: one writer).

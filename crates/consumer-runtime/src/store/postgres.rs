@@ -10,13 +10,25 @@ use crate::util::check_identifier;
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/postgres");
 
-/// Bounds how long a consumer frozen in the middle of a batch (SIGSTOP, a paused VM, a stuck
-/// handler) keeps its transaction open, and with it the partition's offset row locked against
-/// the next owner's claim: the server ends such a session after a minute. Set only where nobody
-/// chose a value: the server's configuration, the role, the database, or the URL's
-/// `options=-c idle_in_transaction_session_timeout=…` (which may also turn it off with 0).
-const IDLE_IN_TRANSACTION_DEFAULT: &str = "SELECT set_config('idle_in_transaction_session_timeout', '1min', false) \
-     FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout' AND source = 'default'";
+/// How every transaction of the runtime begins (one round trip, as a plain `BEGIN`).
+///
+/// `idle_in_transaction_session_timeout` bounds how long a consumer frozen in the middle of a
+/// batch (SIGSTOP, a paused VM, a handler stuck on a call) keeps its transaction open, and with
+/// it the partition's offset row locked against the next owner's claim: the server ends such a
+/// session after a minute. The runtime sets it for its own transactions only
+/// (`set_config(…, true)`, i.e. `SET LOCAL`), on any pool, and only where nobody chose a value:
+/// the server's configuration, the role, the database, the URL's
+/// `options=-c idle_in_transaction_session_timeout=…` (which may also turn it off with 0) or a
+/// pool's own `after_connect`.
+///
+/// Whether a value was chosen is the setting's `source` in `pg_settings`, which costs about a
+/// millisecond to read: it is read once per session and remembered in the session variable
+/// `consumer_runtime.idle_timeout_unset`; every later transaction reads that variable only
+/// (the scalar subquery is an init plan that runs only when `coalesce` needs it).
+const BEGIN: &str = "BEGIN; SELECT set_config('idle_in_transaction_session_timeout', '1min', true) \
+     WHERE coalesce(nullif(current_setting('consumer_runtime.idle_timeout_unset', true), ''), \
+     (SELECT set_config('consumer_runtime.idle_timeout_unset', (source = 'default')::text, false) \
+     FROM pg_show_all_settings() s WHERE s.name = 'idle_in_transaction_session_timeout')) = 'true'";
 
 /// The columns of a dead letter, named as `DeadLetterRow` reads them.
 macro_rules! dl_cols {
@@ -115,23 +127,17 @@ impl_backend! {
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)??;
         sqlx::Connection::close(probe).await?;
+        // The settings the runtime relies on are applied by `begin`, so that they hold for
+        // a pool the user built as well.
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    sqlx::query(IDLE_IN_TRANSACTION_DEFAULT)
-                        .execute(conn)
-                        .await
-                        .map(drop)
-                })
-            })
             .connect_with(options)
             .await
     }
 
     async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
-        pool.begin().await
+        pool.begin_with(BEGIN).await
     }
 
     fn max_writers(pool: &Pool<Self>) -> usize {

@@ -15,6 +15,30 @@ use crate::util::check_identifier;
 
 static MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");
 
+/// How every transaction of the runtime begins: a 30 s busy timeout, then `BEGIN IMMEDIATE`
+/// (see [`Backend::begin`]), in one call.
+const BEGIN: &str = "PRAGMA busy_timeout = 30000; BEGIN IMMEDIATE";
+
+/// Puts the database file in WAL mode (readers never wait for the writer) if it is in SQLite's
+/// default rollback-journal mode `delete`. The journal mode is the file's, kept across
+/// connections and restarts, so switching once, when the runtime's tables are created, covers
+/// every pool opened on the file later, the user's included. A file that someone deliberately
+/// put in another mode (`truncate`, `persist`, `memory`, …) is left as it is.
+async fn use_wal(pool: &Pool<Sqlite>) -> Result<(), sqlx::Error> {
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(pool)
+        .await?;
+    if mode.eq_ignore_ascii_case("delete") {
+        let now: String = sqlx::query_scalar("PRAGMA journal_mode = WAL")
+            .fetch_one(pool)
+            .await?;
+        if !now.eq_ignore_ascii_case("wal") {
+            tracing::warn!(journal_mode = %now, "SQLite refused WAL mode for this database file; readers will wait for the writer");
+        }
+    }
+    Ok(())
+}
+
 /// The columns of a dead letter, named as `DeadLetterRow` reads them.
 macro_rules! dl_cols {
     () => {
@@ -91,6 +115,7 @@ impl_backend! {
     }
 
     async fn run_migrations(pool: &Pool<Self>, schema: &str) -> Result<()> {
+        use_wal(pool).await.map_err(Error::db("switching the database file to WAL"))?;
         Self::migrator(schema)?
             .run(pool)
             .await
@@ -116,7 +141,11 @@ impl_backend! {
     }
 
     async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
-        pool.begin_with("BEGIN IMMEDIATE").await
+        // The busy timeout is the connection's, and must hold before `BEGIN IMMEDIATE` waits
+        // for the write lock: set on every begin, in the same call (no extra work for the
+        // connection's thread), so that it holds for a pool the user built too (sqlx's default
+        // is 5 s). The connection keeps it afterwards.
+        pool.begin_with(BEGIN).await
     }
 
     fn max_writers(_pool: &Pool<Self>) -> usize {
