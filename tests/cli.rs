@@ -1,13 +1,11 @@
 //! The generated consumer program, run as real processes: the `orders` example
 //! (`examples/orders/main.rs`) against real PostgreSQL and a librdkafka mock cluster hosted by
-//! this test process (its bootstrap address is passed with `--brokers`).
+//! a child process of this test binary (its bootstrap address is passed with `--brokers`).
 //!
 //! The example's handler keeps `order_events_applied.applied = applied + 1` per event id, a
 //! deliberately non-idempotent counter: every check below that says "exactly once" reads it.
 //! Each test uses its own topic, consumer group and runtime schema (`--schema`), created by
 //! the program's own `migrate` and dropped at the end.
-
-mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -18,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use consumer_runtime::sqlx::{self, Pool, Postgres, Row};
 use consumer_runtime::{Backend, StoredOffset};
-use support::{Kafka, assert_exactly_once, database_url, rand_name, wait_until};
+use testkit::{Kafka, assert_exactly_once, database_url, rand_name, wait_until};
+
+testkit::mock_broker_entry!();
 
 /// How long any one step may take before the test fails.
 const WAIT: Duration = Duration::from_secs(60);
@@ -224,7 +224,7 @@ impl Setup {
 
     /// The same on the PostgreSQL server at `url`.
     async fn at(partitions: i32, url: String) -> Setup {
-        support::init_tracing();
+        testkit::init_tracing();
         let kafka = Kafka::new();
         let topic = rand_name("orders");
         kafka.create_topic(&topic, partitions);
@@ -646,7 +646,7 @@ async fn a_killed_consumer_s_partitions_are_taken_over_and_every_event_applied_o
 /// other test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_program_says_what_it_waits_for_and_goes_on_when_it_is_back() {
-    use support::private_pg::{PrivatePostgres, Stop};
+    use testkit::private_pg::{PrivatePostgres, Stop};
     let dir = std::env::temp_dir().join(rand_name("consumer-runtime-cli-pg"));
     let server =
         std::sync::Arc::new(PrivatePostgres::start(&dir).expect("start a private PostgreSQL"));
@@ -662,7 +662,7 @@ async fn the_program_says_what_it_waits_for_and_goes_on_when_it_is_back() {
     wait_until(WAIT, "some progress", || async { done().await >= 100 }).await;
 
     // The only broker goes down for a while.
-    s.kafka.cluster.broker_down(1).expect("broker down");
+    s.kafka.broker_down();
     wait_until(WAIT, "the log to say it waits for the broker", || async {
         run.stderr()
             .contains("no Kafka broker is reachable; waiting for the brokers")
@@ -673,7 +673,7 @@ async fn the_program_says_what_it_waits_for_and_goes_on_when_it_is_back() {
         "the program gave up on the broker:\n{}",
         run.stderr()
     );
-    s.kafka.cluster.broker_up(1).expect("broker up");
+    s.kafka.broker_up();
     let before = done().await;
     wait_until(WAIT, "progress after the broker came back", || async {
         done().await > before
