@@ -7,7 +7,7 @@ export DATABASE_URL := env_var_or_default("DATABASE_URL", "postgres://postgres@1
 quickstart:
     cargo run --example quickstart
 
-# Run the whole test suite (needs PostgreSQL; Kafka is mocked in-process).
+# Run the whole test suite (needs PostgreSQL; Kafka is a mock broker in a child process per test).
 test:
     cargo test --workspace
 

@@ -7,10 +7,7 @@
 //! One suite, run against both backends: each behaviour is a generic function over
 //! [`TestDb`], instantiated at the end of this file as `postgres::<name>` and `sqlite::<name>`.
 
-mod support;
-
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use consumer_runtime::rdkafka::ClientConfig;
@@ -19,9 +16,11 @@ use consumer_runtime::rdkafka::producer::{BaseRecord, Producer};
 use consumer_runtime::sqlx::Pool;
 use consumer_runtime::{
     Backend, Error, EventId, PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress,
-    ReplayRequest, Runtime, ShutdownHandle, Stats, StoredOffset,
+    ReplayRequest, StoredOffset,
 };
-use support::*;
+use testkit::*;
+
+testkit::mock_broker_entry!();
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -110,59 +109,24 @@ fn partition_ids(records: &[(i32, String, String)], partition: i32) -> Vec<Strin
         .collect()
 }
 
-/// A running consumer with the non-idempotent `Counter` handler.
-struct Consumer {
+/// A consumer with the replay suite's settings: batches of `batch_size`, and an epoch check
+/// every 200 ms, so that a replay's fence is noticed at once.
+fn start<DB: TestDb>(
+    kafka: &Kafka,
+    pool: &Pool<DB>,
     counter: Counter,
-    stats: Arc<Stats>,
-    stop: ShutdownHandle,
-    task: tokio::task::JoinHandle<consumer_runtime::Result<()>>,
+    topic: &str,
+    batch_size: usize,
+) -> Consumer<DB> {
+    Consumer::start(kafka, pool, topic, counter, |rt| {
+        rt.batch_size(batch_size)
+            .epoch_check_interval(Duration::from_millis(200))
+    })
 }
 
-impl Consumer {
-    fn start<DB: TestDb>(kafka: &Kafka, pool: &Pool<DB>, group: &str, topic: &str) -> Consumer {
-        Consumer::start_with(kafka, pool, Counter::new(group), topic, 500)
-    }
-
-    fn start_with<DB: TestDb>(
-        kafka: &Kafka,
-        pool: &Pool<DB>,
-        counter: Counter,
-        topic: &str,
-        batch_size: usize,
-    ) -> Consumer {
-        let group = counter.group.clone();
-        let rt = Runtime::builder(counter.clone())
-            .pool(pool.clone())
-            .brokers(kafka.bootstrap.clone())
-            .group(group)
-            .topic(topic)
-            .batch_size(batch_size)
-            .handle_signals(false)
-            .epoch_check_interval(Duration::from_millis(200))
-            .kafka_config("session.timeout.ms", "6000")
-            .kafka_config("heartbeat.interval.ms", "500")
-            .build()
-            .unwrap();
-        Consumer {
-            counter,
-            stats: rt.stats(),
-            stop: rt.shutdown_handle(),
-            task: tokio::spawn(rt.run()),
-        }
-    }
-
-    fn duplicates(&self) -> u64 {
-        self.stats.snapshot().duplicates
-    }
-
-    async fn stop(self) {
-        assert!(
-            !self.task.is_finished(),
-            "the consumer stopped on its own (it must survive the replay without a restart)"
-        );
-        self.stop.shutdown();
-        self.task.await.unwrap().expect("clean shutdown");
-    }
+/// Records the consumer skipped as already applied.
+fn duplicates<DB: TestDb>(consumer: &Consumer<DB>) -> u64 {
+    consumer.stats.snapshot().duplicates
 }
 
 /// A topic of `n` events (plus `dups` producer duplicates) over `partitions` partitions,
@@ -175,14 +139,14 @@ struct Consumed<DB: TestDb> {
     records: Vec<(i32, String, String)>,
     ids: Vec<String>,
     ends: HashMap<i32, i64>,
-    consumer: Consumer,
+    consumer: Consumer<DB>,
 }
 
 async fn consumed<DB: TestDb>(n: usize, partitions: i32, dups: usize) -> Consumed<DB> {
     let pool = DB::pool().await;
     let (kafka, topic, group, records, ids) = produced("replay", partitions, n, dups);
     let ends = ends_of(&records);
-    let consumer = Consumer::start(&kafka, &pool, &group, &topic);
+    let consumer = start(&kafka, &pool, Counter::new(&group), &topic, 500);
     wait_caught_up_within(WAIT, &pool, &group, &topic, &ends).await;
     assert_eq!(consumer.counter.applied(), n as u64);
     Consumed {
@@ -280,7 +244,7 @@ async fn dry_run_counts_the_range_exactly_and_changes_nothing<DB: TestDb>() {
 async fn applied_replay_fences_the_running_consumer_which_reapplies_nothing<DB: TestDb>() {
     let c = consumed::<DB>(300, 3, 30).await;
     let before = epochs(&rows(&c.pool, &c.group).await);
-    let seen = c.consumer.duplicates();
+    let seen = duplicates(&c.consumer);
 
     let (report, progress) = replay(
         &c.pool,
@@ -306,7 +270,7 @@ async fn applied_replay_fences_the_running_consumer_which_reapplies_nothing<DB: 
 
     // The consumer is fenced, reloads, reads the whole topic again and the ledger skips it all.
     wait_until(WAIT, "the replayed range to be read again", || async {
-        c.consumer.duplicates() >= seen + c.records.len() as u64
+        duplicates(&c.consumer) >= seen + c.records.len() as u64
     })
     .await;
     wait_caught_up_within(WAIT, &c.pool, &c.group, &c.topic, &c.ends).await;
@@ -389,7 +353,7 @@ async fn rebuild_while_the_consumer_is_busy_reruns_exactly_the_reported_range<DB
     let pool = DB::pool().await;
     let (kafka, topic, group, records, ids) = produced("busy", 1, 400, 0);
     let counter = Counter::new(&group).with_delay(Duration::from_millis(3));
-    let consumer = Consumer::start_with(&kafka, &pool, counter, &topic, 10);
+    let consumer = start(&kafka, &pool, counter, &topic, 10);
     wait_until(WAIT, "the consumer to be under way", || async {
         consumer.counter.applied() >= 100
     })

@@ -10,7 +10,8 @@
 //! `--mock-broker P`, so that the topic the broker holds does not count in the consumer's
 //! resident memory), then measures, in one run on one database,
 //! each scenario of [`SCENARIOS`] with a handler that inserts one row per event. It prints a
-//! table and the issue's targets as met / not met, and writes the same as JSON.
+//! table and the targets (PostgreSQL, N = 200,000, P = 8) as met / not met, and writes the same
+//! as JSON.
 //!
 //! Runtime scenarios are timed from their first commit (the mock broker's group join takes
 //! about 3 s and is not throughput) until the stored offsets reach the end of every partition;
@@ -19,9 +20,6 @@
 //! (PostgreSQL) or table prefix (SQLite) `bench_<random>` dropped at the end.
 
 mod db;
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../../tests/support/mock_broker.rs"]
-mod mock;
 mod workload;
 
 use std::sync::Arc;
@@ -41,8 +39,8 @@ use consumer_runtime::{
 use tokio::sync::Semaphore;
 
 use crate::db::{BenchDb, Sink};
-use crate::mock::MockBroker;
 use crate::workload::Workload;
+use testkit::mock_broker::{self, MockBroker};
 
 const TOPIC: &str = "bench-orders";
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -91,7 +89,7 @@ fn mock_broker(partitions: Option<&str>) -> anyhow::Result<()> {
         .context("--mock-broker needs the partition count")?
         .parse()
         .context("--mock-broker wants a whole number")?;
-    mock::serve(TOPIC, partitions)
+    mock_broker::serve(Some((TOPIC, partitions)))
 }
 
 /// The mock broker's child process's peak resident memory (VmHWM), MB.
@@ -107,17 +105,7 @@ async fn bench_main() -> std::process::ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let args = match Args::parse(std::env::args().skip(1)) {
-        Ok(Some(args)) => args,
-        Ok(None) => {
-            println!("{}", usage());
-            return std::process::ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}\n\n{}", usage());
-            return std::process::ExitCode::from(2);
-        }
-    };
+    let args = Args::from_command_line();
     let result = match args.kind {
         DatabaseKind::Postgres => run::<Postgres>(&args).await,
         _ => run::<Sqlite>(&args).await,
@@ -131,23 +119,50 @@ async fn bench_main() -> std::process::ExitCode {
     }
 }
 
-fn usage() -> String {
-    format!(
-        "usage: cargo run --release --bin bench -- [FLAGS]
+/// The throughput and peak memory of consumer-runtime's delivery guarantees, against a mock
+/// Kafka cluster and PostgreSQL or SQLite.
+#[derive(clap::Parser)]
+#[command(
+    name = "bench",
+    override_usage = "cargo run --release --bin bench -- [FLAGS]"
+)]
+struct Cli {
+    /// Messages to produce.
+    #[arg(long, value_name = "N", default_value = "200000", value_parser = whole_number)]
+    messages: u64,
+    /// Partitions of the topic.
+    #[arg(long, value_name = "P", default_value = "8", value_parser = whole_number)]
+    partitions: u64,
+    /// postgres://… or sqlite://FILE.
+    #[arg(long, value_name = "URL", default_value = DEFAULT_URL)]
+    database_url: String,
+    /// Pre-fill the ledger with K unrelated rows (random UUID event ids, in the
+    /// effectively_once group) before the runtime scenarios; effectively_once is then also
+    /// measured on the empty ledger first, as effectively_once_empty_ledger.
+    #[arg(long, value_name = "K", default_value = "0", value_parser = whole_number)]
+    ledger_rows: u64,
+    /// Run only these (default: all).
+    #[arg(
+        long,
+        value_name = "A,B,…",
+        value_delimiter = ',',
+        value_parser = clap::builder::PossibleValuesParser::new(SCENARIOS)
+    )]
+    scenarios: Vec<String>,
+    /// Write the results as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<std::path::PathBuf>,
+    /// The JSON of an earlier run with fewer messages (e.g. --messages 100000): prints each
+    /// common scenario's peak RSS growth from that run to this one.
+    #[arg(long, value_name = "FILE")]
+    rss_baseline: Option<std::path::PathBuf>,
+}
 
-  --messages N         messages to produce (default 200000)
-  --partitions P       partitions of the topic (default 8)
-  --database-url URL   postgres://… or sqlite://FILE (default {DEFAULT_URL})
-  --ledger-rows K      pre-fill the ledger with K unrelated rows (random UUID event ids, in the
-                       effectively_once group) before the runtime scenarios; effectively_once is
-                       then also measured on the empty ledger first, as effectively_once_empty_ledger
-  --scenarios A,B,…    run only these (default: all: {})
-  --json FILE          write the results as JSON
-  --rss-baseline FILE  the JSON of an earlier run with fewer messages (e.g. --messages 100000):
-                       prints each common scenario's peak RSS growth from that run to this one
-  --help               this text",
-        SCENARIOS.join(",")
-    )
+/// A count: digits, `_` allowed between them (`200_000`).
+fn whole_number(v: &str) -> Result<u64, String> {
+    v.replace('_', "")
+        .parse()
+        .map_err(|_| format!("wants a whole number, not `{v}`"))
 }
 
 struct Args {
@@ -162,67 +177,41 @@ struct Args {
 }
 
 impl Args {
-    fn parse(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<Args>> {
-        let mut out = Args {
-            messages: 200_000,
-            partitions: 8,
-            url: DEFAULT_URL.to_owned(),
-            kind: DatabaseKind::Postgres,
-            ledger_rows: 0,
-            scenarios: SCENARIOS.iter().map(|s| (*s).to_owned()).collect(),
-            json: None,
-            rss_baseline: None,
+    /// The command line's arguments; on a usage error, says so and exits with status 2 (as
+    /// `--help` prints the usage and exits with 0).
+    fn from_command_line() -> Args {
+        use clap::{CommandFactory as _, Parser as _};
+        let cli = Cli::parse();
+        Args::check(cli).unwrap_or_else(|e| {
+            Cli::command()
+                .error(clap::error::ErrorKind::ValueValidation, format!("{e:#}"))
+                .exit()
+        })
+    }
+
+    fn check(cli: Cli) -> anyhow::Result<Args> {
+        let scenarios = if cli.scenarios.is_empty() {
+            SCENARIOS.iter().map(|s| (*s).to_owned()).collect()
+        } else {
+            cli.scenarios
         };
-        let mut args = args.into_iter();
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
-                _ => (arg.clone(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .with_context(|| format!("{flag} needs a value"))
-            };
-            let number = |v: String, what: &str| -> anyhow::Result<u64> {
-                v.replace('_', "")
-                    .parse()
-                    .with_context(|| format!("{what} wants a whole number, not `{v}`"))
-            };
-            match flag.as_str() {
-                "--help" | "-h" => return Ok(None),
-                "--messages" => out.messages = number(value()?, "--messages")?,
-                "--partitions" => {
-                    out.partitions = i32::try_from(number(value()?, "--partitions")?)
-                        .context("--partitions is too large")?;
-                }
-                "--database-url" => out.url = value()?,
-                "--ledger-rows" => out.ledger_rows = number(value()?, "--ledger-rows")?,
-                "--json" => out.json = Some(value()?.into()),
-                "--rss-baseline" => out.rss_baseline = Some(value()?.into()),
-                "--scenarios" => {
-                    let v = value()?;
-                    out.scenarios = v.split(',').map(|s| s.trim().to_owned()).collect();
-                    for s in &out.scenarios {
-                        if !SCENARIOS.contains(&s.as_str()) {
-                            bail!("unknown scenario `{s}`; the scenarios are {SCENARIOS:?}");
-                        }
-                    }
-                    if out.wants("replay_processed") && !out.wants("effectively_once") {
-                        bail!(
-                            "replay_processed replays effectively_once's group; add effectively_once"
-                        );
-                    }
-                }
-                other => bail!("unknown argument `{other}`"),
-            }
+        let args = Args {
+            messages: cli.messages,
+            partitions: i32::try_from(cli.partitions).context("--partitions is too large")?,
+            kind: DatabaseKind::from_url(&cli.database_url)?,
+            url: cli.database_url,
+            ledger_rows: cli.ledger_rows,
+            scenarios,
+            json: cli.json,
+            rss_baseline: cli.rss_baseline,
+        };
+        if args.wants("replay_processed") && !args.wants("effectively_once") {
+            bail!("replay_processed replays effectively_once's group; add effectively_once");
         }
-        if out.messages == 0 || out.partitions <= 0 {
+        if args.messages == 0 || args.partitions <= 0 {
             bail!("--messages and --partitions must be positive");
         }
-        out.kind = DatabaseKind::from_url(&out.url)?;
-        Ok(Some(out))
+        Ok(args)
     }
 
     fn wants(&self, scenario: &str) -> bool {
@@ -983,7 +972,7 @@ fn report(outcomes: &[Outcome], args: &Args, label: &str) -> anyhow::Result<()> 
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!();
-    println!("targets (the issue's: PostgreSQL, N = 200,000, P = 8):");
+    println!("targets (PostgreSQL, N = 200,000, P = 8):");
     let rate = |name: &str| {
         outcomes
             .iter()

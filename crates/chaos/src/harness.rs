@@ -17,9 +17,9 @@ use consumer_runtime::sqlx::{self, Pool, Postgres, Row};
 
 use crate::Options;
 use crate::consumer::{ENV_DELAY_US, ENV_SCHEMA, effects_table_sql};
-use crate::mock::MockBroker;
-use crate::pg::{PrivatePostgres, Stop};
 use crate::rng::{Rng, mix};
+use testkit::mock_broker::{self, MockBroker};
+use testkit::private_pg::{PrivatePostgres, Stop};
 
 /// The consumers' session timeout: a SIGSTOP longer than this makes a zombie. (librdkafka's
 /// mock cluster enforces it: a member silent for this long is removed from the group, and the
@@ -1185,5 +1185,5 @@ pub(crate) fn mock_broker(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
         .to_str()
         .and_then(|p| p.parse().ok())
         .context("PARTITIONS must be a whole number")?;
-    crate::mock::serve(topic, partitions)
+    mock_broker::serve(Some((topic, partitions)))
 }

@@ -15,12 +15,6 @@
 
 mod consumer;
 mod harness;
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../../tests/support/mock_broker.rs"]
-mod mock;
-#[allow(dead_code, unreachable_pub)]
-#[path = "../../../tests/support/private_pg.rs"]
-mod pg;
 mod rng;
 
 use std::process::ExitCode;

@@ -8,9 +8,6 @@
 //! Each test uses its own topic, consumer group and runtime schema (`--schema`), created by
 //! the program's own `migrate` and dropped at the end.
 
-#[path = "../../../tests/support/mod.rs"]
-mod support;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -19,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use consumer_runtime::StoredOffset;
 use consumer_runtime::sqlx::{self, Pool, Postgres, Row};
-use support::{Kafka, assert_exactly_once, database_url, rand_name, wait_until};
+use testkit::{Kafka, assert_exactly_once, database_url, rand_name, wait_until};
+
+testkit::mock_broker_entry!();
 
 /// How long any one step may take before the test fails.
 const WAIT: Duration = Duration::from_secs(60);
@@ -199,7 +198,7 @@ impl Setup {
 
     /// The same on the PostgreSQL server at `url`.
     async fn at(partitions: i32, url: String) -> Setup {
-        support::init_tracing();
+        testkit::init_tracing();
         let kafka = Kafka::new();
         let topic = rand_name("orders");
         kafka.create_topic(&topic, partitions);
@@ -622,7 +621,7 @@ async fn a_killed_consumer_s_partitions_are_taken_over_and_every_event_applied_o
 /// other test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_program_says_what_it_waits_for_and_goes_on_when_it_is_back() {
-    use support::private_pg::{PrivatePostgres, Stop};
+    use testkit::private_pg::{PrivatePostgres, Stop};
     let dir = std::env::temp_dir().join(rand_name("consumer-runtime-cli-pg"));
     let server =
         std::sync::Arc::new(PrivatePostgres::start(&dir).expect("start a private PostgreSQL"));
@@ -638,7 +637,7 @@ async fn the_program_says_what_it_waits_for_and_goes_on_when_it_is_back() {
     wait_until(WAIT, "some progress", || async { done().await >= 100 }).await;
 
     // The only broker goes down for a while.
-    s.kafka.cluster.broker_down(1).expect("broker down");
+    s.kafka.broker_down();
     wait_until(WAIT, "the log to say it waits for the broker", || async {
         run.stderr()
             .contains("no Kafka broker is reachable; waiting for the brokers")
@@ -649,7 +648,7 @@ async fn the_program_says_what_it_waits_for_and_goes_on_when_it_is_back() {
         "the program gave up on the broker:\n{}",
         run.stderr()
     );
-    s.kafka.cluster.broker_up(1).expect("broker up");
+    s.kafka.broker_up();
     let before = done().await;
     wait_until(WAIT, "progress after the broker came back", || async {
         done().await > before
