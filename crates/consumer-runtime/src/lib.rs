@@ -53,6 +53,7 @@ pub mod dead_letters;
 pub mod error;
 pub mod event_id;
 pub mod handler;
+mod kafka;
 pub mod replay;
 pub mod runtime;
 pub mod store;

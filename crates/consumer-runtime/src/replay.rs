@@ -648,27 +648,7 @@ impl Reader {
 
     /// The topic's partitions, sorted; [`Error::UnknownTopic`] if Kafka does not know it.
     fn partitions(&self, topic: &str) -> Result<Vec<i32>> {
-        let metadata = self
-            .consumer
-            .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
-            .map_err(|e| Error::BrokerUnreachable {
-                brokers: self.brokers.clone(),
-                detail: e.to_string(),
-            })?;
-        let found = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .filter(|t| t.error().is_none() && !t.partitions().is_empty());
-        let Some(found) = found else {
-            return Err(Error::UnknownTopic {
-                topic: topic.to_owned(),
-                brokers: self.brokers.clone(),
-            });
-        };
-        let mut partitions: Vec<i32> = found.partitions().iter().map(|p| p.id()).collect();
-        partitions.sort_unstable();
-        Ok(partitions)
+        crate::kafka::topic_partitions(&self.consumer, topic, &self.brokers, KAFKA_TIMEOUT)
     }
 
     /// Resolves where the replay starts in each partition.

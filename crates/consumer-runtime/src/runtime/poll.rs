@@ -77,24 +77,12 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
     fn startup(&self) -> Result<()> {
         let options = &self.core.options;
         for topic in &options.topics {
-            let metadata = self
-                .consumer
-                .fetch_metadata(Some(topic), options.startup_timeout)
-                .map_err(|e| Error::BrokerUnreachable {
-                    brokers: options.brokers.clone(),
-                    detail: e.to_string(),
-                })?;
-            let missing = metadata
-                .topics()
-                .iter()
-                .find(|t| t.name() == topic)
-                .is_none_or(|t| t.error().is_some() || t.partitions().is_empty());
-            if missing {
-                return Err(Error::UnknownTopic {
-                    topic: topic.clone(),
-                    brokers: options.brokers.clone(),
-                });
-            }
+            crate::kafka::topic_partitions(
+                &self.consumer,
+                topic,
+                &options.brokers,
+                options.startup_timeout,
+            )?;
         }
         let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
         self.consumer
