@@ -370,25 +370,27 @@ fn parse_file(file: Option<&ConfigFile>) -> Result<FileSettings, CliError> {
         metrics_addr: parse_key(metrics_addr, "metrics_addr", &fail)?,
     };
 
-    // The keys left are the runtime's; an error inside one names it.
-    let values: Vec<(String, Range<usize>)> = table
-        .iter()
-        .map(|(k, v)| (k.get_ref().to_string(), v.span()))
+    // The keys left are the runtime's; an error inside one names it (the error is in the value
+    // of the last top-level key before it, inline, dotted or under a `[table]` header).
+    let keys: Vec<(String, usize)> = table
+        .keys()
+        .map(|k| (k.get_ref().to_string(), k.span().start))
         .collect();
     let options = ConsumerOptions::deserialize(toml::Deserializer::from(Spanned::new(span, table)))
         .map_err(|e| {
             let span = e.span();
             let message = e.message();
-            let within = span.as_ref().and_then(|s| {
-                values
-                    .iter()
-                    .find(|(_, v)| v.contains(&s.start))
-                    .map(|(k, _)| k.as_str())
-            });
+            let within = span
+                .as_ref()
+                .and_then(|s| {
+                    keys.iter()
+                        .filter(|(_, start)| *start <= s.start)
+                        .max_by_key(|(_, start)| *start)
+                        .map(|(k, _)| k.as_str())
+                })
+                .filter(|key| !message.contains(&format!("`{key}")));
             match within {
-                Some(key) if !message.contains(&format!("`{key}")) => {
-                    fail(span, Some(key), message)
-                }
+                Some(key) => fail(span, Some(key), message),
                 None if message.starts_with("unknown field") => {
                     let program: Vec<String> =
                         PROGRAM_KEYS.iter().map(|k| format!("`{k}`")).collect();
@@ -511,7 +513,8 @@ pub(super) fn resolve(
             if retry.initial_delay > retry.max_delay {
                 return Err(CliError::Usage(format!(
                     "the retry delay ({:?}) is longer than the longest retry delay ({:?}); lower \
-                     --retry-delay or raise --retry-max-delay",
+                     --retry-delay or raise --retry-max-delay (in the config file: \
+                     retry_policy = {{ initial_delay, max_delay }})",
                     retry.initial_delay, retry.max_delay
                 )));
             }

@@ -265,6 +265,14 @@ fn retry_and_circuit_breaker_settings_layer_and_build_the_policies() {
         e.contains("line 2: `retry_policy`: `5 parsecs` is not a duration (unknown unit)"),
         "{e}"
     );
+    let e = err(
+        &[],
+        Some("batch_size = 5\n[retry_policy]\nmax_attempts = 0\n"),
+    );
+    assert!(
+        e.contains("line 3: `retry_policy`: `0` is not a number of attempts"),
+        "{e}"
+    );
     let e = err(&[], Some("circuit_breaker = { ratio = { window = 0 } }"));
     assert!(
         e.contains("`circuit_breaker.ratio.window`: must be at least 1"),
@@ -510,6 +518,15 @@ fn an_unknown_config_key_is_named_with_its_line() {
         "{text}"
     );
     assert!(!text.contains('\n'), "{text}");
+    // The known keys listed are the runtime's options and the program's own.
+    assert!(
+        text.contains("`batch_size`") && text.contains("`metrics_refresh`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("or one of the program's `database_url`, `log_level`"),
+        "{text}"
+    );
 }
 
 #[test]
