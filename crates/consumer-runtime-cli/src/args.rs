@@ -1,6 +1,12 @@
-//! The command line: clap's definitions of the subcommands and their flags, and the parsers of
-//! the values that are not plain strings (durations, event-id strategies, `-X` properties).
+//! The command line: clap's definitions of the subcommands and their flags, the parsers of the
+//! values that are not plain strings (event-id strategies, `-X` properties, limits), and the
+//! overlay of the runtime's flags onto [`ConsumerOptions`] ([`GlobalArgs::overlay`],
+//! [`RunArgs::overlay`]).
+//!
+//! A runtime option is one field of [`ConsumerOptions`] (the config file's key comes with it) and
+//! one flag here: a field in [`RunArgs`] and one line in [`RunArgs::overlay`].
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -8,7 +14,10 @@ use std::time::Duration;
 use clap::builder::{PossibleValuesParser, TypedValueParser as _};
 use clap::{Args, Parser, Subcommand};
 
-use consumer_runtime::{Assignor, Guarantee, OffsetReset, ReplayFrom};
+use consumer_runtime::config::parse_duration;
+use consumer_runtime::{
+    Assignor, ConsumerOptions, Guarantee, OffsetReset, ParkedRatio, ReplayFrom,
+};
 
 /// The whole command line. The program's name and description are set at run time from the
 /// [`App`](crate::App).
@@ -47,10 +56,12 @@ pub(super) struct GlobalArgs {
     #[arg(long, global = true, value_name = "NAME")]
     pub(super) schema: Option<String>,
 
-    /// A TOML file of settings. Its keys are the long flag names with underscores (database_url,
-    /// brokers, group, topics = [...], batch_size, batch_wait, ...) plus a [kafka] table of
-    /// librdkafka properties; unknown keys are errors. Flags win over environment variables,
-    /// which win over the file, which wins over the defaults. [env: CONSUMER_CONFIG]
+    /// A TOML file of settings: database_url, log_level, log_format, event_id and metrics_addr,
+    /// and the runtime's options (consumer_runtime::ConsumerOptions: brokers, group, topics =
+    /// [...], batch_size, batch_wait, ..., retry_policy = { ... }, circuit_breaker = { ... }, a
+    /// [kafka] table of librdkafka properties); each flag's [config: ...] names its key. Unknown
+    /// keys are errors. Flags win over environment variables, which win over the file, which
+    /// wins over the defaults. [env: CONSUMER_CONFIG]
     #[arg(long, global = true, value_name = "FILE")]
     pub(super) config: Option<PathBuf>,
 
@@ -318,35 +329,36 @@ pub(super) struct RunArgs {
 
     /// How many attempts a failing batch gets before its record counts as permanently failed
     /// and is parked in `dead_letters` (see `dead-letters`) while the consumer goes on;
-    /// `unlimited` retries forever. [default: 10] [config: max_attempts]
+    /// `unlimited` retries forever. [default: 10] [config: retry_policy.max_attempts]
     #[arg(long, value_name = "N|unlimited")]
     pub(super) max_attempts: Option<MaxAttempts>,
 
     /// The delay before a failing batch's first retry; it doubles with each attempt (minus up
     /// to half of it at random, so that partitions do not retry in lockstep). [default: 100ms]
-    /// [config: retry_delay]
+    /// [config: retry_policy.initial_delay]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub(super) retry_delay: Option<Duration>,
 
     /// The longest delay between two attempts of a failing batch. [default: 30s] [config:
-    /// retry_max_delay]
+    /// retry_policy.max_delay]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub(super) retry_max_delay: Option<Duration>,
 
     /// Circuit breaker: stop the consumer with an error after this many records in a row were
     /// parked as dead letters (none applied in between); `off` never stops for that.
-    /// [default: 100] [config: breaker_consecutive]
+    /// [default: 100] [config: circuit_breaker.max_consecutive]
     #[arg(long, value_name = "N|off")]
     pub(super) breaker_consecutive: Option<Limit>,
 
     /// Circuit breaker: stop the consumer with an error when more than this share (0 to 1, or
     /// a percentage such as 50%) of the last --breaker-window records were parked; `off`
-    /// never stops for that. [default: 0.5] [config: breaker_ratio]
+    /// never stops for that. [default: 0.5] [config: circuit_breaker.ratio.max_ratio,
+    /// or circuit_breaker.ratio = "off"]
     #[arg(long, value_name = "RATIO|off")]
     pub(super) breaker_ratio: Option<Ratio>,
 
     /// How many of the most recent records --breaker-ratio is taken over (it is checked once
-    /// that many have been seen). [default: 1000] [config: breaker_window]
+    /// that many have been seen). [default: 1000] [config: circuit_breaker.ratio.window]
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub(super) breaker_window: Option<usize>,
 
@@ -358,9 +370,80 @@ pub(super) struct RunArgs {
 
     /// With --metrics-addr: how often the lag and ledger-size gauges are refreshed (the
     /// ledger count never more often than 100 times it took). [default: 5s] [env:
-    /// CONSUMER_METRICS_INTERVAL] [config: metrics_interval]
+    /// CONSUMER_METRICS_INTERVAL] [config: metrics_refresh]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub(super) metrics_interval: Option<Duration>,
+}
+
+impl GlobalArgs {
+    /// Lays the runtime's global flags over `options` (the file's values, the environment's on
+    /// top): `--brokers`, `--schema` and each `-X`.
+    pub(super) fn overlay(&self, options: &mut ConsumerOptions) -> Result<(), String> {
+        set(&mut options.brokers, self.brokers.clone());
+        set(&mut options.schema, self.schema.clone());
+        for raw in &self.kafka {
+            let (key, value) = parse_kafka_property(raw)?;
+            options.kafka.insert(key, value);
+        }
+        Ok(())
+    }
+}
+
+impl RunArgs {
+    /// Lays `run`'s flags over `options` (the file's values, the environment's on top); a flag
+    /// not given leaves its field alone. `--event-id` and `--metrics-addr` are the program's,
+    /// not the runtime's, and are not read here.
+    pub(super) fn overlay(self, options: &mut ConsumerOptions) {
+        let o = options;
+        set(&mut o.group, self.group);
+        let topics = clean_topics(self.topics);
+        set(&mut o.topics, (!topics.is_empty()).then_some(topics));
+        set(&mut o.batch_size, self.batch_size);
+        set(&mut o.batch_wait, self.batch_wait);
+        set(&mut o.concurrency, self.concurrency.map(Some));
+        set(&mut o.guarantee, self.guarantee);
+        set(&mut o.offset_reset, self.offset_reset);
+        set(&mut o.assignor, self.assignor);
+        let retry = &mut o.retry_policy;
+        set(&mut retry.max_attempts, self.max_attempts.map(|m| m.0));
+        set(&mut retry.initial_delay, self.retry_delay);
+        set(&mut retry.max_delay, self.retry_max_delay);
+        let breaker = &mut o.circuit_breaker;
+        set(
+            &mut breaker.max_consecutive,
+            self.breaker_consecutive.map(|l| l.0),
+        );
+        match self.breaker_ratio {
+            Some(Ratio(None)) => breaker.ratio = None,
+            Some(Ratio(Some(max_ratio))) => {
+                breaker
+                    .ratio
+                    .get_or_insert_with(ParkedRatio::default)
+                    .max_ratio = max_ratio;
+            }
+            None => {}
+        }
+        if let Some(ratio) = &mut breaker.ratio {
+            set(&mut ratio.window, self.breaker_window.map(|n| n as u64));
+        }
+        set(&mut o.metrics_refresh, self.metrics_interval.map(Some));
+    }
+}
+
+/// A flag given replaces the field.
+fn set<T>(field: &mut T, flag: Option<T>) {
+    if let Some(value) = flag {
+        *field = value;
+    }
+}
+
+/// Topic names trimmed, empty ones dropped.
+pub(super) fn clean_topics(topics: Vec<String>) -> Vec<String> {
+    topics
+        .into_iter()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
 /// `offsets`' flags and its `set` subcommand.
@@ -580,37 +663,6 @@ fn assignor_parser() -> impl clap::builder::TypedValueParser<Value = Assignor> {
         .map(|s| s.parse::<Assignor>().expect("a possible value"))
 }
 
-/// Parses a duration such as `20ms`, `1s`, `1.5s`, `500us`, `2m` or `1h` (units: ns, us or µs,
-/// ms, s, m, h). A bare number is refused: its unit would be a guess.
-pub(super) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let text = s.trim();
-    let bad = |why: &str| format!("`{s}` is not a duration ({why}); write e.g. 20ms, 1s or 500us");
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| bad("no unit"))?;
-    let (number, unit) = text.split_at(split);
-    if number.is_empty() {
-        return Err(bad("no number"));
-    }
-    let nanos_per_unit: u64 = match unit.trim() {
-        "ns" => 1,
-        "us" | "µs" => 1_000,
-        "ms" => 1_000_000,
-        "s" => 1_000_000_000,
-        "m" | "min" => 60_000_000_000,
-        "h" => 3_600_000_000_000,
-        _ => return Err(bad("unknown unit")),
-    };
-    if let Ok(whole) = number.parse::<u64>() {
-        let nanos = whole
-            .checked_mul(nanos_per_unit)
-            .ok_or_else(|| bad("too long"))?;
-        return Ok(Duration::from_nanos(nanos));
-    }
-    let value: f64 = number.parse().map_err(|_| bad("not a number"))?;
-    Duration::try_from_secs_f64(value * nanos_per_unit as f64 / 1e9).map_err(|_| bad("too long"))
-}
-
 /// Whether a librdkafka property's value must never be printed.
 pub(super) fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
@@ -637,7 +689,7 @@ pub(super) fn parse_kafka_property(raw: &str) -> Result<(String, String), String
 }
 
 /// `key=value, key=***` for logs: secrets are masked.
-pub(super) fn show_properties(props: &[(String, String)]) -> String {
+pub(super) fn show_properties(props: &BTreeMap<String, String>) -> String {
     if props.is_empty() {
         return "none".to_owned();
     }
@@ -657,22 +709,6 @@ pub(super) fn show_properties(props: &[(String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_need_a_unit_and_accept_the_common_ones() {
-        assert_eq!(parse_duration("20ms").unwrap(), Duration::from_millis(20));
-        assert_eq!(parse_duration("1s").unwrap(), Duration::from_secs(1));
-        assert_eq!(parse_duration("500us").unwrap(), Duration::from_micros(500));
-        assert_eq!(parse_duration("500µs").unwrap(), Duration::from_micros(500));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
-        assert_eq!(parse_duration("0ms").unwrap(), Duration::ZERO);
-        for bad in ["20", "ms", "", "20 parsecs", "1.2.3s", "-1s"] {
-            let err = parse_duration(bad).unwrap_err();
-            assert!(err.contains("20ms"), "{bad}: {err}");
-        }
-    }
 
     #[test]
     fn kafka_properties_split_at_the_first_equals_sign() {
@@ -701,13 +737,13 @@ mod tests {
         let err = parse_kafka_property("sasl.password:hunter2").unwrap_err();
         assert!(!err.contains("hunter2"), "{err}");
         assert_eq!(
-            show_properties(&[
+            show_properties(&BTreeMap::from([
                 ("sasl.password".into(), "hunter2".into()),
                 ("ssl.key.password".into(), "k".into()),
                 ("client.secret".into(), "s".into()),
                 ("client.id".into(), "orders".into()),
-            ]),
-            "sasl.password=***, ssl.key.password=***, client.secret=***, client.id=orders"
+            ])),
+            "client.id=orders, client.secret=***, sasl.password=***, ssl.key.password=***"
         );
     }
 

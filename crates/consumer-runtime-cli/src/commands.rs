@@ -13,22 +13,19 @@ use tracing::{info, warn};
 use consumer_runtime::dead_letters::{DeadLetter, Redriven};
 use consumer_runtime::error::redact_url;
 use consumer_runtime::{
-    Backend, CircuitBreaker, Error, EventId, Handler, ParkedRatio, PartitionReplay, ReplayMode,
-    ReplayProgress, ReplayRequest, RetryPolicy, Runtime, Store, StoredOffset, connect,
+    Backend, ConsumerOptions, Error, EventId, Handler, PartitionReplay, ReplayMode, ReplayProgress,
+    ReplayRequest, Runtime, Store, StoredOffset, connect,
 };
 
 use crate::args::{EventIdArg, show_properties};
 use crate::settings::{
-    Action, DeadLetters, PurgeTarget, RedriveTarget, ReplaySettings, RunSettings, Settings,
+    Action, DEFAULT_CONCURRENCY, DeadLetters, PurgeTarget, RedriveTarget, ReplaySettings,
+    RunSettings, Settings,
 };
 use crate::{App, CliError, exporter};
 
 /// Connections for the commands that only read or move offsets.
 const TOOL_POOL: u32 = 2;
-/// The default number of concurrent transactions of `run`.
-const DEFAULT_CONCURRENCY: usize = 8;
-/// How often the lag and ledger-size gauges are refreshed with `--metrics-addr`.
-const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a Kafka metadata or watermark request may take.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -41,16 +38,16 @@ where
 {
     let Settings {
         database_url,
-        schema,
-        kafka,
+        options,
         action,
         ..
     } = settings;
+    let (schema, kafka) = (options.schema.as_str(), &options.kafka);
     match action {
-        Action::Run(run) => run_consumer(app, &database_url, schema, kafka, run).await,
-        Action::Migrate => migrate(app, &database_url, &schema).await,
+        Action::Run(run) => run_consumer(app, &database_url, options, run).await,
+        Action::Migrate => migrate(app, &database_url, schema).await,
         Action::Offsets { group, topic } => {
-            let store = open::<DB>(&database_url, &schema, TOOL_POOL).await?;
+            let store = open::<DB>(&database_url, schema, TOOL_POOL).await?;
             let rows = stored_offsets(&store, &group, topic.as_deref()).await?;
             let table: Vec<Vec<String>> = rows
                 .iter()
@@ -87,7 +84,7 @@ where
             partition,
             offset,
         } => {
-            let store = open::<DB>(&database_url, &schema, TOOL_POOL).await?;
+            let store = open::<DB>(&database_url, schema, TOOL_POOL).await?;
             let find = |rows: Vec<StoredOffset>| {
                 rows.into_iter()
                     .find(|r| r.topic == topic && r.partition == partition)
@@ -118,7 +115,7 @@ where
         } => {
             status::<DB>(
                 &database_url,
-                &schema,
+                schema,
                 kafka,
                 brokers,
                 group,
@@ -127,9 +124,9 @@ where
             )
             .await
         }
-        Action::Replay(replay) => replay_command(app, &database_url, &schema, kafka, replay).await,
+        Action::Replay(replay) => replay_command(app, &database_url, schema, kafka, replay).await,
         Action::DeadLetters(action) => {
-            let store = open::<DB>(&database_url, &schema, TOOL_POOL).await?;
+            let store = open::<DB>(&database_url, schema, TOOL_POOL).await?;
             dead_letters_command(app, &store, action).await
         }
     }
@@ -176,44 +173,6 @@ fn or_dash(v: Option<i64>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
-/// `run`'s retry policy: the defaults with the given settings on top.
-pub(super) fn retry_policy(run: &RunSettings) -> Result<RetryPolicy, CliError> {
-    let defaults = RetryPolicy::default();
-    let policy = RetryPolicy {
-        initial_delay: run.retry_delay.unwrap_or(defaults.initial_delay),
-        max_delay: run.retry_max_delay.unwrap_or(defaults.max_delay),
-        max_attempts: run.max_attempts.unwrap_or(defaults.max_attempts),
-    };
-    if policy.initial_delay > policy.max_delay {
-        return Err(CliError::Usage(format!(
-            "the retry delay ({:?}) is longer than the longest retry delay ({:?}); lower \
-             --retry-delay or raise --retry-max-delay",
-            policy.initial_delay, policy.max_delay
-        )));
-    }
-    Ok(policy)
-}
-
-/// `run`'s circuit breaker: the defaults with the given settings on top.
-pub(super) fn circuit_breaker(run: &RunSettings) -> CircuitBreaker {
-    let defaults = CircuitBreaker::default();
-    let mut ratio = match run.breaker_ratio {
-        None => defaults.ratio,
-        Some(None) => None,
-        Some(Some(max_ratio)) => Some(ParkedRatio {
-            max_ratio,
-            ..ParkedRatio::default()
-        }),
-    };
-    if let (Some(ratio), Some(window)) = (&mut ratio, run.breaker_window) {
-        ratio.window = window as u64;
-    }
-    CircuitBreaker {
-        max_consecutive: run.breaker_consecutive.unwrap_or(defaults.max_consecutive),
-        ratio,
-    }
-}
-
 /// The event-id strategy: `--event-id` (or the file's `event_id`), else the program's own,
 /// else the `event-id` header.
 fn event_id<E>(chosen: Option<EventIdArg>, program_default: Option<EventId<E>>) -> EventId<E> {
@@ -225,7 +184,7 @@ fn event_id<E>(chosen: Option<EventIdArg>, program_default: Option<EventId<E>>) 
 }
 
 /// A librdkafka client configuration: the bootstrap servers, then the raw properties.
-fn client_config(brokers: &str, kafka: &[(String, String)]) -> ClientConfig {
+fn client_config(brokers: &str, kafka: &BTreeMap<String, String>) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", brokers);
     for (k, v) in kafka {
@@ -237,59 +196,25 @@ fn client_config(brokers: &str, kafka: &[(String, String)]) -> ClientConfig {
 async fn run_consumer<H: Handler<DB>, DB: Backend>(
     app: App<H, DB>,
     url: &str,
-    schema: String,
-    kafka: Vec<(String, String)>,
+    mut options: ConsumerOptions,
     run: RunSettings,
 ) -> Result<(), CliError> {
-    let concurrency = run.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
+    let concurrency = options.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
     // The claims on assignment and the epoch watcher need connections besides the writers.
     let pool_size = u32::try_from(concurrency).unwrap_or(u32::MAX - 2) + 2;
     info!(
         database = %redact_url(url),
-        brokers = %run.brokers,
-        schema = %schema,
-        kafka = %show_properties(&kafka),
+        brokers = %options.brokers,
+        schema = %options.schema,
+        kafka = %show_properties(&options.kafka),
         "{} run: connecting",
         app.name
     );
-    let (retry, breaker) = (retry_policy(&run)?, circuit_breaker(&run));
     let pool = connect::<DB>(url, pool_size).await?;
-    let mut builder = Runtime::<H, DB>::builder(app.handler)
-        .pool(pool)
-        .brokers(run.brokers)
-        .group(run.group)
-        .topics(run.topics)
-        .schema(schema)
-        .concurrency(concurrency)
-        .event_id(event_id(run.event_id, app.event_id))
-        .handle_signals(true);
-    if let Some(n) = run.batch_size {
-        builder = builder.batch_size(n);
-    }
-    if let Some(wait) = run.batch_wait {
-        builder = builder.batch_wait(wait);
-    }
-    if let Some(g) = run.guarantee {
-        builder = builder.guarantee(g);
-    }
-    if let Some(reset) = run.offset_reset {
-        builder = builder.offset_reset(reset);
-    }
-    if let Some(assignor) = run.assignor {
-        builder = builder.assignor(assignor);
-    }
-    builder = builder.retry_policy(retry).circuit_breaker(breaker);
-    for (k, v) in kafka {
-        builder = builder.kafka_config(k, v);
-    }
     let _server = match &run.metrics_addr {
-        Some(addr) => {
-            builder =
-                builder.metrics_refresh(run.metrics_interval.unwrap_or(DEFAULT_METRICS_INTERVAL));
-            Some(serve_metrics(&addr.0).await?)
-        }
+        Some(addr) => Some(serve_metrics(&addr.0).await?),
         None => {
-            if run.metrics_interval.is_some() {
+            if options.metrics_refresh.take().is_some() {
                 warn!(
                     "a metrics interval is set but no metrics address: no metrics are served; \
                      set --metrics-addr (or CONSUMER_METRICS_ADDR, metrics_addr) to serve them"
@@ -298,6 +223,10 @@ async fn run_consumer<H: Handler<DB>, DB: Backend>(
             None
         }
     };
+    let builder = Runtime::<H, DB>::builder(app.handler)
+        .pool(pool)
+        .options(options)
+        .event_id(event_id(run.event_id, app.event_id));
     let runtime = builder.build()?;
     let stats = runtime.stats();
     runtime.run().await?;
@@ -376,7 +305,7 @@ type Watermarks = BTreeMap<String, Option<BTreeMap<i32, i64>>>;
 async fn status<DB: Backend>(
     url: &str,
     schema: &str,
-    kafka: Vec<(String, String)>,
+    kafka: &BTreeMap<String, String>,
     brokers: String,
     group: String,
     topic: Option<String>,
@@ -395,7 +324,7 @@ async fn status<DB: Backend>(
             .chain(configured)
             .collect(),
     };
-    let config = client_config(&brokers, &kafka);
+    let config = client_config(&brokers, kafka);
     let brokers_shown = brokers.clone();
     let wanted: Vec<String> = topics.iter().cloned().collect();
     let marks = tokio::task::spawn_blocking(move || watermarks(&config, &brokers, &wanted))
@@ -519,7 +448,7 @@ async fn replay_command<H: Handler<DB>, DB: Backend>(
     app: App<H, DB>,
     url: &str,
     schema: &str,
-    kafka: Vec<(String, String)>,
+    kafka: &BTreeMap<String, String>,
     r: ReplaySettings,
 ) -> Result<(), CliError> {
     let mode = match (r.dry_run, r.rebuild) {
@@ -531,7 +460,7 @@ async fn replay_command<H: Handler<DB>, DB: Backend>(
         database = %redact_url(url),
         brokers = %r.brokers,
         schema,
-        kafka = %show_properties(&kafka),
+        kafka = %show_properties(kafka),
         group = %r.group,
         topic = %r.topic,
         partition = ?r.partition,
@@ -546,7 +475,7 @@ async fn replay_command<H: Handler<DB>, DB: Backend>(
         );
     }
     let store = open::<DB>(url, schema, TOOL_POOL).await?;
-    let config = client_config(&r.brokers, &kafka);
+    let config = client_config(&r.brokers, kafka);
     let strategy = event_id(r.event_id, app.event_id);
     let request = ReplayRequest {
         group: r.group.clone(),

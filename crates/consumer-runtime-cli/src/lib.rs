@@ -29,8 +29,11 @@
 //! Settings come from flags, then environment variables (`DATABASE_URL`, `KAFKA_BROKERS`,
 //! `CONSUMER_GROUP`, `KAFKA_TOPICS`, `CONSUMER_RUNTIME_SCHEMA`, `CONSUMER_LOG_FORMAT`,
 //! `CONSUMER_METRICS_ADDR`, `CONSUMER_METRICS_INTERVAL`), then a TOML file given with
-//! `--config` (or `CONSUMER_CONFIG`) whose keys are the long flag names with underscores, then
-//! the defaults. Logs go to stderr, tables and results to stdout. The exit status is 0 on
+//! `--config` (or `CONSUMER_CONFIG`), then the defaults. The file is a
+//! [`ConsumerOptions`](consumer_runtime::ConsumerOptions) in TOML, the runtime's own options
+//! value, plus the program's keys `database_url`, `log_level`, `log_format`, `event_id` and
+//! `metrics_addr`; the flags and variables are laid over it, and `run` hands the result to the
+//! runtime whole. Logs go to stderr, tables and results to stdout. The exit status is 0 on
 //! success, 2 for a usage error (flags, environment, config file) and 1 for any other failure,
 //! with a one-line `error: …` on stderr.
 //!
@@ -464,6 +467,7 @@ A config file ({p}.toml):
   batch_size = 500
   batch_wait = \"20ms\"
   guarantee = \"effectively-once\"
+  retry_policy = {{ max_attempts = 5, max_delay = \"10s\" }}
   [kafka]
   \"session.timeout.ms\" = 10000"
                 ),

@@ -2,18 +2,29 @@
 //! (`--config`), which wins over the defaults. [`resolve`] is a pure function of the parsed
 //! command line, an environment lookup and the file's text, so the precedence is unit-tested
 //! without touching the process environment.
+//!
+//! The runtime's settings are one [`ConsumerOptions`] value from start to end: the file's keys
+//! deserialise into it (the program's own few keys, [`PROGRAM_KEYS`], are taken out first),
+//! the environment and the flags ([`GlobalArgs::overlay`](crate::args::GlobalArgs::overlay),
+//! [`RunArgs::overlay`](crate::args::RunArgs::overlay)) are laid over it, and `run` hands it to
+//! the runtime whole. Its defaults are the library's; the program changes only the
+//! concurrency (8) and the signal handling (on).
 
-use std::str::FromStr;
+use std::ops::Range;
 use std::time::Duration;
 
 use serde::Deserialize;
+use toml::Spanned;
+use toml::de::{DeTable, ValueDeserializer};
 
 use crate::CliError;
 use crate::args::{
-    Cli, Command, DeadLettersCommand, EventIdArg, Limit, LogFormat, MaxAttempts, MetricsAddr,
-    OffsetsAction, Ratio, parse_duration, parse_kafka_property,
+    Cli, Command, DeadLettersCommand, EventIdArg, LogFormat, MetricsAddr, OffsetsAction,
+    clean_topics,
 };
-use consumer_runtime::{Assignor, Guarantee, OffsetReset, ReplayFrom};
+use consumer_runtime::ConsumerOptions;
+use consumer_runtime::ReplayFrom;
+use consumer_runtime::config::parse_duration;
 
 /// Looks up an environment variable (`std::env::var` in the program, a map in tests).
 pub(super) type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -28,53 +39,38 @@ pub(super) const ENV_LOG_FORMAT: &str = "CONSUMER_LOG_FORMAT";
 pub(super) const ENV_METRICS_ADDR: &str = "CONSUMER_METRICS_ADDR";
 pub(super) const ENV_METRICS_INTERVAL: &str = "CONSUMER_METRICS_INTERVAL";
 
-/// The config file: every key is optional; an unknown key is an error that names it.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
+/// `run`'s number of concurrent transactions when none is given (the library's default, the
+/// pool's size, would follow the pool the program sizes from it).
+pub(super) const DEFAULT_CONCURRENCY: usize = 8;
+/// How often the lag and ledger-size gauges are refreshed with `--metrics-addr`.
+pub(super) const DEFAULT_METRICS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The config file's keys that belong to the program, not to [`ConsumerOptions`].
+pub(super) const PROGRAM_KEYS: [&str; 5] = [
+    "database_url",
+    "log_level",
+    "log_format",
+    "event_id",
+    "metrics_addr",
+];
+
+/// The program's own keys of the config file, as given.
+#[derive(Debug, Default)]
+struct ProgramKeys {
     database_url: Option<String>,
-    brokers: Option<String>,
-    schema: Option<String>,
     log_level: Option<String>,
-    log_format: Option<String>,
-    group: Option<String>,
-    topics: Option<Vec<String>>,
-    batch_size: Option<usize>,
-    batch_wait: Option<String>,
-    concurrency: Option<usize>,
-    guarantee: Option<String>,
-    event_id: Option<String>,
-    offset_reset: Option<String>,
-    assignor: Option<String>,
-    max_attempts: Option<FileScalar>,
-    retry_delay: Option<String>,
-    retry_max_delay: Option<String>,
-    breaker_consecutive: Option<FileScalar>,
-    breaker_ratio: Option<FileScalar>,
-    breaker_window: Option<usize>,
-    metrics_addr: Option<String>,
-    metrics_interval: Option<String>,
-    kafka: Option<toml::Table>,
+    log_format: Option<LogFormat>,
+    event_id: Option<EventIdArg>,
+    metrics_addr: Option<MetricsAddr>,
 }
 
-/// A key that takes a number or a word: `max_attempts = 5` or `max_attempts = "unlimited"`,
-/// `breaker_ratio = 0.5` or `breaker_ratio = "off"`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum FileScalar {
-    Integer(i64),
-    Float(f64),
-    Text(String),
-}
-
-impl FileScalar {
-    fn text(&self) -> String {
-        match self {
-            FileScalar::Integer(n) => n.to_string(),
-            FileScalar::Float(x) => x.to_string(),
-            FileScalar::Text(t) => t.clone(),
-        }
-    }
+/// The config file, read: the program's keys and the runtime's options.
+#[derive(Debug, Default)]
+struct FileSettings {
+    /// The path, as given (empty without a file).
+    name: String,
+    program: ProgramKeys,
+    options: ConsumerOptions,
 }
 
 /// The config file's text and the name to show in errors.
@@ -90,13 +86,13 @@ pub(super) struct ConfigFile {
 #[derive(Debug)]
 pub(super) struct Settings {
     pub(super) database_url: String,
-    pub(super) schema: String,
-    pub(super) kafka: Vec<(String, String)>,
+    /// The runtime's options: `run` hands them to the runtime whole; the other commands take
+    /// the schema, the brokers and the `[kafka]` properties from them.
+    pub(super) options: ConsumerOptions,
     pub(super) log_level: String,
     pub(super) log_format: LogFormat,
     pub(super) action: Action,
 }
-
 /// What to do, with the command's settings resolved.
 #[derive(Debug)]
 pub(super) enum Action {
@@ -167,29 +163,13 @@ pub(super) enum PurgeTarget {
     Id(i64),
 }
 
-/// `run`'s settings; `None` leaves the runtime's default.
+/// `run`'s settings besides the runtime's options (those are [`Settings::options`]).
 #[derive(Debug)]
 pub(super) struct RunSettings {
-    pub(super) brokers: String,
-    pub(super) group: String,
-    pub(super) topics: Vec<String>,
-    pub(super) batch_size: Option<usize>,
-    pub(super) batch_wait: Option<Duration>,
-    pub(super) concurrency: Option<usize>,
-    pub(super) guarantee: Option<Guarantee>,
+    /// `--event-id`, or the file's `event_id`; `None`: the program's own strategy.
     pub(super) event_id: Option<EventIdArg>,
-    pub(super) offset_reset: Option<OffsetReset>,
-    pub(super) assignor: Option<Assignor>,
-    pub(super) max_attempts: Option<Option<u32>>,
-    pub(super) retry_delay: Option<Duration>,
-    pub(super) retry_max_delay: Option<Duration>,
-    pub(super) breaker_consecutive: Option<Option<u64>>,
-    pub(super) breaker_ratio: Option<Option<f64>>,
-    pub(super) breaker_window: Option<usize>,
     /// `--metrics-addr`: serve Prometheus metrics there.
     pub(super) metrics_addr: Option<MetricsAddr>,
-    /// `--metrics-interval`.
-    pub(super) metrics_interval: Option<Duration>,
 }
 
 /// `replay`'s settings.
@@ -209,49 +189,56 @@ pub(super) struct ReplaySettings {
 struct Required {
     what: &'static str,
     flag: &'static str,
-    env: Option<&'static str>,
+    env: &'static str,
     key: &'static str,
 }
 
 const DATABASE_URL: Required = Required {
     what: "database URL",
     flag: "--database-url",
-    env: Some(ENV_DATABASE_URL),
+    env: ENV_DATABASE_URL,
     key: "database_url",
 };
 const BROKERS: Required = Required {
     what: "Kafka brokers",
     flag: "--brokers",
-    env: Some(ENV_BROKERS),
+    env: ENV_BROKERS,
     key: "brokers",
 };
 const GROUP: Required = Required {
     what: "consumer group",
     flag: "--group",
-    env: Some(ENV_GROUP),
+    env: ENV_GROUP,
     key: "group",
 };
 const TOPICS: Required = Required {
     what: "topic",
     flag: "--topic",
-    env: Some(ENV_TOPICS),
+    env: ENV_TOPICS,
     key: "topics",
 };
 
 impl Required {
     fn missing(&self) -> CliError {
-        let env = self.env.map(|e| format!(", set {e}")).unwrap_or_default();
         CliError::Usage(format!(
-            "no {} given; pass {}{env}, or set `{}` in the config file (--config)",
-            self.what, self.flag, self.key
+            "no {} given; pass {}, set {}, or set `{}` in the config file (--config)",
+            self.what, self.flag, self.env, self.key
         ))
+    }
+
+    /// The value, unless it is empty.
+    fn check(&self, value: &str) -> Result<String, CliError> {
+        if value.trim().is_empty() {
+            Err(self.missing())
+        } else {
+            Ok(value.to_owned())
+        }
     }
 }
 
-/// The layers of one resolution: the environment and the parsed file.
+/// The environment of one resolution, and the file's name for errors.
 struct Layers<'a> {
     env: Env<'a>,
-    file: FileConfig,
     file_name: String,
 }
 
@@ -261,49 +248,19 @@ impl Layers<'_> {
         (self.env)(name).filter(|v| !v.trim().is_empty())
     }
 
-    /// flag > env > file, for a string.
-    fn string(
-        &self,
-        flag: Option<String>,
-        env: Option<&str>,
-        file: Option<String>,
-    ) -> Option<String> {
-        flag.or_else(|| env.and_then(|e| self.env(e))).or(file)
-    }
-
-    fn required(
-        &self,
-        r: &Required,
-        flag: Option<String>,
-        file: Option<String>,
-    ) -> Result<String, CliError> {
-        self.string(flag, r.env, file).ok_or_else(|| r.missing())
-    }
-
-    /// flag > file, for a value the file gives as text.
-    fn parsed<T: FromStr<Err = String>>(
-        &self,
-        flag: Option<T>,
-        key: &str,
-        file: Option<String>,
-    ) -> Result<Option<T>, CliError> {
-        match (flag, file) {
-            (Some(v), _) => Ok(Some(v)),
-            (None, Some(text)) => text
-                .parse::<T>()
-                .map(Some)
-                .map_err(|e: String| self.bad(key, &e)),
-            (None, None) => Ok(None),
+    /// Sets `field` from the environment variable `name`, if it is set.
+    fn string(&self, field: &mut String, name: &str) {
+        if let Some(value) = self.env(name) {
+            *field = value;
         }
     }
 
-    /// flag > env > file, for a value the environment and the file give as text.
-    fn layered<T: FromStr<Err = String>>(
+    /// flag > env > file, for a value the environment gives as text.
+    fn layered<T: std::str::FromStr<Err = String>>(
         &self,
         flag: Option<T>,
         env: &str,
-        key: &str,
-        file: Option<String>,
+        file: Option<T>,
     ) -> Result<Option<T>, CliError> {
         if flag.is_some() {
             return Ok(flag);
@@ -314,125 +271,162 @@ impl Layers<'_> {
                 .map(Some)
                 .map_err(|e| CliError::Usage(format!("{env}: {e}")));
         }
-        self.parsed(None, key, file)
-    }
-
-    /// `--metrics-interval` > CONSUMER_METRICS_INTERVAL > `metrics_interval`; never zero.
-    fn metrics_interval(&self, flag: Option<Duration>) -> Result<Option<Duration>, CliError> {
-        let (interval, source) = match (flag, self.env(ENV_METRICS_INTERVAL)) {
-            (Some(d), _) => (d, "--metrics-interval".to_owned()),
-            (None, Some(text)) => (
-                parse_duration(&text)
-                    .map_err(|e| CliError::Usage(format!("{ENV_METRICS_INTERVAL}: {e}")))?,
-                ENV_METRICS_INTERVAL.to_owned(),
-            ),
-            (None, None) => match &self.file.metrics_interval {
-                Some(text) => (
-                    parse_duration(text).map_err(|e| self.bad("metrics_interval", &e))?,
-                    format!("config file `{}`: `metrics_interval`", self.file_name),
-                ),
-                None => return Ok(None),
-            },
-        };
-        if interval.is_zero() {
-            return Err(CliError::Usage(format!("{source} must be longer than 0")));
-        }
-        Ok(Some(interval))
+        Ok(file)
     }
 
     fn bad(&self, key: &str, why: &str) -> CliError {
         CliError::Usage(format!("config file `{}`: `{key}`: {why}", self.file_name))
     }
-
-    /// The topics: `--topic` > KAFKA_TOPICS (comma-separated) > the file's `topics`.
-    fn topics(&self, flag: Vec<String>) -> Vec<String> {
-        let clean = |v: Vec<String>| -> Vec<String> {
-            v.into_iter()
-                .map(|t| t.trim().to_owned())
-                .filter(|t| !t.is_empty())
-                .collect()
-        };
-        let flag = clean(flag);
-        if !flag.is_empty() {
-            return flag;
-        }
-        if let Some(env) = self.env(ENV_TOPICS) {
-            return clean(env.split(',').map(str::to_owned).collect());
-        }
-        clean(self.file.topics.clone().unwrap_or_default())
-    }
-
-    /// The file's `[kafka]` table, flattened (`[kafka] session.timeout.ms = 6000` and
-    /// `"session.timeout.ms" = "6000"` are the same property), then `-X` on top.
-    fn kafka(&self, flags: &[String]) -> Result<Vec<(String, String)>, CliError> {
-        let mut props = Vec::new();
-        if let Some(table) = &self.file.kafka {
-            self.flatten("", table, &mut props)?;
-        }
-        for raw in flags {
-            let (k, v) = parse_kafka_property(raw).map_err(CliError::Usage)?;
-            props.retain(|(key, _)| *key != k);
-            props.push((k, v));
-        }
-        Ok(props)
-    }
-
-    fn flatten(
-        &self,
-        prefix: &str,
-        table: &toml::Table,
-        out: &mut Vec<(String, String)>,
-    ) -> Result<(), CliError> {
-        for (k, v) in table {
-            let key = if prefix.is_empty() {
-                k.clone()
-            } else {
-                format!("{prefix}.{k}")
-            };
-            let value = match v {
-                toml::Value::String(s) => s.clone(),
-                toml::Value::Integer(i) => i.to_string(),
-                toml::Value::Float(f) => f.to_string(),
-                toml::Value::Boolean(b) => b.to_string(),
-                toml::Value::Table(t) => {
-                    self.flatten(&key, t, out)?;
-                    continue;
-                }
-                _ => {
-                    return Err(self.bad(
-                        &format!("kafka.{key}"),
-                        "a librdkafka property must be a string, a number or a boolean",
-                    ));
-                }
-            };
-            out.push((key, value));
-        }
-        Ok(())
-    }
 }
 
-/// Parses the config file; errors name the file, the line and (for an unknown key) the key.
-fn parse_file(file: Option<&ConfigFile>) -> Result<(FileConfig, String), CliError> {
-    let Some(file) = file else {
-        return Ok((FileConfig::default(), String::new()));
+/// A key the config file does not have at its top level (the flag's name, where the setting
+/// is in a table of [`ConsumerOptions`]): where the setting is, and how to write `value` there.
+fn moved_key(key: &str, value: &str) -> Option<String> {
+    let (table, new) = match key {
+        "max_attempts" => ("retry_policy", format!("{{ max_attempts = {value} }}")),
+        "retry_delay" => ("retry_policy", format!("{{ initial_delay = {value} }}")),
+        "retry_max_delay" => ("retry_policy", format!("{{ max_delay = {value} }}")),
+        "breaker_consecutive" => (
+            "circuit_breaker",
+            format!("{{ max_consecutive = {value} }}"),
+        ),
+        "breaker_ratio" if value == "\"off\"" => ("circuit_breaker", "{ ratio = \"off\" }".into()),
+        "breaker_ratio" => (
+            "circuit_breaker",
+            format!("{{ ratio = {{ max_ratio = {value} }} }}"),
+        ),
+        "breaker_window" => (
+            "circuit_breaker",
+            format!("{{ ratio = {{ window = {value} }} }}"),
+        ),
+        "metrics_interval" => {
+            return Some(format!(
+                "in the config file this setting is `metrics_refresh`; write metrics_refresh = {value}"
+            ));
+        }
+        _ => return None,
     };
-    match toml::from_str::<FileConfig>(&file.text) {
-        Ok(config) => Ok((config, file.name.clone())),
-        Err(e) => {
-            let line = e
-                .span()
-                .map(|span| {
-                    let upto = span.start.min(file.text.len());
-                    format!(", line {}", file.text[..upto].matches('\n').count() + 1)
-                })
-                .unwrap_or_default();
-            let message = e.message().trim().replace('\n', " ");
-            Err(CliError::Usage(format!(
-                "config file `{}`{line}: {message}",
-                file.name
-            )))
+    Some(format!(
+        "in the config file this setting is in the `{table}` table; write {table} = {new}"
+    ))
+}
+
+/// Parses the config file: the program's keys, then every other key into [`ConsumerOptions`].
+/// Errors name the file, the line and the key.
+fn parse_file(file: Option<&ConfigFile>) -> Result<FileSettings, CliError> {
+    let Some(file) = file else {
+        return Ok(FileSettings::default());
+    };
+    let fail = |span: Option<Range<usize>>, key: Option<&str>, message: &str| {
+        let line = span
+            .map(|span| {
+                let upto = span.start.min(file.text.len());
+                format!(", line {}", file.text[..upto].matches('\n').count() + 1)
+            })
+            .unwrap_or_default();
+        let key = key.map(|k| format!("`{k}`: ")).unwrap_or_default();
+        let message = message.trim().replace('\n', " ");
+        CliError::Usage(format!("config file `{}`{line}: {key}{message}", file.name))
+    };
+    let root = DeTable::parse(&file.text).map_err(|e| fail(e.span(), None, e.message()))?;
+    let span = root.span();
+    let mut table = root.into_inner();
+
+    for (key, value) in &table {
+        let shown = file.text.get(value.span()).unwrap_or("…").trim();
+        if let Some(message) = moved_key(key.get_ref(), shown) {
+            return Err(fail(Some(key.span()), Some(key.get_ref()), &message));
+        }
+        if key.get_ref() == "handle_signals" {
+            return Err(fail(
+                Some(key.span()),
+                Some("handle_signals"),
+                "the program always stops gracefully on SIGINT and SIGTERM; remove this key",
+            ));
         }
     }
+
+    let mut text_of = |key: &'static str| -> Result<Option<Spanned<String>>, CliError> {
+        let Some(value) = table.remove(key) else {
+            return Ok(None);
+        };
+        let span = value.span();
+        String::deserialize(ValueDeserializer::from(value))
+            .map(|text| Some(Spanned::new(span, text)))
+            .map_err(|e| fail(e.span(), Some(key), e.message()))
+    };
+    let database_url = text_of("database_url")?.map(Spanned::into_inner);
+    let log_level = text_of("log_level")?.map(Spanned::into_inner);
+    let (log_format, event_id, metrics_addr) = (
+        text_of("log_format")?,
+        text_of("event_id")?,
+        text_of("metrics_addr")?,
+    );
+    let program = ProgramKeys {
+        database_url,
+        log_level,
+        log_format: parse_key(log_format, "log_format", &fail)?,
+        event_id: parse_key(event_id, "event_id", &fail)?,
+        metrics_addr: parse_key(metrics_addr, "metrics_addr", &fail)?,
+    };
+
+    // The keys left are the runtime's; an error inside one names it (the error is in the value
+    // of the last top-level key before it, inline, dotted or under a `[table]` header).
+    let keys: Vec<(String, usize)> = table
+        .keys()
+        .map(|k| (k.get_ref().to_string(), k.span().start))
+        .collect();
+    let options = ConsumerOptions::deserialize(toml::Deserializer::from(Spanned::new(span, table)))
+        .map_err(|e| {
+            let span = e.span();
+            let message = e.message();
+            let within = span
+                .as_ref()
+                .and_then(|s| {
+                    keys.iter()
+                        .filter(|(_, start)| *start <= s.start)
+                        .max_by_key(|(_, start)| *start)
+                        .map(|(k, _)| k.as_str())
+                })
+                .filter(|key| !message.contains(&format!("`{key}")));
+            match within {
+                Some(key) => fail(span, Some(key), message),
+                None if message.starts_with("unknown field") => {
+                    let program: Vec<String> =
+                        PROGRAM_KEYS.iter().map(|k| format!("`{k}`")).collect();
+                    fail(
+                        span,
+                        None,
+                        &format!(
+                            "{}, or one of the program's {}",
+                            // The program sets it.
+                            message.replace(", `handle_signals`", ""),
+                            program.join(", ")
+                        ),
+                    )
+                }
+                _ => fail(span, None, message),
+            }
+        })?;
+    Ok(FileSettings {
+        name: file.name.clone(),
+        program,
+        options,
+    })
+}
+
+/// A program key's text, parsed; the error names the key and its line.
+fn parse_key<T: std::str::FromStr<Err = String>>(
+    text: Option<Spanned<String>>,
+    key: &str,
+    fail: &impl Fn(Option<Range<usize>>, Option<&str>, &str) -> CliError,
+) -> Result<Option<T>, CliError> {
+    text.map(|t| {
+        t.get_ref()
+            .parse()
+            .map_err(|e: String| fail(Some(t.span()), Some(key), &e))
+    })
+    .transpose()
 }
 
 /// Applies the layers: flags (already in `cli`) > environment > config file > defaults.
@@ -441,108 +435,111 @@ pub(super) fn resolve(
     env: Env<'_>,
     file: Option<&ConfigFile>,
 ) -> Result<Settings, CliError> {
-    let (config, file_name) = parse_file(file)?;
-    let layers = Layers {
-        env,
-        file: config,
-        file_name,
-    };
-    let f = &layers.file;
+    let FileSettings {
+        name: file_name,
+        program: keys,
+        mut options,
+    } = parse_file(file)?;
+    let layers = Layers { env, file_name };
     let g = cli.global;
-    let database_url = layers.required(&DATABASE_URL, g.database_url, f.database_url.clone())?;
-    let schema = layers
-        .string(g.schema, Some(ENV_SCHEMA), f.schema.clone())
-        .unwrap_or_else(|| "consumer_runtime".to_owned());
+    // The environment over the file, then the flags over both.
+    layers.string(&mut options.brokers, ENV_BROKERS);
+    layers.string(&mut options.group, ENV_GROUP);
+    layers.string(&mut options.schema, ENV_SCHEMA);
+    options.topics = match layers.env(ENV_TOPICS) {
+        Some(topics) => clean_topics(topics.split(',').map(str::to_owned).collect()),
+        None => clean_topics(options.topics),
+    };
+    g.overlay(&mut options).map_err(CliError::Usage)?;
+
+    let database_url = DATABASE_URL.check(
+        &g.database_url
+            .or_else(|| layers.env(ENV_DATABASE_URL))
+            .or(keys.database_url)
+            .unwrap_or_default(),
+    )?;
     let log_level = g
         .log_level
-        .or_else(|| f.log_level.clone())
+        .or(keys.log_level)
         .unwrap_or_else(|| "info".to_owned());
     let log_format = layers
-        .layered(
-            g.log_format,
-            ENV_LOG_FORMAT,
-            "log_format",
-            f.log_format.clone(),
-        )?
+        .layered(g.log_format, ENV_LOG_FORMAT, keys.log_format)?
         .unwrap_or_default();
-    let kafka = layers.kafka(&g.kafka)?;
-    let brokers = || layers.required(&BROKERS, g.brokers.clone(), f.brokers.clone());
-    let group = |flag: Option<String>| layers.required(&GROUP, flag, f.group.clone());
-    let event_id = |flag: Option<EventIdArg>| layers.parsed(flag, "event_id", f.event_id.clone());
+    let brokers = |options: &ConsumerOptions| BROKERS.check(&options.brokers);
+    let group = |flag: Option<String>, options: &ConsumerOptions| {
+        GROUP.check(flag.as_deref().unwrap_or(&options.group))
+    };
+    let event_id = |flag: Option<EventIdArg>| flag.or_else(|| keys.event_id.clone());
 
     let action = match cli.command {
         Command::Migrate => Action::Migrate,
-        Command::Run(r) => {
-            let topics = layers.topics(r.topics);
-            if topics.is_empty() {
+        Command::Run(mut r) => {
+            let (interval_flag, addr_flag) = (r.metrics_interval.is_some(), r.metrics_addr.take());
+            let mut refresh_source =
+                format!("config file `{}`: `metrics_refresh`", layers.file_name);
+            if let Some(text) = layers.env(ENV_METRICS_INTERVAL) {
+                options.metrics_refresh = Some(
+                    parse_duration(&text)
+                        .map_err(|e| CliError::Usage(format!("{ENV_METRICS_INTERVAL}: {e}")))?,
+                );
+                refresh_source = ENV_METRICS_INTERVAL.to_owned();
+            }
+            if interval_flag {
+                refresh_source = "--metrics-interval".to_owned();
+            }
+            let run = RunSettings {
+                event_id: event_id(r.event_id.take()),
+                metrics_addr: layers.layered(addr_flag, ENV_METRICS_ADDR, keys.metrics_addr)?,
+            };
+            r.overlay(&mut options);
+
+            brokers(&options)?;
+            GROUP.check(&options.group)?;
+            if options.topics.is_empty() {
                 return Err(TOPICS.missing());
             }
-            let duration =
-                |key: &str, flag: Option<Duration>, file: &Option<String>| match (flag, file) {
-                    (Some(w), _) => Ok(Some(w)),
-                    (None, Some(text)) => parse_duration(text)
-                        .map(Some)
-                        .map_err(|e| layers.bad(key, &e)),
-                    (None, None) => Ok(None),
-                };
-            let scalar = |v: &Option<FileScalar>| v.as_ref().map(FileScalar::text);
-            let positive = |key: &str, v: Option<usize>| match v {
-                Some(0) => Err(layers.bad(key, "must be at least 1")),
-                other => Ok(other),
-            };
-            Action::Run(RunSettings {
-                brokers: brokers()?,
-                group: group(r.group)?,
-                topics,
-                batch_size: r.batch_size.or(positive("batch_size", f.batch_size)?),
-                batch_wait: duration("batch_wait", r.batch_wait, &f.batch_wait)?,
-                concurrency: r.concurrency.or(positive("concurrency", f.concurrency)?),
-                guarantee: layers.parsed(r.guarantee, "guarantee", f.guarantee.clone())?,
-                event_id: event_id(r.event_id)?,
-                offset_reset: layers.parsed(
-                    r.offset_reset,
-                    "offset_reset",
-                    f.offset_reset.clone(),
-                )?,
-                assignor: layers.parsed(r.assignor, "assignor", f.assignor.clone())?,
-                max_attempts: layers
-                    .parsed(r.max_attempts, "max_attempts", scalar(&f.max_attempts))?
-                    .map(|MaxAttempts(n)| n),
-                retry_delay: duration("retry_delay", r.retry_delay, &f.retry_delay)?,
-                retry_max_delay: duration(
-                    "retry_max_delay",
-                    r.retry_max_delay,
-                    &f.retry_max_delay,
-                )?,
-                breaker_consecutive: layers
-                    .parsed(
-                        r.breaker_consecutive,
-                        "breaker_consecutive",
-                        scalar(&f.breaker_consecutive),
-                    )?
-                    .map(|Limit(n)| n),
-                breaker_ratio: layers
-                    .parsed(r.breaker_ratio, "breaker_ratio", scalar(&f.breaker_ratio))?
-                    .map(|Ratio(r)| r),
-                breaker_window: r
-                    .breaker_window
-                    .or(positive("breaker_window", f.breaker_window)?),
-                metrics_addr: layers.layered(
-                    r.metrics_addr,
-                    ENV_METRICS_ADDR,
-                    "metrics_addr",
-                    f.metrics_addr.clone(),
-                )?,
-                metrics_interval: layers.metrics_interval(r.metrics_interval)?,
-            })
+            // Flags refuse 0; the file's numbers are checked here.
+            let ratio_window = options.circuit_breaker.ratio.map(|r| r.window);
+            for (key, value) in [
+                ("batch_size", Some(options.batch_size as u64)),
+                ("concurrency", options.concurrency.map(|n| n as u64)),
+                ("circuit_breaker.ratio.window", ratio_window),
+            ] {
+                if value == Some(0) {
+                    return Err(layers.bad(key, "must be at least 1"));
+                }
+            }
+            let retry = &options.retry_policy;
+            if retry.initial_delay > retry.max_delay {
+                return Err(CliError::Usage(format!(
+                    "the retry delay ({:?}) is longer than the longest retry delay ({:?}); lower \
+                     --retry-delay or raise --retry-max-delay (in the config file: \
+                     retry_policy = {{ initial_delay, max_delay }})",
+                    retry.initial_delay, retry.max_delay
+                )));
+            }
+            if options.metrics_refresh.is_some_and(|d| d.is_zero()) {
+                return Err(CliError::Usage(format!(
+                    "{refresh_source} must be longer than 0"
+                )));
+            }
+            // The program's own defaults.
+            options.concurrency.get_or_insert(DEFAULT_CONCURRENCY);
+            options.handle_signals = true;
+            if run.metrics_addr.is_some() {
+                options
+                    .metrics_refresh
+                    .get_or_insert(DEFAULT_METRICS_INTERVAL);
+            }
+            Action::Run(run)
         }
         Command::Offsets(o) => match o.action {
             None => Action::Offsets {
-                group: group(o.group)?,
+                group: group(o.group, &options)?,
                 topic: o.topic,
             },
             Some(OffsetsAction::Set(set)) => Action::SetOffset {
-                group: group(o.group)?,
+                group: group(o.group, &options)?,
                 topic: o.topic.ok_or_else(|| {
                     CliError::Usage(
                         "`offsets set` needs --topic, the topic whose offset to move".into(),
@@ -553,35 +550,35 @@ pub(super) fn resolve(
             },
         },
         Command::Status(s) => Action::Status {
-            brokers: brokers()?,
-            group: group(s.group)?,
+            brokers: brokers(&options)?,
+            group: group(s.group, &options)?,
             configured: if s.topic.is_some() {
                 Vec::new()
             } else {
-                layers.topics(Vec::new())
+                options.topics.clone()
             },
             topic: s.topic,
         },
         Command::Replay(r) => Action::Replay(ReplaySettings {
-            brokers: brokers()?,
-            group: group(r.group)?,
+            brokers: brokers(&options)?,
+            group: group(r.group, &options)?,
             topic: r.topic,
             partition: r.partition,
             from: r.from,
             dry_run: r.dry_run,
             rebuild: r.rebuild,
-            event_id: event_id(r.event_id)?,
+            event_id: event_id(r.event_id),
         }),
         Command::DeadLetters(d) => Action::DeadLetters(match d.action {
             DeadLettersCommand::List(l) => DeadLetters::List {
-                group: group(l.group)?,
+                group: group(l.group, &options)?,
                 topic: l.topic,
             },
             DeadLettersCommand::Show(s) => DeadLetters::Show { id: s.id },
             DeadLettersCommand::Redrive(r) => DeadLetters::Redrive {
                 target: if r.all {
                     RedriveTarget::All {
-                        group: group(r.group)?,
+                        group: group(r.group, &options)?,
                         topic: r.topic,
                     }
                 } else if r.ids.is_empty() {
@@ -595,13 +592,13 @@ pub(super) fn resolve(
                 } else {
                     RedriveTarget::Ids(r.ids)
                 },
-                event_id: event_id(r.event_id)?,
+                event_id: event_id(r.event_id),
             },
             DeadLettersCommand::Purge(p) => {
                 let target = match p.id {
                     Some(id) => PurgeTarget::Id(id),
                     None => PurgeTarget::Group {
-                        group: group(p.group)?,
+                        group: group(p.group, &options)?,
                         topic: p.topic,
                     },
                 };
@@ -629,8 +626,7 @@ pub(super) fn resolve(
     };
     Ok(Settings {
         database_url,
-        schema,
-        kafka,
+        options,
         log_level,
         log_format,
         action,

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::Parser as _;
 
-use consumer_runtime::{Context, DatabaseKind, Guarantee, Handler, HandlerError, Raw};
+use consumer_runtime::{
+    ConsumerOptions, Context, DatabaseKind, Guarantee, Handler, HandlerError, Raw,
+};
 
 use super::args::{Cli, EventIdArg};
 use super::settings::{Action, ConfigFile, Settings, resolve};
@@ -34,9 +36,10 @@ fn resolve_with(
     resolve(cli(args), &lookup, file.as_ref())
 }
 
-fn run_settings(s: Settings) -> super::settings::RunSettings {
+/// `run`'s settings: the runtime's options and the program's own.
+fn run_settings(s: Settings) -> (ConsumerOptions, super::settings::RunSettings) {
     match s.action {
-        Action::Run(r) => r,
+        Action::Run(r) => (s.options, r),
         other => panic!("not run: {other:?}"),
     }
 }
@@ -51,7 +54,7 @@ batch_size = 7
 batch_wait = "250ms"
 guarantee = "at-least-once"
 event_id = "header:file-id"
-max_attempts = "unlimited"
+retry_policy = { max_attempts = "unlimited" }
 
 [kafka]
 "session.timeout.ms" = 6000
@@ -106,83 +109,78 @@ fn flags_win_over_environment_which_wins_over_the_file() {
     )
     .unwrap();
     assert_eq!(s.database_url, "postgres://flag@db/app");
-    assert_eq!(s.schema, "flag_schema");
-    let r = run_settings(s);
-    assert_eq!(r.brokers, "flag:9092");
-    assert_eq!(r.group, "flag-group");
-    assert_eq!(r.topics, ["flag-a", "flag-b", "flag-c"]);
-    assert_eq!(r.batch_size, Some(3));
-    assert_eq!(r.guarantee, Some(Guarantee::AtMostOnce));
+    assert_eq!(s.options.schema, "flag_schema");
+    let (o, _) = run_settings(s);
+    assert_eq!(o.brokers, "flag:9092");
+    assert_eq!(o.group, "flag-group");
+    assert_eq!(o.topics, ["flag-a", "flag-b", "flag-c"]);
+    assert_eq!(o.batch_size, 3);
+    assert_eq!(o.guarantee, Guarantee::AtMostOnce);
     // Settings without a flag still come from the file.
-    assert_eq!(r.batch_wait, Some(Duration::from_millis(250)));
+    assert_eq!(o.batch_wait, Duration::from_millis(250));
 
     // The environment over the file.
     let s = resolve_with(&["run"], &env, Some(FILE)).unwrap();
     assert_eq!(s.database_url, "postgres://env@db/app");
-    assert_eq!(s.schema, "env_schema");
-    let r = run_settings(s);
-    assert_eq!(r.brokers, "env:9092");
-    assert_eq!(r.group, "env-group");
-    assert_eq!(r.topics, ["env-a", "env-b"]);
+    assert_eq!(s.options.schema, "env_schema");
+    let (o, _) = run_settings(s);
+    assert_eq!(o.brokers, "env:9092");
+    assert_eq!(o.group, "env-group");
+    assert_eq!(o.topics, ["env-a", "env-b"]);
 
     // The file over the defaults.
     let s = resolve_with(&["run"], &[], Some(FILE)).unwrap();
     assert_eq!(s.database_url, "postgres://file@db/app");
-    assert_eq!(s.schema, "file_schema");
+    assert_eq!(s.options.schema, "file_schema");
     assert_eq!(s.log_level, "info");
-    let r = run_settings(s);
-    assert_eq!(r.brokers, "file:9092");
-    assert_eq!(r.group, "file-group");
-    assert_eq!(r.topics, ["file-a", "file-b"]);
-    assert_eq!(r.batch_size, Some(7));
-    assert_eq!(r.guarantee, Some(Guarantee::AtLeastOnce));
+    let (o, r) = run_settings(s);
+    assert_eq!(o.brokers, "file:9092");
+    assert_eq!(o.group, "file-group");
+    assert_eq!(o.topics, ["file-a", "file-b"]);
+    assert_eq!(o.batch_size, 7);
+    assert_eq!(o.guarantee, Guarantee::AtLeastOnce);
     assert_eq!(r.event_id, Some(EventIdArg::Header("file-id".into())));
-    assert_eq!(r.max_attempts, Some(None));
+    assert_eq!(o.retry_policy.max_attempts, None);
 
-    // The defaults: nothing set leaves the runtime's own defaults.
+    // The defaults: nothing set leaves the runtime's own defaults, but for the two the
+    // program sets (8 concurrent transactions, graceful stop on SIGINT and SIGTERM).
     let s = resolve_with(&MINIMAL_RUN, &[], None).unwrap();
-    assert_eq!(s.schema, "consumer_runtime");
-    assert!(s.kafka.is_empty());
-    let r = run_settings(s);
-    assert_eq!(
-        (
-            r.batch_size,
-            r.batch_wait,
-            r.guarantee,
-            r.event_id,
-            r.max_attempts
-        ),
-        (None, None, None, None, None)
-    );
+    assert!(s.options.kafka.is_empty());
+    let (o, r) = run_settings(s);
+    assert_eq!(r.event_id, None);
+    assert_eq!(r.metrics_addr, None);
+    let mut expected = ConsumerOptions::default();
+    expected.brokers = "k:9092".into();
+    expected.group = "g".into();
+    expected.topics = vec!["t".into()];
+    expected.concurrency = Some(8);
+    expected.handle_signals = true;
+    assert_eq!(o, expected);
+    assert_eq!(o.schema, "consumer_runtime");
 }
 
 #[test]
 fn retry_and_circuit_breaker_settings_layer_and_build_the_policies() {
-    use super::commands::{circuit_breaker, retry_policy};
     use consumer_runtime::{CircuitBreaker, ParkedRatio, RetryPolicy};
     let base = MINIMAL_RUN;
     let with = |extra: &[&str], file: Option<&str>| {
         let args: Vec<&str> = base.iter().chain(extra).copied().collect();
-        resolve_with(&args, &[], file).map(run_settings)
+        resolve_with(&args, &[], file).map(|s| run_settings(s).0)
     };
 
     // Nothing set: the library's defaults.
-    let r = with(&[], None).unwrap();
-    assert_eq!(retry_policy(&r).unwrap(), RetryPolicy::default());
-    assert_eq!(circuit_breaker(&r), CircuitBreaker::default());
+    let o = with(&[], None).unwrap();
+    assert_eq!(o.retry_policy, RetryPolicy::default());
+    assert_eq!(o.circuit_breaker, CircuitBreaker::default());
 
     // The file sets them; a flag wins over its key.
     let file = r#"
-        retry_delay = "1s"
-        retry_max_delay = "1m"
-        max_attempts = 4
-        breaker_consecutive = "off"
-        breaker_ratio = 0.25
-        breaker_window = 200
+        retry_policy = { initial_delay = "1s", max_delay = "1m", max_attempts = 4 }
+        circuit_breaker = { max_consecutive = "off", ratio = { max_ratio = 0.25, window = 200 } }
     "#;
-    let r = with(&["--breaker-ratio", "90%"], Some(file)).unwrap();
+    let o = with(&["--breaker-ratio", "90%"], Some(file)).unwrap();
     assert_eq!(
-        retry_policy(&r).unwrap(),
+        o.retry_policy,
         RetryPolicy {
             initial_delay: Duration::from_secs(1),
             max_delay: Duration::from_secs(60),
@@ -190,7 +188,7 @@ fn retry_and_circuit_breaker_settings_layer_and_build_the_policies() {
         }
     );
     assert_eq!(
-        circuit_breaker(&r),
+        o.circuit_breaker,
         CircuitBreaker {
             max_consecutive: None,
             ratio: Some(ParkedRatio {
@@ -199,24 +197,48 @@ fn retry_and_circuit_breaker_settings_layer_and_build_the_policies() {
             }),
         }
     );
-    let r = with(
+    let o = with(
         &["--breaker-consecutive", "7", "--breaker-ratio", "off"],
         Some(file),
     )
     .unwrap();
     assert_eq!(
-        circuit_breaker(&r),
+        o.circuit_breaker,
         CircuitBreaker {
             max_consecutive: Some(7),
             ratio: None
         }
     );
-    let r = with(
+    let o = with(
         &["--breaker-ratio", "off", "--breaker-consecutive", "off"],
         None,
     )
     .unwrap();
-    assert_eq!(circuit_breaker(&r), CircuitBreaker::disabled());
+    assert_eq!(o.circuit_breaker, CircuitBreaker::disabled());
+    // A ratio given by flag over a file that turned it off keeps the default window.
+    let o = with(
+        &[
+            "--breaker-ratio",
+            "0.3",
+            "--retry-delay",
+            "5ms",
+            "--max-attempts",
+            "2",
+        ],
+        Some("circuit_breaker = { ratio = \"off\" }"),
+    )
+    .unwrap();
+    assert_eq!(
+        o.circuit_breaker.ratio,
+        Some(ParkedRatio {
+            max_ratio: 0.3,
+            window: 1000
+        })
+    );
+    assert_eq!(
+        (o.retry_policy.initial_delay, o.retry_policy.max_attempts),
+        (Duration::from_millis(5), Some(2))
+    );
 
     // Bad values name the problem and the fix.
     let flag_err = |extra: &[&str]| {
@@ -232,12 +254,30 @@ fn retry_and_circuit_breaker_settings_layer_and_build_the_policies() {
     );
     let e = flag_err(&["--breaker-consecutive", "0"]);
     assert!(e.contains("from 1 up, or off"), "{e}");
-    let err = |extra: &[&str], file: Option<&str>| match with(extra, file) {
-        Ok(r) => retry_policy(&r).unwrap_err().to_string(),
-        Err(e) => e.to_string(),
-    };
-    let e = err(&[], Some("breaker_ratio = \"most\""));
-    assert!(e.contains("`breaker_ratio`") && e.contains("`most`"), "{e}");
+    let err = |extra: &[&str], file: Option<&str>| with(extra, file).unwrap_err().to_string();
+    let e = err(&[], Some("circuit_breaker = { ratio = \"most\" }"));
+    assert!(
+        e.contains("line 1: `circuit_breaker`") && e.contains("\"most\""),
+        "{e}"
+    );
+    let e = err(&[], Some("\nretry_policy = { max_delay = \"5 parsecs\" }"));
+    assert!(
+        e.contains("line 2: `retry_policy`: `5 parsecs` is not a duration (unknown unit)"),
+        "{e}"
+    );
+    let e = err(
+        &[],
+        Some("batch_size = 5\n[retry_policy]\nmax_attempts = 0\n"),
+    );
+    assert!(
+        e.contains("line 3: `retry_policy`: `0` is not a number of attempts"),
+        "{e}"
+    );
+    let e = err(&[], Some("circuit_breaker = { ratio = { window = 0 } }"));
+    assert!(
+        e.contains("`circuit_breaker.ratio.window`: must be at least 1"),
+        "{e}"
+    );
     let e = err(&["--retry-delay", "1m"], None);
     assert!(
         e.contains("lower --retry-delay or raise --retry-max-delay"),
@@ -246,17 +286,112 @@ fn retry_and_circuit_breaker_settings_layer_and_build_the_policies() {
 }
 
 #[test]
+fn a_key_that_moved_into_a_table_names_its_new_place() {
+    let err = |file: &str| {
+        resolve_with(&MINIMAL_RUN, &[], Some(file))
+            .unwrap_err()
+            .to_string()
+    };
+    for (old, new) in [
+        (
+            "max_attempts = \"unlimited\"",
+            "write retry_policy = { max_attempts = \"unlimited\" }",
+        ),
+        (
+            "retry_delay = \"1s\"",
+            "write retry_policy = { initial_delay = \"1s\" }",
+        ),
+        (
+            "retry_max_delay = \"1m\"",
+            "write retry_policy = { max_delay = \"1m\" }",
+        ),
+        (
+            "breaker_consecutive = 5",
+            "write circuit_breaker = { max_consecutive = 5 }",
+        ),
+        (
+            "breaker_ratio = 0.25",
+            "write circuit_breaker = { ratio = { max_ratio = 0.25 } }",
+        ),
+        (
+            "breaker_ratio = \"off\"",
+            "write circuit_breaker = { ratio = \"off\" }",
+        ),
+        (
+            "breaker_window = 200",
+            "write circuit_breaker = { ratio = { window = 200 } }",
+        ),
+        (
+            "metrics_interval = \"10s\"",
+            "write metrics_refresh = \"10s\"",
+        ),
+    ] {
+        let e = err(&format!("batch_size = 5\n{old}\n"));
+        let key = old.split(' ').next().unwrap();
+        assert!(
+            e.starts_with(&format!("config file `orders.toml`, line 2: `{key}`: "))
+                && e.ends_with(new),
+            "{old}: {e}"
+        );
+        // The suggestion is a file that works.
+        let fixed = new.strip_prefix("write ").unwrap();
+        resolve_with(&MINIMAL_RUN, &[], Some(fixed)).unwrap();
+    }
+    let e = err("handle_signals = false");
+    assert!(
+        e.contains("`handle_signals`") && e.contains("SIGTERM"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_runtime_option_of_the_file_reaches_the_runtime() {
+    use consumer_runtime::{Assignor, OffsetReset};
+    let file = r#"
+        batch_size = 200
+        batch_wait = "50ms"
+        concurrency = 4
+        guarantee = "at-most-once"
+        offset_reset = "latest"
+        assignor = "range"
+        startup_timeout = "30s"
+        epoch_check_interval = "2s"
+        metrics_refresh = "15s"
+        metrics_addr = "127.0.0.1:0"
+    "#;
+    let (o, r) = run_settings(resolve_with(&MINIMAL_RUN, &[], Some(file)).unwrap());
+    assert_eq!(
+        (o.batch_size, o.batch_wait, o.concurrency),
+        (200, Duration::from_millis(50), Some(4))
+    );
+    assert_eq!(
+        (o.guarantee, o.offset_reset, o.assignor),
+        (Guarantee::AtMostOnce, OffsetReset::Latest, Assignor::Range)
+    );
+    assert_eq!(
+        (o.startup_timeout, o.epoch_check_interval, o.metrics_refresh),
+        (
+            Duration::from_secs(30),
+            Duration::from_secs(2),
+            Some(Duration::from_secs(15))
+        )
+    );
+    assert!(o.handle_signals);
+    assert!(r.metrics_addr.is_some());
+}
+
+#[test]
 fn metrics_and_log_format_settings_layer_flag_over_env_over_file() {
     use super::args::{LogFormat, MetricsAddr};
     let file = FILE.replace(
-        "max_attempts = \"unlimited\"",
-        "max_attempts = \"unlimited\"\nmetrics_addr = \"0.0.0.0:9100\"\nmetrics_interval = \"10s\"\nlog_format = \"json\"",
+        "batch_size = 7",
+        "batch_size = 7\nmetrics_addr = \"0.0.0.0:9100\"\nmetrics_refresh = \"10s\"\nlog_format = \"json\"",
     );
     let s = resolve_with(&["run"], &[], Some(&file)).unwrap();
     assert_eq!(s.log_format, LogFormat::Json);
-    let r = run_settings(s);
+    let (o, r) = run_settings(s);
     assert_eq!(r.metrics_addr, Some(MetricsAddr("0.0.0.0:9100".into())));
-    assert_eq!(r.metrics_interval, Some(Duration::from_secs(10)));
+    assert_eq!(o.metrics_refresh, Some(Duration::from_secs(10)));
 
     let env = [
         ("CONSUMER_METRICS_ADDR", "127.0.0.1:9200"),
@@ -265,9 +400,9 @@ fn metrics_and_log_format_settings_layer_flag_over_env_over_file() {
     ];
     let s = resolve_with(&["run"], &env, Some(&file)).unwrap();
     assert_eq!(s.log_format, LogFormat::Text);
-    let r = run_settings(s);
+    let (o, r) = run_settings(s);
     assert_eq!(r.metrics_addr, Some(MetricsAddr("127.0.0.1:9200".into())));
-    assert_eq!(r.metrics_interval, Some(Duration::from_secs(1)));
+    assert_eq!(o.metrics_refresh, Some(Duration::from_secs(1)));
 
     let flags = [
         "run",
@@ -280,14 +415,21 @@ fn metrics_and_log_format_settings_layer_flag_over_env_over_file() {
     ];
     let s = resolve_with(&flags, &env, Some(&file)).unwrap();
     assert_eq!(s.log_format, LogFormat::Json);
-    let r = run_settings(s);
+    let (o, r) = run_settings(s);
     assert_eq!(r.metrics_addr, Some(MetricsAddr("127.0.0.1:0".into())));
-    assert_eq!(r.metrics_interval, Some(Duration::from_millis(500)));
+    assert_eq!(o.metrics_refresh, Some(Duration::from_millis(500)));
 
-    // Off and text by default; bad values name the setting.
+    // Off and text by default; with an address, the gauges are refreshed every 5 s.
     let s = resolve_with(&["run"], &[], Some(FILE)).unwrap();
     assert_eq!(s.log_format, LogFormat::Text);
-    assert_eq!(run_settings(s).metrics_addr, None);
+    let (o, r) = run_settings(s);
+    assert_eq!((r.metrics_addr, o.metrics_refresh), (None, None));
+    let s = resolve_with(&["run", "--metrics-addr", "127.0.0.1:0"], &[], Some(FILE)).unwrap();
+    assert_eq!(
+        run_settings(s).0.metrics_refresh,
+        Some(Duration::from_secs(5))
+    );
+    // Bad values name the setting.
     let err = resolve_with(&["run"], &[("CONSUMER_METRICS_ADDR", "9100")], Some(FILE))
         .unwrap_err()
         .to_string();
@@ -302,14 +444,18 @@ fn metrics_and_log_format_settings_layer_flag_over_env_over_file() {
         err.contains("CONSUMER_LOG_FORMAT") && err.contains("json"),
         "{err}"
     );
-    let zero = FILE.replace(
-        "batch_size = 7",
-        "batch_size = 7\nmetrics_interval = \"0s\"",
-    );
+    let zero = FILE.replace("batch_size = 7", "batch_size = 7\nmetrics_refresh = \"0s\"");
     let err = resolve_with(&["run"], &[], Some(&zero))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("metrics_interval"), "{err}");
+    assert!(
+        err.contains("`metrics_refresh` must be longer than 0"),
+        "{err}"
+    );
+    let err = resolve_with(&["run", "--metrics-interval", "0s"], &[], Some(FILE))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, "--metrics-interval must be longer than 0");
     assert!(
         Cli::try_parse_from(["orders", "run", "--metrics-addr", "localhost"]).is_err(),
         "a port is required"
@@ -336,8 +482,7 @@ fn x_properties_override_the_files_kafka_table() {
         Some(FILE),
     )
     .unwrap();
-    let mut kafka = s.kafka.clone();
-    kafka.sort();
+    let kafka: Vec<(String, String)> = s.options.kafka.clone().into_iter().collect();
     assert_eq!(
         kafka,
         [
@@ -373,6 +518,15 @@ fn an_unknown_config_key_is_named_with_its_line() {
         "{text}"
     );
     assert!(!text.contains('\n'), "{text}");
+    // The known keys listed are the runtime's options and the program's own.
+    assert!(
+        text.contains("`batch_size`") && text.contains("`metrics_refresh`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("or one of the program's `database_url`, `log_level`"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -1296,4 +1450,22 @@ async fn dead_letters_list_show_redrive_and_purge_on_sqlite() {
         .await
         .unwrap();
     assert!(remaining("g").await.is_empty());
+}
+
+#[test]
+fn the_config_file_in_runs_help_is_valid() {
+    let (_, help) = super::examples::subcommands("orders", "sqlite://orders.db")
+        .into_iter()
+        .find(|(name, _)| *name == "run")
+        .unwrap();
+    let (_, example) = help.split_once("A config file (orders.toml):\n").unwrap();
+    let text: String = example
+        .lines()
+        .map(|line| format!("{}\n", line.trim_start()))
+        .collect();
+    let s = resolve_with(&["run"], &[], Some(&text)).unwrap();
+    assert_eq!(s.database_url, "sqlite://orders.db");
+    let (o, _) = run_settings(s);
+    assert_eq!(o.retry_policy.max_attempts, Some(5));
+    assert_eq!(o.kafka["session.timeout.ms"], "10000");
 }
