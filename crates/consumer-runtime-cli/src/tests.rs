@@ -74,6 +74,14 @@ const MINIMAL_RUN: [&str; 9] = [
     "t",
 ];
 
+/// How `orders` (a PostgreSQL program) refuses the command line `args`.
+fn parse_err<const N: usize>(args: [&str; N]) -> CliError {
+    match parse("orders", None, DatabaseKind::Postgres, args) {
+        Ok(cli) => panic!("{args:?} was accepted: {:?}", cli.is_some()),
+        Err(e) => e,
+    }
+}
+
 #[test]
 fn flags_win_over_environment_which_wins_over_the_file() {
     let env = [
@@ -645,24 +653,18 @@ fn global_options_go_before_or_after_the_subcommand() {
 
 #[test]
 fn dry_run_and_rebuild_are_mutually_exclusive() {
-    let err = parse(
+    let err = parse_err([
         "orders",
-        None,
-        DatabaseKind::Postgres,
-        [
-            "orders",
-            "replay",
-            "-g",
-            "g",
-            "-t",
-            "t",
-            "--from",
-            "earliest",
-            "--dry-run",
-            "--rebuild",
-        ],
-    )
-    .unwrap_err();
+        "replay",
+        "-g",
+        "g",
+        "-t",
+        "t",
+        "--from",
+        "earliest",
+        "--dry-run",
+        "--rebuild",
+    ]);
     assert_eq!(err.exit_code(), 2);
     let text = err.to_string();
     assert!(text.contains("--rebuild") && !text.contains('\n'), "{text}");
@@ -670,33 +672,15 @@ fn dry_run_and_rebuild_are_mutually_exclusive() {
 
 #[test]
 fn usage_errors_are_one_line_with_the_tip() {
-    let err = parse(
-        "orders",
-        None,
-        DatabaseKind::Postgres,
-        ["orders", "run", "--grop", "g"],
-    )
-    .unwrap_err();
+    let err = parse_err(["orders", "run", "--grop", "g"]);
     let text = err.to_string();
     assert!(
         text.contains("--grop") && text.contains("--group") && !text.contains('\n'),
         "{text}"
     );
-    let err = parse(
-        "orders",
-        None,
-        DatabaseKind::Postgres,
-        ["orders", "run", "--batch-wait", "20"],
-    )
-    .unwrap_err();
+    let err = parse_err(["orders", "run", "--batch-wait", "20"]);
     assert!(err.to_string().contains("20ms"), "{err}");
-    let err = parse(
-        "orders",
-        None,
-        DatabaseKind::Postgres,
-        ["orders", "run", "--guarantee", "twice"],
-    )
-    .unwrap_err();
+    let err = parse_err(["orders", "run", "--guarantee", "twice"]);
     assert!(err.to_string().contains("effectively-once"), "{err}");
 }
 
@@ -893,22 +877,16 @@ fn replay_takes_a_start_and_one_mode() {
         }
         other => panic!("{other:?}"),
     }
-    let err = parse(
+    let err = parse_err([
         "orders",
-        None,
-        DatabaseKind::Postgres,
-        [
-            "orders",
-            "replay",
-            "-g",
-            "g",
-            "-t",
-            "t",
-            "--from",
-            "yesterday",
-        ],
-    )
-    .unwrap_err();
+        "replay",
+        "-g",
+        "g",
+        "-t",
+        "t",
+        "--from",
+        "yesterday",
+    ]);
     assert_eq!(err.exit_code(), 2);
     assert!(err.to_string().contains("RFC 3339"), "{err}");
 }
@@ -1066,22 +1044,16 @@ fn purge_without_yes_is_refused_and_deletes_nothing() {
         );
     }
     // --id is one row: no group or topic with it.
-    let err = parse(
+    let err = parse_err([
         "orders",
-        None,
-        DatabaseKind::Postgres,
-        [
-            "orders",
-            "dead-letters",
-            "purge",
-            "--id",
-            "9",
-            "-g",
-            "g",
-            "--yes",
-        ],
-    )
-    .unwrap_err();
+        "dead-letters",
+        "purge",
+        "--id",
+        "9",
+        "-g",
+        "g",
+        "--yes",
+    ]);
     assert!(err.to_string().contains("--id"), "{err}");
 }
 
@@ -1096,26 +1068,14 @@ fn redrive_needs_ids_or_all_but_not_both() {
     );
     let err = resolve_with(&["dead-letters", "redrive", "3", "-g", "g"], &env, None).unwrap_err();
     assert!(err.to_string().contains("only with --all"), "{err}");
-    let err = parse(
-        "orders",
-        None,
-        DatabaseKind::Postgres,
-        ["orders", "dead-letters", "redrive", "3", "--all", "-g", "g"],
-    )
-    .unwrap_err();
+    let err = parse_err(["orders", "dead-letters", "redrive", "3", "--all", "-g", "g"]);
     assert_eq!(err.exit_code(), 2);
     let text = err.to_string();
     assert!(
         text.contains("--all") && !text.contains('\n') && !text.contains("Usage"),
         "{text}"
     );
-    let err = parse(
-        "orders",
-        None,
-        DatabaseKind::Postgres,
-        ["orders", "dead-letters", "redrive", "seven"],
-    )
-    .unwrap_err();
+    let err = parse_err(["orders", "dead-letters", "redrive", "seven"]);
     assert!(err.to_string().contains("seven"), "{err}");
 }
 
