@@ -566,39 +566,33 @@ fn a_missing_required_value_names_the_flag_the_variable_and_the_key() {
     );
     assert_eq!(err.exit_code(), 2);
     let url = ["--database-url", "sqlite://a.db"];
-    let err = resolve_with(
-        &[&["run", "-g", "g", "-t", "t"][..], &url].concat(),
-        &[],
-        None,
-    )
-    .unwrap_err();
-    let text = err.to_string();
-    assert!(
-        text.contains("--brokers") && text.contains("KAFKA_BROKERS") && text.contains("`brokers`"),
-        "{text}"
-    );
-    let err = resolve_with(
-        &[&["run", "-b", "k:1", "-t", "t"][..], &url].concat(),
-        &[],
-        None,
-    )
-    .unwrap_err();
-    let text = err.to_string();
-    assert!(
-        text.contains("--group") && text.contains("CONSUMER_GROUP") && text.contains("`group`"),
-        "{text}"
-    );
-    let err = resolve_with(
-        &[&["run", "-b", "k:1", "-g", "g"][..], &url].concat(),
-        &[],
-        None,
-    )
-    .unwrap_err();
-    let text = err.to_string();
-    assert!(
-        text.contains("--topic") && text.contains("KAFKA_TOPICS") && text.contains("`topics`"),
-        "{text}"
-    );
+    for (args, flag, variable, key) in [
+        (
+            ["run", "-g", "g", "-t", "t"],
+            "--brokers",
+            "KAFKA_BROKERS",
+            "`brokers`",
+        ),
+        (
+            ["run", "-b", "k:1", "-t", "t"],
+            "--group",
+            "CONSUMER_GROUP",
+            "`group`",
+        ),
+        (
+            ["run", "-b", "k:1", "-g", "g"],
+            "--topic",
+            "KAFKA_TOPICS",
+            "`topics`",
+        ),
+    ] {
+        let err = resolve_with(&[&args[..], &url].concat(), &[], None).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(flag) && text.contains(variable) && text.contains(key),
+            "{text}"
+        );
+    }
     let err = resolve_with(&[&["status", "-g", "g"][..], &url].concat(), &[], None).unwrap_err();
     assert!(err.to_string().contains("--brokers"), "{err}");
 }
