@@ -21,7 +21,7 @@
 //! [`PartitionWriter::give_up`]) is written to `dead_letters` **in the transaction that
 //! advances the offset**, its effects are undone, and the rest of its batch (records after it
 //! included) commits. Under effectively-once the ledger never claims a parked record, so a
-//! replay or a redrive ([`crate::dead_letters::redrive`]) can still apply it once.
+//! replay or a redrive ([`crate::dead_letters::DeadLetters::redrive`]) can still apply it once.
 //!
 //! Records that fail before any handler runs (undecodable, no event id, retries exhausted) are
 //! known when the transaction opens: they are left out of the ledger claim and parked directly.

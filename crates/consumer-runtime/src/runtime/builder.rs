@@ -25,6 +25,22 @@ pub struct RuntimeBuilder<H: Handler<DB>, DB: Backend> {
     options: ConsumerOptions,
 }
 
+/// Builder methods that each write one field of the options: `name(Type) => field;`, or
+/// `=> field: Some;` for an optional field.
+macro_rules! option_setters {
+    ($($(#[$doc:meta])* $name:ident($ty:ty) => $field:ident $(: $wrap:ident)?;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, value: $ty) -> Self {
+                self.options.$field = option_setters!(@wrap value $($wrap)?);
+                self
+            }
+        )*
+    };
+    (@wrap $value:ident) => { $value };
+    (@wrap $value:ident Some) => { Some($value) };
+}
+
 impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
     /// The defaults; see [`Runtime::builder`].
     pub(super) fn new(handler: H) -> Self {
@@ -70,35 +86,9 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
             .extend(topics.into_iter().map(Into::into));
         self
     }
-    /// The most records in one batch (one transaction) of a partition. Default 500; 1 gives
-    /// one transaction per record.
-    pub fn batch_size(mut self, n: usize) -> Self {
-        self.options.batch_size = n;
-        self
-    }
-    /// How long a partition's batch may wait to fill after its first record. Default 20 ms.
-    pub fn batch_wait(mut self, wait: Duration) -> Self {
-        self.options.batch_wait = wait;
-        self
-    }
-    /// The most transactions open at once. Default and maximum: the pool's size (SQLite: 1).
-    pub fn concurrency(mut self, n: usize) -> Self {
-        self.options.concurrency = Some(n);
-        self
-    }
-    /// The delivery guarantee. Default: effectively-once.
-    pub fn guarantee(mut self, guarantee: Guarantee) -> Self {
-        self.options.guarantee = guarantee;
-        self
-    }
     /// Where event ids come from. Default: the `event-id` header.
     pub fn event_id(mut self, strategy: EventId<H::Event>) -> Self {
         self.event_id = strategy;
-        self
-    }
-    /// Where a partition starts when the database has no offset for it. Default: earliest.
-    pub fn offset_reset(mut self, reset: OffsetReset) -> Self {
-        self.options.offset_reset = reset;
         self
     }
     /// The schema (PostgreSQL) or table prefix (SQLite) of the runtime's tables. Default
@@ -107,57 +97,49 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
         self.options.schema = schema.into();
         self
     }
-    /// The partition assignment strategy. Default: cooperative-sticky.
-    pub fn assignor(mut self, assignor: Assignor) -> Self {
-        self.options.assignor = assignor;
-        self
-    }
-    /// How transient failures are retried.
-    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
-        self.options.retry_policy = policy;
-        self
-    }
-    /// When parking becomes the norm, stop. Default: 100 parked records in a row, or more
-    /// than half of the last 1,000 ([`CircuitBreaker::default`]).
-    pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
-        self.options.circuit_breaker = breaker;
-        self
-    }
     /// Sets a librdkafka consumer property (as `kcat -X key=value`); it wins over the
     /// runtime's own settings, except that offsets are never auto-committed.
     pub fn kafka_config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.options.kafka.insert(key.into(), value.into());
         self
     }
-    /// Whether [`Runtime::run`] stops gracefully on SIGINT and SIGTERM. Default: false, so
-    /// that an application embedding the runtime keeps its signals; it can stop the runtime
-    /// with [`Runtime::run_until`] or a [`ShutdownHandle`](super::ShutdownHandle).
-    pub fn handle_signals(mut self, yes: bool) -> Self {
-        self.options.handle_signals = yes;
-        self
-    }
-    /// How long to wait for the brokers at startup before giving up. Default 10 s.
-    pub fn startup_timeout(mut self, timeout: Duration) -> Self {
-        self.options.startup_timeout = timeout;
-        self
-    }
 
-    /// How often idle partitions check the database for an epoch bumped behind their back (a
-    /// replay or an explicit offset change). Default 1 s.
-    pub fn epoch_check_interval(mut self, every: Duration) -> Self {
-        self.options.epoch_check_interval = every;
-        self
-    }
-
-    /// Keeps the gauges that cost something current, every `every`: each assigned partition's
-    /// lag (from librdkafka's statistics, `statistics.interval.ms`, unless a
-    /// [`kafka_config`](Self::kafka_config) sets it) and the ledger size (a `count(*)` of the
-    /// group's ledger rows, never more often than 100 times the last count took). Default:
-    /// off. Counters and histograms are always recorded (see [`crate::telemetry`]); without a
-    /// `metrics` recorder installed they cost next to nothing.
-    pub fn metrics_refresh(mut self, every: Duration) -> Self {
-        self.options.metrics_refresh = Some(every);
-        self
+    option_setters! {
+        /// The most records in one batch (one transaction) of a partition. Default 500; 1 gives
+        /// one transaction per record.
+        batch_size(usize) => batch_size;
+        /// How long a partition's batch may wait to fill after its first record. Default 20 ms.
+        batch_wait(Duration) => batch_wait;
+        /// The most transactions open at once. Default and maximum: the pool's size (SQLite:
+        /// 1).
+        concurrency(usize) => concurrency: Some;
+        /// The delivery guarantee. Default: effectively-once.
+        guarantee(Guarantee) => guarantee;
+        /// Where a partition starts when the database has no offset for it. Default: earliest.
+        offset_reset(OffsetReset) => offset_reset;
+        /// The partition assignment strategy. Default: cooperative-sticky.
+        assignor(Assignor) => assignor;
+        /// How transient failures are retried.
+        retry_policy(RetryPolicy) => retry_policy;
+        /// When parking becomes the norm, stop. Default: 100 parked records in a row, or more
+        /// than half of the last 1,000 ([`CircuitBreaker::default`]).
+        circuit_breaker(CircuitBreaker) => circuit_breaker;
+        /// Whether [`Runtime::run`] stops gracefully on SIGINT and SIGTERM. Default: false, so
+        /// that an application embedding the runtime keeps its signals; it can stop the runtime
+        /// with [`Runtime::run_until`] or a [`ShutdownHandle`](super::ShutdownHandle).
+        handle_signals(bool) => handle_signals;
+        /// How long to wait for the brokers at startup before giving up. Default 10 s.
+        startup_timeout(Duration) => startup_timeout;
+        /// How often idle partitions check the database for an epoch bumped behind their back
+        /// (a replay or an explicit offset change). Default 1 s.
+        epoch_check_interval(Duration) => epoch_check_interval;
+        /// Keeps the gauges that cost something current, refreshed at this interval: each
+        /// assigned partition's lag (from librdkafka's statistics, `statistics.interval.ms`,
+        /// unless a [`kafka_config`](Self::kafka_config) sets it) and the ledger size (a `count(*)` of the
+        /// group's ledger rows, never more often than 100 times the last count took). Default:
+        /// off. Counters and histograms are always recorded (see [`crate::telemetry`]); without a
+        /// `metrics` recorder installed they cost next to nothing.
+        metrics_refresh(Duration) => metrics_refresh: Some;
     }
 
     /// Checks the configuration and builds the runtime.
