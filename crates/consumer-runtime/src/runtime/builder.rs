@@ -210,18 +210,7 @@ mod tests {
     use super::*;
     use sqlx::Sqlite;
 
-    struct Nothing;
-
-    impl Handler<Sqlite> for Nothing {
-        type Event = crate::Raw;
-        async fn handle(
-            &self,
-            _ctx: &mut crate::Context<'_, Sqlite>,
-            _event: crate::Raw,
-        ) -> std::result::Result<(), crate::HandlerError> {
-            Ok(())
-        }
-    }
+    use crate::runtime::test_handler::Nothing;
 
     fn pool() -> Pool<Sqlite> {
         sqlx::SqlitePool::connect_lazy("sqlite::memory:").expect("an in-memory SQLite pool")

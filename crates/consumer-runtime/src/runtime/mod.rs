@@ -301,6 +301,21 @@ fn client_config(options: &ConsumerOptions) -> ClientConfig {
     c
 }
 
+/// A handler for the runtime's own tests: it does nothing, on either database.
+#[cfg(test)]
+pub(super) mod test_handler {
+    use crate::{Backend, Context, Handler, HandlerError, Raw};
+
+    pub(crate) struct Nothing;
+
+    impl<DB: Backend> Handler<DB> for Nothing {
+        type Event = Raw;
+        async fn handle(&self, _: &mut Context<'_, DB>, _: Raw) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -310,18 +325,7 @@ mod tests {
 
     use super::*;
 
-    struct Nothing;
-
-    impl Handler<Postgres> for Nothing {
-        type Event = crate::Raw;
-        async fn handle(
-            &self,
-            _ctx: &mut crate::Context<'_, Postgres>,
-            _event: crate::Raw,
-        ) -> std::result::Result<(), crate::HandlerError> {
-            Ok(())
-        }
-    }
+    use super::test_handler::Nothing;
 
     /// An application that embeds the runtime stops it with its own shutdown future: the
     /// runtime runs until that future completes, then shuts down gracefully and returns `Ok`.

@@ -265,18 +265,7 @@ mod tests {
     use rdkafka::mocking::MockCluster;
     use sqlx::Postgres;
 
-    struct Nothing;
-
-    impl Handler<Postgres> for Nothing {
-        type Event = crate::Raw;
-        async fn handle(
-            &self,
-            _ctx: &mut crate::Context<'_, Postgres>,
-            _event: crate::Raw,
-        ) -> std::result::Result<(), crate::HandlerError> {
-            Ok(())
-        }
-    }
+    use crate::runtime::test_handler::Nothing;
 
     /// The threads of this process named `consumer-poll`.
     fn poll_threads() -> usize {
