@@ -10,9 +10,9 @@
 
 use crate::error::{Error, FailureKind, Result, error_chain};
 use crate::event_id::EventId;
-use crate::handler::{Handler, HandlerError, Record};
+use crate::handler::Handler;
 use crate::store::{Backend, PartitionKey, Store};
-use crate::unit::{identify, run_handler};
+use crate::unit::{RecordFailure, claim_one, handle_record, identify};
 
 pub use crate::store::dead_letter::{DeadLetter, HeaderList};
 
@@ -115,6 +115,9 @@ impl<DB: Backend> DeadLetters<'_, DB> {
     }
 }
 
+/// Redrive: the dead letter taken in the transaction, then the unit of work's per-record step
+/// ([`identify`], [`claim_one`], [`handle_record`]); a permanent failure is recorded on the
+/// dead letter once the transaction is rolled back.
 async fn redrive_in<H: Handler<DB>, DB: Backend>(
     store: &Store<DB>,
     handler: &H,
@@ -136,7 +139,7 @@ async fn redrive_in<H: Handler<DB>, DB: Backend>(
         Ok(found) => found,
         Err((kind, source)) => {
             tx.rollback().await.map_err(Error::db(context))?;
-            return failed_again::<DB>(pool, q, id, kind, error_chain(source.as_ref())).await;
+            return failed_again(store, id, kind, error_chain(source.as_ref())).await;
         }
     };
     let key = PartitionKey {
@@ -144,53 +147,45 @@ async fn redrive_in<H: Handler<DB>, DB: Backend>(
         topic: letter.topic.clone(),
         partition: letter.partition,
     };
-    let claimed = DB::claim_events(&mut tx, q, &key, &[&event_id], &[letter.offset])
+    if !claim_one::<DB>(&mut tx, q, &key, &event_id, letter.offset)
         .await
-        .map_err(Error::db(context))?;
-    if claimed.is_empty() {
+        .map_err(Error::db(context))?
+    {
         tx.commit().await.map_err(Error::db(context))?;
         return Ok(Redriven::AlreadyApplied { event_id });
     }
-    let record = Record::new(&message, &event_id);
-    match run_handler(handler, &mut tx, record, event, 1).await {
-        Ok(Ok(())) => {
+    match handle_record(handler, &mut tx, &message, &event_id, event, 1).await {
+        Ok(()) => {
             tx.commit().await.map_err(Error::db(context))?;
             tracing::info!(id, topic = %letter.topic, partition = letter.partition, offset = letter.offset, %event_id, "dead letter redriven");
             Ok(Redriven::Applied { event_id })
         }
-        Ok(Err(HandlerError::Retry { source, .. })) => {
+        Err(RecordFailure::Transient { source, .. }) => {
             tx.rollback().await.map_err(Error::db(context))?;
             Ok(Redriven::Retry {
                 error: error_chain(source.as_ref()),
             })
         }
-        Ok(Err(HandlerError::Reject { source })) => {
-            tx.rollback().await.map_err(Error::db(context))?;
-            failed_again::<DB>(
-                pool,
-                q,
-                id,
-                FailureKind::Rejected,
-                error_chain(source.as_ref()),
-            )
-            .await
-        }
-        Err(panic) => {
-            // The transaction may be mid-statement: dropping it rolls it back.
-            drop(tx);
-            failed_again::<DB>(pool, q, id, FailureKind::Panicked, panic).await
+        Err(RecordFailure::Permanent(failure)) => {
+            if failure.kind == FailureKind::Panicked {
+                // The transaction may be mid-statement: dropping it rolls it back.
+                drop(tx);
+            } else {
+                tx.rollback().await.map_err(Error::db(context))?;
+            }
+            failed_again(store, id, failure.kind, failure.error).await
         }
     }
 }
 
+/// Records another failed attempt on the dead letter `id`.
 async fn failed_again<DB: Backend>(
-    pool: &sqlx::Pool<DB>,
-    q: &crate::store::Queries,
+    store: &Store<DB>,
     id: i64,
     kind: FailureKind,
     error: String,
 ) -> Result<Redriven> {
-    DB::dead_letter_failed_again(pool, q, id, kind, &error)
+    DB::dead_letter_failed_again(store.pool(), store.queries(), id, kind, &error)
         .await
         .map_err(Error::db("recording a failed redrive"))?;
     Ok(Redriven::Failed { kind, error })

@@ -333,6 +333,15 @@ pub struct Queries {
 }
 
 impl Queries {
+    /// The runtime's SQL of `DB` for the schema (PostgreSQL) or table prefix (SQLite)
+    /// `schema`. Refuses a schema that is not a plain identifier.
+    pub(crate) fn new<DB: super::Backend>(schema: &str) -> Result<Queries> {
+        match DB::KIND {
+            super::DatabaseKind::Postgres => super::postgres::queries(schema),
+            super::DatabaseKind::Sqlite => super::sqlite::queries(schema),
+        }
+    }
+
     pub(super) fn build(schema: &str, prefix: &str, templates: &Templates) -> Queries {
         let q = |t: &str| sqlx::AssertSqlSafe(t.replace("{s}", prefix)).into_sql_str();
         Queries {
@@ -406,14 +415,11 @@ pub(super) struct Templates {
 /// outside the crate can call it.
 #[async_trait]
 pub trait Dialect: sqlx::Database {
-    /// The runtime's SQL for the schema (PostgreSQL) or table prefix (SQLite) `schema`.
-    fn queries(schema: &str) -> Result<Queries>;
+    /// The migrator for the schema of `q`, with the schema substituted and its own history table.
+    fn migrator(q: &Queries) -> Migrator;
 
-    /// The migrator for `schema`, with the schema substituted and its own history table.
-    fn migrator(schema: &str) -> Result<Migrator>;
-
-    /// Applies the migrator for `schema` to the database.
-    async fn run_migrations(pool: &Pool<Self>, schema: &str) -> Result<()>;
+    /// Applies the migrator for the schema of `q` to the database.
+    async fn run_migrations(pool: &Pool<Self>, q: &Queries) -> Result<()>;
 
     /// Opens a pool of at most `max_connections` connections (SQLite: creates the file, WAL
     /// mode, a busy timeout).

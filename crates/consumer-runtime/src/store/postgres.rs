@@ -85,6 +85,12 @@ ORDER BY topic, partition, "offset""#
 WHERE id = $1"#,
 };
 
+/// The runtime's SQL for the schema `schema` (tables `schema.name`).
+pub(super) fn queries(schema: &str) -> Result<Queries> {
+    check_identifier("schema", schema)?;
+    Ok(Queries::build(schema, &format!("{schema}."), &TEMPLATES))
+}
+
 impl Backend for Postgres {
     const KIND: DatabaseKind = DatabaseKind::Postgres;
 }
@@ -92,28 +98,23 @@ impl Backend for Postgres {
 impl_backend! {
     Postgres, sqlx::postgres::PgRow;
 
-    fn queries(schema: &str) -> Result<Queries> {
-        check_identifier("schema", schema)?;
-        Ok(Queries::build(schema, &format!("{schema}."), &TEMPLATES))
-    }
-
-    fn migrator(schema: &str) -> Result<Migrator> {
-        check_identifier("schema", schema)?;
+    fn migrator(q: &Queries) -> Migrator {
+        let schema = &q.schema;
         let mut m = substitute(
             &MIGRATIONS,
             &format!("{schema}."),
             format!("{schema}._migrations"),
         );
         m.create_schema(schema.to_owned());
-        Ok(m)
+        m
     }
 
-    async fn run_migrations(pool: &Pool<Self>, schema: &str) -> Result<()> {
-        Self::migrator(schema)?
+    async fn run_migrations(pool: &Pool<Self>, q: &Queries) -> Result<()> {
+        Self::migrator(q)
             .run(pool)
             .await
             .map_err(|source| Error::Migrate {
-                schema: schema.to_owned(),
+                schema: q.schema.clone(),
                 source,
             })
     }

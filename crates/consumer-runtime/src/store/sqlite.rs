@@ -93,6 +93,12 @@ ORDER BY topic, partition, "offset""#
 WHERE id = $1"#,
 };
 
+/// The runtime's SQL for the schema `schema` (tables `schema_name`).
+pub(super) fn queries(schema: &str) -> Result<Queries> {
+    check_identifier("schema", schema)?;
+    Ok(Queries::build(schema, &format!("{schema}_"), &TEMPLATES))
+}
+
 impl Backend for Sqlite {
     const KIND: DatabaseKind = DatabaseKind::Sqlite;
 }
@@ -100,27 +106,22 @@ impl Backend for Sqlite {
 impl_backend! {
     Sqlite, sqlx::sqlite::SqliteRow;
 
-    fn queries(schema: &str) -> Result<Queries> {
-        check_identifier("schema", schema)?;
-        Ok(Queries::build(schema, &format!("{schema}_"), &TEMPLATES))
-    }
-
-    fn migrator(schema: &str) -> Result<Migrator> {
-        check_identifier("schema", schema)?;
-        Ok(substitute(
+    fn migrator(q: &Queries) -> Migrator {
+        let schema = &q.schema;
+        substitute(
             &MIGRATIONS,
             &format!("{schema}_"),
             format!("{schema}__migrations"),
-        ))
+        )
     }
 
-    async fn run_migrations(pool: &Pool<Self>, schema: &str) -> Result<()> {
+    async fn run_migrations(pool: &Pool<Self>, q: &Queries) -> Result<()> {
         use_wal(pool).await.map_err(Error::db("switching the database file to WAL"))?;
-        Self::migrator(schema)?
+        Self::migrator(q)
             .run(pool)
             .await
             .map_err(|source| Error::Migrate {
-                schema: schema.to_owned(),
+                schema: q.schema.clone(),
                 source,
             })
     }
