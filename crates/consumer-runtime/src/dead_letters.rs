@@ -1,9 +1,13 @@
-//! Dead letters: records that failed permanently, parked in `dead_letters` by the unit of work
-//! in the same transaction that advanced their partition's offset (see [`crate::unit`]).
+//! Dead letters: records that failed permanently, parked in `dead_letters` by the runtime in
+//! the same transaction that advanced their partition's offset, while the rest of their batch
+//! committed.
 //!
-//! The functions here are the library behind a consumer program's `dead-letters` command:
-//! [`list`], [`get`], [`purge`], [`delete`] and [`redrive`], which runs the current handler for
-//! a parked record exactly once.
+//! [`DeadLetters`] (from [`Store::dead_letters`]) is the library behind a consumer program's
+//! `dead-letters` command: [`list`](DeadLetters::list), [`get`](DeadLetters::get),
+//! [`purge`](DeadLetters::purge), [`delete`](DeadLetters::delete) and
+//! [`redrive`](DeadLetters::redrive), which runs the current handler for a parked record
+//! exactly once, through the same per-record step as consumption (decode and identify, claim
+//! the event id, run the handler under its time limit, classify its failure).
 //!
 //! The stored row ([`DeadLetter`]) and the format of its `headers` column are the store's
 //! (`store/dead_letter.rs`).
@@ -16,7 +20,7 @@ use crate::unit::{RecordFailure, claim_one, handle_record, identify};
 
 pub use crate::store::dead_letter::{DeadLetter, HeaderList};
 
-/// What [`redrive`] did.
+/// What [`DeadLetters::redrive`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Redriven {
