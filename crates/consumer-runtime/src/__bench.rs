@@ -15,7 +15,7 @@ use crate::config::Guarantee;
 use crate::error::{BoxError, Error, Result};
 use crate::event_id::EventId;
 use crate::handler::Handler;
-use crate::store::{Backend, PartitionKey, Store};
+use crate::store::{Backend, CRATE, PartitionKey, Store};
 use crate::unit::{BatchOutcome, PartitionWriter, WriterConfig};
 
 /// The runtime's writer of one partition under effectively-once, with the default event ids
@@ -63,5 +63,5 @@ impl<H: Handler<DB>, DB: Backend> Writer<H, DB> {
 
 /// How many of the runtime's transactions may be open at once on `pool` (SQLite: one).
 pub fn max_writers<DB: Backend>(pool: &Pool<DB>) -> usize {
-    DB::max_writers(pool)
+    DB::max_writers(pool, CRATE)
 }

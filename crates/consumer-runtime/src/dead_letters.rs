@@ -15,7 +15,7 @@
 use crate::error::{Error, FailureKind, Result, error_chain};
 use crate::event_id::EventId;
 use crate::handler::Handler;
-use crate::store::{Backend, PartitionKey, Store};
+use crate::store::{Backend, CRATE, PartitionKey, Store};
 use crate::unit::{RecordFailure, claim_one, handle_record, identify};
 
 pub use crate::store::dead_letter::{DeadLetter, HeaderList};
@@ -130,7 +130,7 @@ async fn redrive_in<H: Handler<DB>, DB: Backend>(
 ) -> Result<Redriven> {
     let (pool, q) = (store.pool(), store.queries());
     let context = "redriving a dead letter";
-    let mut tx = DB::begin(pool).await.map_err(Error::db(context))?;
+    let mut tx = DB::begin(pool, CRATE).await.map_err(Error::db(context))?;
     let Some(letter) = DB::take_dead_letter(&mut tx, q, id)
         .await
         .map_err(Error::db(context))?

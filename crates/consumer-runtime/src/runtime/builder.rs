@@ -14,7 +14,7 @@ use crate::config::{
 use crate::error::{Error, Result};
 use crate::event_id::EventId;
 use crate::handler::Handler;
-use crate::store::{Backend, Queries};
+use crate::store::{Backend, CRATE, Queries};
 use crate::unit::WriterConfig;
 
 /// Builds a [`Runtime`]. Start with [`Runtime::builder`].
@@ -168,7 +168,7 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
         let options = self.options;
         check(&options)?;
         let queries = Queries::new::<DB>(&options.schema)?;
-        let writers = DB::max_writers(&pool);
+        let writers = DB::max_writers(&pool, CRATE);
         let concurrency = options
             .concurrency
             .unwrap_or(writers)

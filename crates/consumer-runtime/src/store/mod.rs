@@ -13,7 +13,7 @@ mod sqlite;
 use sqlx::migrate::Migrator;
 use sqlx::{Pool, SqlSafeStr as _};
 
-pub(crate) use self::dialect::{Claim, Dialect, Parking, PartitionKey, Queries};
+pub(crate) use self::dialect::{CRATE, Claim, Dialect, Parking, PartitionKey, Queries};
 use crate::error::{Error, Result};
 
 /// One row of `consumer_offsets`.
@@ -215,7 +215,7 @@ pub async fn connect<DB: Backend>(url: &str, max_connections: u32) -> Result<Poo
             DB::KIND
         )));
     }
-    DB::open_pool(url, max_connections)
+    DB::open_pool(url, max_connections, CRATE)
         .await
         .map_err(|source| Error::DatabaseUnreachable {
             url: crate::error::redact_url(url),
@@ -252,7 +252,7 @@ async fn set_offsets_with<DB: Backend>(
     positions: &[(i32, i64)],
 ) -> Result<Vec<Claim>> {
     let context = "moving stored offsets";
-    let mut tx = DB::begin(pool).await.map_err(Error::db(context))?;
+    let mut tx = DB::begin(pool, CRATE).await.map_err(Error::db(context))?;
     let mut claims = Vec::with_capacity(positions.len());
     for &(partition, next_offset) in positions {
         if next_offset < 0 {

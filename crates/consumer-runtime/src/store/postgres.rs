@@ -3,7 +3,7 @@
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, Pool, Postgres, Transaction};
 
-use super::dialect::{Claim, Dialect, Parking, PartitionKey, Queries, Templates};
+use super::dialect::{Claim, Crate, Dialect, Parking, PartitionKey, Queries, Templates};
 use super::{Backend, DatabaseKind, StoredOffset, substitute};
 use crate::error::{Error, Result};
 use crate::util::check_identifier;
@@ -119,7 +119,11 @@ impl_backend! {
             })
     }
 
-    async fn open_pool(url: &str, max_connections: u32) -> Result<Pool<Self>, sqlx::Error> {
+    async fn open_pool(
+        url: &str,
+        max_connections: u32,
+        _: Crate,
+    ) -> Result<Pool<Self>, sqlx::Error> {
         use sqlx::ConnectOptions as _;
         let options: sqlx::postgres::PgConnectOptions = url.parse()?;
         // One direct connection first: a pool hides the cause ("connection refused", "password
@@ -137,11 +141,11 @@ impl_backend! {
             .await
     }
 
-    async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
+    async fn begin(pool: &Pool<Self>, _: Crate) -> Result<Transaction<'static, Self>, sqlx::Error> {
         pool.begin_with(BEGIN).await
     }
 
-    fn max_writers(pool: &Pool<Self>) -> usize {
+    fn max_writers(pool: &Pool<Self>, _: Crate) -> usize {
         pool.options().get_max_connections() as usize
     }
 

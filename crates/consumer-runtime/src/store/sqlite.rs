@@ -8,7 +8,7 @@ use std::str::FromStr;
 use sqlx::migrate::Migrator;
 use sqlx::{Pool, Sqlite, SqliteConnection, Transaction};
 
-use super::dialect::{Claim, Dialect, Parking, PartitionKey, Queries, Templates};
+use super::dialect::{Claim, Crate, Dialect, Parking, PartitionKey, Queries, Templates};
 use super::{Backend, DatabaseKind, StoredOffset, substitute};
 use crate::error::{Error, Result};
 use crate::util::check_identifier;
@@ -126,7 +126,11 @@ impl_backend! {
             })
     }
 
-    async fn open_pool(url: &str, max_connections: u32) -> Result<Pool<Self>, sqlx::Error> {
+    async fn open_pool(
+        url: &str,
+        max_connections: u32,
+        _: Crate,
+    ) -> Result<Pool<Self>, sqlx::Error> {
         use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
         // WAL lets readers run beside the one writer; the busy timeout makes a writer wait for
         // the lock instead of failing with "database is locked".
@@ -141,7 +145,7 @@ impl_backend! {
             .await
     }
 
-    async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
+    async fn begin(pool: &Pool<Self>, _: Crate) -> Result<Transaction<'static, Self>, sqlx::Error> {
         // The busy timeout is the connection's, and must hold before `BEGIN IMMEDIATE` waits
         // for the write lock: set on every begin, in the same call (no extra work for the
         // connection's thread), so that it holds for a pool the user built too (sqlx's default
@@ -149,7 +153,7 @@ impl_backend! {
         pool.begin_with(BEGIN).await
     }
 
-    fn max_writers(_pool: &Pool<Self>) -> usize {
+    fn max_writers(_pool: &Pool<Self>, _: Crate) -> usize {
         1
     }
 

@@ -13,6 +13,21 @@
 //!
 //! The other guarantees split this transaction in two (see [`Guarantee`]).
 //!
+//! The file reads top-down: [`PartitionWriter::write`], the three guarantees, the handler
+//! transaction (`run`, with its fast and slow paths and the steps they share: opening the
+//! transaction, parking a record, committing), one record's handler call, and then the
+//! per-record step shared with redrive, and the types.
+//!
+//! # One record's step, shared with redrive
+//!
+//! What happens to one record is the same code for a batch and for a redrive
+//! ([`DeadLetters::redrive`](crate::dead_letters::DeadLetters::redrive)): decode it and work
+//! out its event id ([`identify`]), claim the id in the ledger ([`claim_one`]; a batch claims
+//! all its ids in one statement), run the handler under its time limit and classify how it
+//! failed ([`handle_record`]: a `Retry` or a time-out is transient, a `Reject` or a panic is a
+//! permanent failure of the record). Redrive adds only what is its own: it takes the dead
+//! letter in the same transaction, and records a failed attempt on it.
+//!
 //! # Permanent failures: parking in the same transaction
 //!
 //! A writer made with [`PartitionWriter::park_failures`] (the runtime's) never lets one bad
@@ -21,8 +36,7 @@
 //! [`PartitionWriter::give_up`]) is written to `dead_letters` **in the transaction that
 //! advances the offset**, its effects are undone, and the rest of its batch (records after it
 //! included) commits. Under effectively-once the ledger never claims a parked record, so a
-//! replay or a redrive ([`DeadLetters::redrive`](crate::dead_letters::DeadLetters::redrive)),
-//! which runs the same per-record step ([`handle_record`]), can still apply it once.
+//! replay or a redrive can still apply it once.
 //!
 //! Records that fail before any handler runs (undecodable, no event id, retries exhausted) are
 //! known when the transaction opens: they are left out of the ledger claim and parked directly.
@@ -74,7 +88,7 @@ use crate::config::Guarantee;
 use crate::error::{BoxError, Coordinates, FailureKind, error_chain, is_infrastructure};
 use crate::event_id::EventId;
 use crate::handler::{Context, Decode, Handler, HandlerError, Record, TimedOut, header};
-use crate::store::{Backend, Claim, Parking, PartitionKey, Queries};
+use crate::store::{Backend, CRATE, Claim, Parking, PartitionKey, Queries};
 
 #[cfg(test)]
 mod tests;
@@ -393,7 +407,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         ledger: bool,
     ) -> Result<Option<(sqlx::Transaction<'static, DB>, Vec<i64>)>, BatchError> {
         let cfg = &*self.config;
-        let mut tx = DB::begin(&cfg.pool).await.map_err(db_error)?;
+        let mut tx = DB::begin(&cfg.pool, CRATE).await.map_err(db_error)?;
         if let Some(next) = fence
             && !self.fence(&mut tx, next).await?
         {
@@ -532,7 +546,9 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
 
     /// The fence in a transaction of its own (at-most-once and at-least-once).
     async fn advance_alone(&self, next: i64) -> Result<bool, BatchError> {
-        let mut tx = DB::begin(&self.config.pool).await.map_err(db_error)?;
+        let mut tx = DB::begin(&self.config.pool, CRATE)
+            .await
+            .map_err(db_error)?;
         if !self.fence(&mut tx, next).await? {
             tx.rollback().await.map_err(db_error)?;
             return Ok(false);
