@@ -1,6 +1,7 @@
 //! Permanent failures: a record that cannot be applied is parked in `dead_letters` in the
-//! transaction that advances the offset, the rest of its batch commits, the consumer goes on,
-//! and a parked record can be redriven exactly once.
+//! transaction that advances the offset, the rest of its batch commits, and the consumer goes
+//! on. These run the whole runtime; the unit of work's own parking (the fast and slow paths)
+//! and redrive are tested inside the crate, in `crates/consumer-runtime/src/unit/tests.rs`.
 //!
 //! One suite, run against both backends (as in `tests/runtime.rs`): each behaviour is a generic
 //! function over [`TestDb`], instantiated at the end as `postgres::<name>` and `sqlite::<name>`.

@@ -1,6 +1,8 @@
 //! The core promise, against real databases and librdkafka's mock cluster: every event's
 //! non-idempotent effect is applied exactly once across producer duplicates, crashes,
-//! rebalances, fencing, handler errors and rewinds.
+//! rebalances, fencing, handler errors and rewinds. The unit of work on its own (a stale epoch
+//! fenced, a batch rolled back, duplicates within a batch, the event-id strategies) is tested
+//! inside the crate, in `crates/consumer-runtime/src/unit/tests.rs`.
 //!
 //! One suite, run against both backends: each behaviour is a generic function over
 //! [`TestDb`], instantiated at the end of this file as `postgres::<name>` and `sqlite::<name>`.
