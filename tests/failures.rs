@@ -1,6 +1,7 @@
 //! Permanent failures: a record that cannot be applied is parked in `dead_letters` in the
-//! transaction that advances the offset, the rest of its batch commits, the consumer goes on,
-//! and a parked record can be redriven exactly once.
+//! transaction that advances the offset, the rest of its batch commits, and the consumer goes
+//! on. These run the whole runtime; the unit of work's own parking (the fast and slow paths)
+//! and redrive are tested inside the crate, in `crates/consumer-runtime/src/unit/tests.rs`.
 //!
 //! One suite, run against both backends (as in `tests/runtime.rs`): each behaviour is a generic
 //! function over [`TestDb`], instantiated at the end as `postgres::<name>` and `sqlite::<name>`.
@@ -10,14 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use consumer_runtime::dead_letters::{DeadLetter, Redriven};
-use consumer_runtime::rdkafka::Timestamp;
-use consumer_runtime::rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+use consumer_runtime::dead_letters::DeadLetter;
 use consumer_runtime::sqlx::Pool;
-use consumer_runtime::{
-    BatchOutcome, EventId, FailureKind, Guarantee, PartitionKey, PartitionWriter, RetryPolicy,
-    WriterConfig,
-};
+use consumer_runtime::{FailureKind, RetryPolicy};
 use testkit::*;
 
 testkit::mock_broker_entry!();
@@ -36,194 +32,11 @@ fn runtime<DB: TestDb>(
     test_runtime(kafka, pool, handler, topic).group(group)
 }
 
-/// A record with a JSON payload, key `key` and the headers given (the event id is one of them
-/// if the test wants one).
-fn record(
-    topic: &str,
-    offset: i64,
-    key: Option<&[u8]>,
-    headers: &[(&str, Option<&[u8]>)],
-    payload: Option<&[u8]>,
-) -> OwnedMessage {
-    let mut h = OwnedHeaders::new();
-    for (name, value) in headers {
-        h = h.insert(Header {
-            key: name,
-            value: *value,
-        });
-    }
-    OwnedMessage::new(
-        payload.map(<[u8]>::to_vec),
-        key.map(<[u8]>::to_vec),
-        topic.to_owned(),
-        Timestamp::CreateTime(1_700_000_000_000 + offset),
-        0,
-        offset,
-        Some(h),
-    )
-}
-
-/// The usual record: key and `event-id` header both `id`, payload `{"id": id}`.
-fn message(topic: &str, offset: i64, id: &str) -> OwnedMessage {
-    let payload = format!(r#"{{"id":"{id}"}}"#);
-    record(
-        topic,
-        offset,
-        Some(id.as_bytes()),
-        &[("event-id", Some(id.as_bytes()))],
-        Some(payload.as_bytes()),
-    )
-}
-
-fn config<DB: TestDb>(
-    pool: &Pool<DB>,
-    handler: Counter,
-    guarantee: Guarantee,
-) -> Arc<WriterConfig<Counter, DB>> {
-    Arc::new(WriterConfig {
-        handler: Arc::new(handler),
-        pool: pool.clone(),
-        queries: DB::queries(SCHEMA).unwrap(),
-        guarantee,
-        event_id: EventId::default(),
-    })
-}
-
-/// A pool, a fresh group and partition 0 of a fresh topic, claimed.
-async fn unit_setup<DB: TestDb>(
-    prefix: &str,
-) -> (Pool<DB>, String, PartitionKey, consumer_runtime::Claim) {
-    let pool = DB::pool().await;
-    let group = rand_name("g");
-    let key = PartitionKey {
-        group: group.clone(),
-        topic: rand_name(prefix),
-        partition: 0,
-    };
-    let q = DB::queries(SCHEMA).unwrap();
-    let claim = DB::claim(&pool, &q, &key, "me").await.unwrap();
-    (pool, group, key, claim)
-}
-
-/// A writer that parks failures, as the runtime's do.
-fn parking_writer<DB: TestDb>(
-    pool: &Pool<DB>,
-    handler: Counter,
-    guarantee: Guarantee,
-    key: &PartitionKey,
-    claim: consumer_runtime::Claim,
-) -> PartitionWriter<Counter, DB> {
-    PartitionWriter::new(config(pool, handler, guarantee), key.clone(), claim).park_failures(true)
-}
-
 async fn parked<DB: TestDb>(pool: &Pool<DB>, group: &str) -> Vec<DeadLetter> {
     store(pool).dead_letters().list(group, None).await.unwrap()
 }
 
-async fn in_ledger<DB: TestDb>(pool: &Pool<DB>, group: &str, id: &str) -> bool {
-    let q = DB::queries(SCHEMA).unwrap();
-    !DB::ledger_known(pool, &q, group, &[id])
-        .await
-        .unwrap()
-        .is_empty()
-}
-
-fn ids(group: &str, offsets: impl IntoIterator<Item = i64>) -> Vec<String> {
-    offsets
-        .into_iter()
-        .map(|o| format!("{group}-{o}"))
-        .collect()
-}
-
 // ---- (a) a rejected record ---------------------------------------------------------------
-
-/// The unit of work: the rejected record (offset 2 of 6) is parked with its coordinates, key,
-/// headers, payload and error; the records before and after it commit in the same transaction;
-/// its effect is absent and the ledger does not hold it.
-async fn rejected_record_is_parked_and_the_rest_of_its_batch_commits<DB: TestDb>() {
-    for guarantee in [
-        Guarantee::EffectivelyOnce,
-        Guarantee::AtLeastOnce,
-        Guarantee::AtMostOnce,
-    ] {
-        let (pool, group, key, claim) = unit_setup::<DB>("reject").await;
-        let mut handler = Counter::new(&group);
-        handler.fail_on = Some((format!("{group}-2"), true));
-        let mut writer = parking_writer(&pool, handler.clone(), guarantee, &key, claim);
-        let batch: Vec<_> = (0..6)
-            .map(|o| message(&key.topic, o, &format!("{group}-{o}")))
-            .collect();
-        let outcome = writer.write(&batch).await.unwrap();
-        assert_eq!(
-            outcome,
-            BatchOutcome::Committed {
-                applied: 5,
-                duplicates: 0,
-                lost: 0,
-                next_offset: 6
-            },
-            "{guarantee}"
-        );
-        assert_eq!(writer.parked().len(), 1);
-        // The fast path ran 0, 1 and 2 (rejected) and rolled back; the slow path ran the five
-        // others again, each in a savepoint, and parked 2 without running it again.
-        assert_eq!(handler.calls.load(Ordering::SeqCst), 3 + 5, "{guarantee}");
-
-        let letters = parked(&pool, &group).await;
-        assert_eq!(letters.len(), 1, "{guarantee}: {letters:?}");
-        let l = &letters[0];
-        let id = format!("{group}-2");
-        assert_eq!(
-            (l.topic.as_str(), l.partition, l.offset),
-            (key.topic.as_str(), 0, 2)
-        );
-        assert_eq!(l.group, group);
-        assert_eq!(l.key.as_deref(), Some(id.as_bytes()));
-        assert_eq!(
-            l.headers,
-            vec![("event-id".to_owned(), Some(id.as_bytes().to_vec()))]
-        );
-        assert_eq!(
-            l.payload.as_deref(),
-            Some(format!(r#"{{"id":"{id}"}}"#).as_bytes())
-        );
-        assert_eq!(l.timestamp_ms, Some(1_700_000_000_002));
-        assert_eq!(l.event_id.as_deref(), Some(id.as_str()));
-        assert_eq!(l.kind, FailureKind::Rejected);
-        assert!(
-            l.error.contains(&format!("test rejects {id}")),
-            "{}",
-            l.error
-        );
-        assert_eq!(l.attempts, 1);
-        assert!(l.first_failed_at.ends_with('Z'), "{}", l.first_failed_at);
-        assert_eq!(
-            store(&pool)
-                .dead_letters()
-                .get(l.id)
-                .await
-                .unwrap()
-                .as_ref(),
-            Some(l)
-        );
-
-        assert_exactly_once(
-            &effect_counts(&pool, &group).await,
-            &ids(&group, [0, 1, 3, 4, 5]),
-        );
-        assert!(!in_ledger(&pool, &group, &id).await);
-        let expected_ledger = if guarantee == Guarantee::EffectivelyOnce {
-            5
-        } else {
-            0
-        };
-        assert_eq!(ledger_rows(&pool, &group).await, expected_ledger);
-        assert_eq!(
-            stored_offsets(&pool, &group).await[&(key.topic.clone(), 0)],
-            6
-        );
-    }
-}
 
 /// The runtime: the consumer parks the record and keeps running; later records are applied.
 async fn rejected_record_is_parked_and_the_consumer_keeps_running<DB: TestDb>() {
@@ -256,7 +69,7 @@ async fn rejected_record_is_parked_and_the_consumer_keeps_running<DB: TestDb>() 
     let mut expected: Vec<String> = all.into_iter().filter(|i| *i != bad).collect();
     expected.extend(more_ids);
     assert_exactly_once(&effect_counts(&pool, &group).await, &expected);
-    assert!(!in_ledger(&pool, &group, &bad).await);
+    assert!(!DB::in_ledger(&pool, &group, &bad).await);
     assert_eq!(ledger_rows(&pool, &group).await, expected.len() as i64);
 }
 
@@ -420,67 +233,6 @@ async fn a_broker_outage_mid_stream_loses_and_duplicates_nothing<DB: TestDb>() {
 
 // ---- (b) records the handler never sees ------------------------------------------------------
 
-async fn undecodable_and_id_less_records_are_parked_without_running_the_handler<DB: TestDb>() {
-    let (pool, group, key, claim) = unit_setup::<DB>("undecodable").await;
-    let handler = Counter::new(&group);
-    let mut writer = parking_writer(
-        &pool,
-        handler.clone(),
-        Guarantee::EffectivelyOnce,
-        &key,
-        claim,
-    );
-    let t = &key.topic;
-    let bad_id = format!("{group}-1");
-    let batch = vec![
-        message(t, 0, &format!("{group}-0")),
-        record(
-            t,
-            1,
-            None,
-            &[("event-id", Some(bad_id.as_bytes()))],
-            Some(b"{not json"),
-        ),
-        message(t, 2, &format!("{group}-2")),
-        record(t, 3, Some(b"k"), &[], Some(br#"{"id":"x"}"#)),
-        message(t, 4, &format!("{group}-4")),
-    ];
-    let outcome = writer.write(&batch).await.unwrap();
-    assert_eq!(
-        outcome,
-        BatchOutcome::Committed {
-            applied: 3,
-            duplicates: 0,
-            lost: 0,
-            next_offset: 5
-        }
-    );
-    assert_eq!(
-        handler.calls.load(Ordering::SeqCst),
-        3,
-        "the handler ran for a record it cannot handle"
-    );
-    let letters = parked(&pool, &group).await;
-    assert_eq!(letters.len(), 2, "{letters:?}");
-    let (undecodable, no_id) = (&letters[0], &letters[1]);
-    assert_eq!(undecodable.offset, 1);
-    assert_eq!(undecodable.kind, FailureKind::Undecodable);
-    assert_eq!(undecodable.event_id.as_deref(), Some(bad_id.as_str()));
-    assert_eq!(
-        undecodable.payload.as_deref(),
-        Some(b"{not json".as_slice())
-    );
-    assert_eq!(undecodable.attempts, 0);
-    assert_eq!(no_id.offset, 3);
-    assert_eq!(no_id.kind, FailureKind::MissingEventId);
-    assert_eq!(no_id.event_id, None);
-    assert!(no_id.error.contains("event-id"), "{}", no_id.error);
-    assert_eq!(no_id.key.as_deref(), Some(b"k".as_slice()));
-    assert!(no_id.headers.is_empty());
-    assert_exactly_once(&effect_counts(&pool, &group).await, &ids(&group, [0, 2, 4]));
-    assert_eq!(ledger_rows(&pool, &group).await, 3);
-}
-
 // ---- (c) a handler that panics ---------------------------------------------------------------
 
 async fn a_panicking_handler_parks_its_record_and_the_consumer_keeps_running<DB: TestDb>() {
@@ -511,7 +263,7 @@ async fn a_panicking_handler_parks_its_record_and_the_consumer_keeps_running<DB:
     // Records of the panicking batch before the panic ran twice (the slow path); their
     // effects did not.
     assert!(handler.applied() >= 39);
-    assert!(!in_ledger(&pool, &group, &bad).await);
+    assert!(!DB::in_ledger(&pool, &group, &bad).await);
 }
 
 // ---- (d) retries exhausted -------------------------------------------------------------------
@@ -545,7 +297,7 @@ async fn a_record_that_never_stops_failing_is_parked_after_max_attempts<DB: Test
     assert!(stats.snapshot().retries >= 3);
     let expected: Vec<String> = all.into_iter().filter(|i| *i != bad).collect();
     assert_exactly_once(&effect_counts(&pool, &group).await, &expected);
-    assert!(!in_ledger(&pool, &group, &bad).await);
+    assert!(!DB::in_ledger(&pool, &group, &bad).await);
 }
 
 /// A record retried for longer than `max.poll.interval.ms` (and the session timeout) does not
@@ -610,304 +362,6 @@ async fn retrying_longer_than_max_poll_interval_keeps_the_partitions<DB: TestDb>
     );
     let expected: Vec<String> = all.into_iter().filter(|i| *i != bad).collect();
     assert_exactly_once(&effect_counts(&pool, &group).await, &expected);
-}
-
-// ---- (e) redrive -----------------------------------------------------------------------------
-
-async fn redrive_applies_the_effect_exactly_once_even_concurrently<DB: TestDb>() {
-    let (pool, group, key, claim) = unit_setup::<DB>("redrive").await;
-    let bad = format!("{group}-1");
-    let mut rejecting = Counter::new(&group);
-    rejecting.fail_on = Some((bad.clone(), true));
-    let mut writer = parking_writer(
-        &pool,
-        rejecting.clone(),
-        Guarantee::EffectivelyOnce,
-        &key,
-        claim,
-    );
-    let batch: Vec<_> = (0..3)
-        .map(|o| message(&key.topic, o, &format!("{group}-{o}")))
-        .collect();
-    writer.write(&batch).await.unwrap();
-    let id = parked(&pool, &group).await[0].id;
-
-    // The handler still rejects it: nothing applied, the dead letter stays with one more attempt.
-    let strategy = EventId::default();
-    let again = store(&pool)
-        .dead_letters()
-        .redrive(&rejecting, &strategy, id)
-        .await
-        .unwrap();
-    assert!(
-        matches!(
-            again,
-            Redriven::Failed {
-                kind: FailureKind::Rejected,
-                ..
-            }
-        ),
-        "{again:?}"
-    );
-    let letter = store(&pool).dead_letters().get(id).await.unwrap().unwrap();
-    assert_eq!(letter.attempts, 2);
-    assert!(!effect_counts(&pool, &group).await.contains_key(&bad));
-
-    // Fixed: two concurrent redrives apply it once.
-    let fixed = Counter::new(&group);
-    let tasks: Vec<_> = (0..2)
-        .map(|_| {
-            let (pool, fixed) = (pool.clone(), fixed.clone());
-            tokio::spawn(async move {
-                store(&pool)
-                    .dead_letters()
-                    .redrive(&fixed, &EventId::default(), id)
-                    .await
-                    .unwrap()
-            })
-        })
-        .collect();
-    let mut outcomes = Vec::new();
-    for t in tasks {
-        outcomes.push(t.await.unwrap());
-    }
-    let applied = outcomes
-        .iter()
-        .filter(|o| matches!(o, Redriven::Applied { event_id } if *event_id == bad))
-        .count();
-    assert_eq!(applied, 1, "{outcomes:?}");
-    assert!(
-        outcomes
-            .iter()
-            .all(|o| matches!(o, Redriven::Applied { .. } | Redriven::NotFound)),
-        "{outcomes:?}"
-    );
-    // And a third time, later.
-    let third = store(&pool)
-        .dead_letters()
-        .redrive(&fixed, &strategy, id)
-        .await
-        .unwrap();
-    assert_eq!(third, Redriven::NotFound);
-
-    assert_eq!(store(&pool).dead_letters().get(id).await.unwrap(), None);
-    assert!(parked(&pool, &group).await.is_empty());
-    assert!(in_ledger(&pool, &group, &bad).await);
-    assert_eq!(fixed.applied(), 1);
-    assert_exactly_once(&effect_counts(&pool, &group).await, &ids(&group, 0..3));
-}
-
-/// A parked record whose event id the ledger holds by now (say a replay applied a producer
-/// duplicate of it) is not applied again by a redrive: its dead letter is just removed.
-async fn redrive_of_an_event_already_applied_is_a_no_op<DB: TestDb>() {
-    let (pool, group, key, claim) = unit_setup::<DB>("redrive-dup").await;
-    let bad = format!("{group}-0");
-    let mut rejecting = Counter::new(&group);
-    rejecting.fail_on = Some((bad.clone(), true));
-    let mut writer = parking_writer(&pool, rejecting, Guarantee::EffectivelyOnce, &key, claim);
-    writer.write(&[message(&key.topic, 0, &bad)]).await.unwrap();
-    // The same event again at offset 1, now applied by a handler that accepts it.
-    let q = DB::queries(SCHEMA).unwrap();
-    let claim = DB::claim(&pool, &q, &key, "me").await.unwrap();
-    let fixed = Counter::new(&group);
-    let mut writer = parking_writer(
-        &pool,
-        fixed.clone(),
-        Guarantee::EffectivelyOnce,
-        &key,
-        claim,
-    );
-    writer.write(&[message(&key.topic, 1, &bad)]).await.unwrap();
-    let id = parked(&pool, &group).await[0].id;
-    let outcome = store(&pool)
-        .dead_letters()
-        .redrive(&fixed, &EventId::default(), id)
-        .await
-        .unwrap();
-    assert_eq!(
-        outcome,
-        Redriven::AlreadyApplied {
-            event_id: bad.clone()
-        }
-    );
-    assert_eq!(fixed.applied(), 1);
-    assert!(parked(&pool, &group).await.is_empty());
-    assert_exactly_once(&effect_counts(&pool, &group).await, &[bad]);
-}
-
-async fn purge_and_delete_remove_dead_letters<DB: TestDb>() {
-    let (pool, group, key, claim) = unit_setup::<DB>("purge").await;
-    let mut writer = parking_writer(
-        &pool,
-        Counter::new(&group),
-        Guarantee::EffectivelyOnce,
-        &key,
-        claim,
-    );
-    // Three records without an event id.
-    let batch: Vec<_> = (0..3)
-        .map(|o| record(&key.topic, o, None, &[], Some(b"{}")))
-        .collect();
-    writer.write(&batch).await.unwrap();
-    let letters = parked(&pool, &group).await;
-    assert_eq!(letters.len(), 3);
-    assert!(
-        store(&pool)
-            .dead_letters()
-            .delete(letters[0].id)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store(&pool)
-            .dead_letters()
-            .delete(letters[0].id)
-            .await
-            .unwrap()
-    );
-    assert_eq!(
-        store(&pool)
-            .dead_letters()
-            .list(&group, Some("no-such-topic"))
-            .await
-            .unwrap(),
-        vec![]
-    );
-    assert_eq!(
-        store(&pool)
-            .dead_letters()
-            .purge(&group, Some(&key.topic))
-            .await
-            .unwrap(),
-        2
-    );
-    assert!(parked(&pool, &group).await.is_empty());
-}
-
-// ---- (f) headers that are not UTF-8 ----------------------------------------------------------
-
-async fn invalid_utf8_headers_round_trip_into_the_dead_letter<DB: TestDb>() {
-    let (pool, group, key, claim) = unit_setup::<DB>("headers").await;
-    let id = format!("{group}-0");
-    let mut rejecting = Counter::new(&group);
-    rejecting.fail_on = Some((id.clone(), true));
-    let mut writer = parking_writer(&pool, rejecting, Guarantee::EffectivelyOnce, &key, claim);
-    let binary: &[u8] = &[0xff, 0xfe, 0x00, 0x80, b'"', b'\\'];
-    let headers: Vec<(&str, Option<&[u8]>)> = vec![
-        ("event-id", Some(id.as_bytes())),
-        ("trace", Some(binary)),
-        ("empty", Some(b"")),
-        ("none", None),
-        ("trace", Some("ünïcødé".as_bytes())),
-    ];
-    let key_bytes: &[u8] = &[0xc3, 0x28];
-    let payload = format!(r#"{{"id":"{id}"}}"#);
-    let m = record(
-        &key.topic,
-        0,
-        Some(key_bytes),
-        &headers,
-        Some(payload.as_bytes()),
-    );
-    writer.write(std::slice::from_ref(&m)).await.unwrap();
-    let letters = parked(&pool, &group).await;
-    assert_eq!(letters.len(), 1);
-    let expected: Vec<(String, Option<Vec<u8>>)> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec)))
-        .collect();
-    assert_eq!(letters[0].headers, expected);
-    assert_eq!(letters[0].key.as_deref(), Some(key_bytes));
-    // The rebuilt record carries the same headers, as a redrive's handler sees them.
-    let rebuilt = letters[0].to_message();
-    use consumer_runtime::rdkafka::Message;
-    use consumer_runtime::rdkafka::message::Headers;
-    let again: Vec<(String, Option<Vec<u8>>)> = rebuilt
-        .headers()
-        .unwrap()
-        .iter()
-        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-        .collect();
-    assert_eq!(again, expected);
-}
-
-// ---- The slow path's corner cases ------------------------------------------------------------
-
-/// Several failures in one batch, and a later record with the id of a parked one: it gets its
-/// own chance (here it is rejected as well, and parked too); nothing of either is claimed.
-async fn several_failures_and_a_duplicate_of_a_parked_record_in_one_batch<DB: TestDb>() {
-    let (pool, group, key, claim) = unit_setup::<DB>("several").await;
-    let bad = format!("{group}-b");
-    let mut handler = Counter::new(&group);
-    handler.fail_on = Some((bad.clone(), true));
-    handler.panic_on = Some(format!("{group}-p"));
-    let mut writer = parking_writer(
-        &pool,
-        handler.clone(),
-        Guarantee::EffectivelyOnce,
-        &key,
-        claim,
-    );
-    let names = ["a", "b", "c", "p", "b", "d", "a"];
-    let batch: Vec<_> = names
-        .iter()
-        .enumerate()
-        .map(|(o, n)| message(&key.topic, o as i64, &format!("{group}-{n}")))
-        .collect();
-    let outcome = writer.write(&batch).await.unwrap();
-    assert_eq!(
-        outcome,
-        BatchOutcome::Committed {
-            applied: 3,
-            duplicates: 1,
-            lost: 0,
-            next_offset: 7
-        }
-    );
-    let letters = parked(&pool, &group).await;
-    let got: Vec<(i64, FailureKind)> = letters.iter().map(|l| (l.offset, l.kind)).collect();
-    assert_eq!(
-        got,
-        vec![
-            (1, FailureKind::Rejected),
-            (3, FailureKind::Panicked),
-            (4, FailureKind::Rejected)
-        ]
-    );
-    assert_exactly_once(
-        &effect_counts(&pool, &group).await,
-        &[
-            format!("{group}-a"),
-            format!("{group}-c"),
-            format!("{group}-d"),
-        ],
-    );
-    assert_eq!(ledger_rows(&pool, &group).await, 3);
-    assert!(!in_ledger(&pool, &group, &bad).await);
-}
-
-/// A writer that does not park (the default of `PartitionWriter::new`) still rolls the whole
-/// batch back on a permanent failure and writes no dead letter.
-async fn a_writer_that_does_not_park_rolls_back_and_parks_nothing<DB: TestDb>() {
-    let (pool, group, key, claim) = unit_setup::<DB>("strict").await;
-    let mut handler = Counter::new(&group);
-    handler.panic_on = Some(format!("{group}-1"));
-    let mut writer = PartitionWriter::new(
-        config(&pool, handler, Guarantee::EffectivelyOnce),
-        key.clone(),
-        claim,
-    );
-    let batch: Vec<_> = (0..3)
-        .map(|o| message(&key.topic, o, &format!("{group}-{o}")))
-        .collect();
-    let err = writer.write(&batch).await.unwrap_err();
-    assert!(
-        matches!(&err, consumer_runtime::BatchError::Permanent { at, kind: FailureKind::Panicked, .. } if at.offset == 1),
-        "{err}"
-    );
-    assert!(parked(&pool, &group).await.is_empty());
-    assert!(effect_counts(&pool, &group).await.is_empty());
-    assert_eq!(ledger_rows(&pool, &group).await, 0);
 }
 
 // ---- A record that cannot be parked -------------------------------------------------------
@@ -1109,18 +563,10 @@ suite!(
     a_broker_outage_mid_stream_loses_and_duplicates_nothing,
     the_circuit_breaker_stops_the_consumer_when_parking_becomes_the_norm,
     a_disabled_circuit_breaker_parks_the_whole_bad_stretch_and_goes_on,
-    rejected_record_is_parked_and_the_rest_of_its_batch_commits,
     rejected_record_is_parked_and_the_consumer_keeps_running,
-    undecodable_and_id_less_records_are_parked_without_running_the_handler,
     a_panicking_handler_parks_its_record_and_the_consumer_keeps_running,
     a_record_that_never_stops_failing_is_parked_after_max_attempts,
     retrying_longer_than_max_poll_interval_keeps_the_partitions,
-    redrive_applies_the_effect_exactly_once_even_concurrently,
-    redrive_of_an_event_already_applied_is_a_no_op,
-    purge_and_delete_remove_dead_letters,
-    invalid_utf8_headers_round_trip_into_the_dead_letter,
-    several_failures_and_a_duplicate_of_a_parked_record_in_one_batch,
-    a_writer_that_does_not_park_rolls_back_and_parks_nothing,
     a_record_that_cannot_be_parked_stops_the_consumer_before_it,
     a_unique_violation_in_a_handler_parks_the_record_without_retrying,
     a_handler_past_its_time_limit_is_retried_and_applied_once,

@@ -1,21 +1,17 @@
 //! The core promise, against real databases and librdkafka's mock cluster: every event's
 //! non-idempotent effect is applied exactly once across producer duplicates, crashes,
-//! rebalances, fencing, handler errors and rewinds.
+//! rebalances, fencing, handler errors and rewinds. The unit of work on its own (a stale epoch
+//! fenced, a batch rolled back, duplicates within a batch, the event-id strategies) is tested
+//! inside the crate, in `crates/consumer-runtime/src/unit/tests.rs`.
 //!
 //! One suite, run against both backends: each behaviour is a generic function over
 //! [`TestDb`], instantiated at the end of this file as `postgres::<name>` and `sqlite::<name>`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use consumer_runtime::rdkafka::Timestamp;
-use consumer_runtime::rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
-use consumer_runtime::sqlx::{Pool, Postgres, Sqlite};
-use consumer_runtime::{
-    Assignor, BatchError, BatchOutcome, Error, Guarantee, Json, PartitionKey, PartitionWriter,
-    Runtime, WriterConfig,
-};
+use consumer_runtime::sqlx::{Postgres, Sqlite};
+use consumer_runtime::{Assignor, Error, Guarantee, Runtime};
 use testkit::*;
 
 testkit::mock_broker_entry!();
@@ -139,14 +135,7 @@ async fn a_partition_paused_when_revoked_is_consumed_when_assigned_back<DB: Test
     // Another owner claims the partition in the database: the first instance's next commit is
     // fenced (or its epoch watcher notices first), it finds the partition owned by someone
     // else and pauses it (for a session timeout and more) until Kafka settles the assignment.
-    let key = PartitionKey {
-        group: group.clone(),
-        topic: topic.clone(),
-        partition: 0,
-    };
-    DB::claim(&pool, &DB::queries(SCHEMA).unwrap(), &key, "someone-else")
-        .await
-        .unwrap();
+    DB::claim_as(&pool, &group, &topic, 0, "someone-else").await;
     wait_until(
         WAIT,
         "the first instance to be fenced and reload",
@@ -239,164 +228,6 @@ async fn many_partitions_commit_without_lock_errors<DB: TestDb>() {
         DB::KIND
     );
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
-}
-
-// ---- The unit of work on its own: fencing and rollback -------------------------------------
-
-fn message(topic: &str, partition: i32, offset: i64, id: &str) -> OwnedMessage {
-    let headers = OwnedHeaders::new().insert(Header {
-        key: "event-id",
-        value: Some(id.as_bytes()),
-    });
-    OwnedMessage::new(
-        Some(format!(r#"{{"id":"{id}"}}"#).into_bytes()),
-        None,
-        topic.to_owned(),
-        Timestamp::now(),
-        partition,
-        offset,
-        Some(headers),
-    )
-}
-
-fn writer_config<DB: TestDb>(pool: &Pool<DB>, handler: Counter) -> Arc<WriterConfig<Counter, DB>> {
-    writer_config_with(pool, handler, Default::default())
-}
-
-fn writer_config_with<DB: TestDb>(
-    pool: &Pool<DB>,
-    handler: Counter,
-    event_id: consumer_runtime::EventId<Json<serde_json::Value>>,
-) -> Arc<WriterConfig<Counter, DB>> {
-    Arc::new(WriterConfig {
-        handler: Arc::new(handler),
-        pool: pool.clone(),
-        queries: DB::queries(SCHEMA).unwrap(),
-        guarantee: Guarantee::EffectivelyOnce,
-        event_id,
-    })
-}
-
-/// The set-up of a unit-of-work test: a pool, a fresh group, partition 0 of a fresh topic, and
-/// the runtime's SQL.
-async fn unit_setup<DB: TestDb>(
-    topic_prefix: &str,
-) -> (
-    Pool<DB>,
-    String,
-    PartitionKey,
-    consumer_runtime::store::Queries,
-) {
-    let pool = DB::pool().await;
-    let group = rand_name("g");
-    let key = PartitionKey {
-        group: group.clone(),
-        topic: rand_name(topic_prefix),
-        partition: 0,
-    };
-    let q = DB::queries(SCHEMA).unwrap();
-    (pool, group, key, q)
-}
-
-async fn stale_epoch_cannot_commit_and_leaves_nothing_visible<DB: TestDb>() {
-    let (pool, group, key, q) = unit_setup::<DB>("fence").await;
-    let config = writer_config(&pool, Counter::new(&group));
-
-    let old = DB::claim(&pool, &q, &key, "zombie").await.unwrap();
-    let mut zombie = PartitionWriter::new(config.clone(), key.clone(), old);
-    let new = DB::claim(&pool, &q, &key, "owner").await.unwrap();
-    assert!(new.epoch > old.epoch);
-
-    let batch: Vec<_> = (0..5)
-        .map(|o| message(&key.topic, 0, o, &format!("{group}-{o}")))
-        .collect();
-    assert_eq!(zombie.write(&batch).await.unwrap(), BatchOutcome::Fenced);
-    assert!(
-        effect_counts(&pool, &group).await.is_empty(),
-        "a fenced batch left effects"
-    );
-    assert_eq!(
-        ledger_rows(&pool, &group).await,
-        0,
-        "a fenced batch left ledger rows"
-    );
-    assert!(
-        stored_offsets(&pool, &group).await.is_empty(),
-        "a fenced batch moved the offset"
-    );
-
-    // The current owner commits the same batch.
-    let mut owner = PartitionWriter::new(config, key.clone(), new);
-    assert!(matches!(
-        owner.write(&batch).await.unwrap(),
-        BatchOutcome::Committed { applied: 5, .. }
-    ));
-    assert_eq!(
-        stored_offsets(&pool, &group).await[&(key.topic.clone(), 0)],
-        5
-    );
-}
-
-async fn handler_error_rolls_back_the_whole_batch<DB: TestDb>() {
-    let (pool, group, key, q) = unit_setup::<DB>("rollback").await;
-    for reject in [false, true] {
-        let mut handler = Counter::new(&group);
-        handler.fail_on = Some((format!("{group}-3"), reject));
-        let claim = DB::claim(&pool, &q, &key, "me").await.unwrap();
-        let mut writer = PartitionWriter::new(writer_config(&pool, handler), key.clone(), claim);
-        let batch: Vec<_> = (0..6)
-            .map(|o| message(&key.topic, 0, o, &format!("{group}-{o}")))
-            .collect();
-        let err = writer.write(&batch).await.unwrap_err();
-        match (&err, reject) {
-            (BatchError::Transient { at: Some(at), .. }, false) => assert_eq!(at.offset, 3),
-            (BatchError::Permanent { at, .. }, true) => assert_eq!(at.offset, 3),
-            other => panic!("unexpected error {other:?}"),
-        }
-        assert!(
-            effect_counts(&pool, &group).await.is_empty(),
-            "partial effects are visible"
-        );
-        assert_eq!(
-            ledger_rows(&pool, &group).await,
-            0,
-            "ledger rows are visible"
-        );
-        assert_eq!(writer.position(), None);
-        let offsets = DB::offsets(&pool, &q, &group).await.unwrap();
-        assert_eq!(offsets[0].next_offset, None, "the offset moved");
-    }
-}
-
-async fn duplicate_ids_within_one_batch_run_the_handler_once<DB: TestDb>() {
-    let (pool, group, key, q) = unit_setup::<DB>("inbatch").await;
-    let claim = DB::claim(&pool, &q, &key, "me").await.unwrap();
-    let mut writer = PartitionWriter::new(
-        writer_config(&pool, Counter::new(&group)),
-        key.clone(),
-        claim,
-    );
-    let ids = ["a", "b", "a", "c", "b", "a"];
-    let batch: Vec<_> = ids
-        .iter()
-        .enumerate()
-        .map(|(o, id)| message(&key.topic, 0, o as i64, &format!("{group}-{id}")))
-        .collect();
-    let outcome = writer.write(&batch).await.unwrap();
-    assert_eq!(
-        outcome,
-        BatchOutcome::Committed {
-            applied: 3,
-            duplicates: 3,
-            lost: 0,
-            next_offset: 6
-        }
-    );
-    let expected: Vec<String> = ["a", "b", "c"]
-        .iter()
-        .map(|i| format!("{group}-{i}"))
-        .collect();
-    assert_exactly_once(&effect_counts(&pool, &group).await, &expected);
 }
 
 // ---- Errors a user can act on ---------------------------------------------------------------
@@ -574,40 +405,6 @@ async fn sigterm_shuts_down_gracefully() {
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
 }
 
-async fn event_id_from_the_event_or_the_coordinates<DB: TestDb>() {
-    let (pool, group, key, q) = unit_setup::<DB>("ids").await;
-    // Payloads are {"id": …}; offsets 0 and 2 carry the same business id.
-    let batch: Vec<_> = ["x", "y", "x"]
-        .iter()
-        .enumerate()
-        .map(|(o, id)| message(&key.topic, 0, o as i64, &format!("{group}-{id}")))
-        .collect();
-    let strategies: [(consumer_runtime::EventId<Json<serde_json::Value>>, usize); 2] = [
-        (
-            consumer_runtime::EventId::from_event(|e: &Json<serde_json::Value>| {
-                e["id"].as_str().map(|s| format!("biz:{s}"))
-            }),
-            2,
-        ),
-        (consumer_runtime::EventId::coordinates(), 3),
-    ];
-    for (i, (strategy, applied)) in strategies.into_iter().enumerate() {
-        let group = format!("{group}_{i}");
-        let key = PartitionKey {
-            group: group.clone(),
-            ..key.clone()
-        };
-        let config = writer_config_with(&pool, Counter::new(&group), strategy);
-        let claim = DB::claim(&pool, &q, &key, "me").await.unwrap();
-        let mut writer = PartitionWriter::new(config, key.clone(), claim);
-        match writer.write(&batch).await.unwrap() {
-            BatchOutcome::Committed { applied: a, .. } => assert_eq!(a, applied, "strategy {i}"),
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(ledger_rows(&pool, &group).await, applied as i64);
-    }
-}
-
 // ---- The three guarantees under the same crashes --------------------------------------------
 
 /// Where a crash test interrupts the first run.
@@ -751,10 +548,6 @@ suite!(
     rewinding_stored_offsets_reapplies_nothing,
     two_groups_each_apply_every_event_once,
     many_partitions_commit_without_lock_errors,
-    stale_epoch_cannot_commit_and_leaves_nothing_visible,
-    handler_error_rolls_back_the_whole_batch,
-    duplicate_ids_within_one_batch_run_the_handler_once,
-    event_id_from_the_event_or_the_coordinates,
     unknown_topic_is_a_clear_error,
     unreachable_broker_is_a_clear_error,
     schema_behind_the_migrations_is_refused,

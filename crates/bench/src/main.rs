@@ -27,15 +27,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use consumer_runtime::__bench::{self, Writer};
 use consumer_runtime::rdkafka::Message as _;
 use consumer_runtime::rdkafka::config::ClientConfig;
 use consumer_runtime::rdkafka::consumer::{BaseConsumer, Consumer};
 use consumer_runtime::rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use consumer_runtime::sqlx::{Pool, Postgres, Sqlite};
-use consumer_runtime::{
-    BatchOutcome, DatabaseKind, EventId, Guarantee, Handler, PartitionKey, PartitionWriter,
-    Runtime, WriterConfig,
-};
+use consumer_runtime::{DatabaseKind, Guarantee, Handler, Runtime, Store};
 use tokio::sync::Semaphore;
 
 use crate::db::{BenchDb, Sink};
@@ -590,7 +588,7 @@ async fn raw_consume<DB: BenchDb>(env: &Env<DB>) -> anyhow::Result<Outcome> {
     Ok(memory.finish(name, count, secs, cpu.since()))
 }
 
-/// The runtime's exact per-batch SQL ([`PartitionWriter::write`]: the fence, the ledger claim,
+/// The runtime's exact per-batch SQL (the unit of work's write, [`Writer::write`]: the fence, the ledger claim,
 /// the handler's inserts, the commit) on in-memory records in batches of [`BATCH`], every
 /// partition concurrently and at most as many transactions at once as the runtime allows, with
 /// no Kafka.
@@ -602,27 +600,17 @@ where
     eprintln!("bench: {name}");
     DB::truncate_events(&env.pool, &env.schema).await?;
     let group = format!("{}-{name}", env.schema);
-    let config = Arc::new(WriterConfig {
-        handler: Arc::new(Sink::new::<DB>(&env.schema, &group)),
-        pool: env.pool.clone(),
-        queries: DB::queries(&env.schema)?,
-        guarantee: Guarantee::EffectivelyOnce,
-        event_id: EventId::default(),
-    });
-    let permits = Arc::new(Semaphore::new(DB::max_writers(&env.pool).max(1)));
+    let store = Store::new(env.pool.clone(), &env.schema)?;
+    let handler = Arc::new(Sink::new::<DB>(&env.schema, &group));
+    let permits = Arc::new(Semaphore::new(__bench::max_writers(&env.pool).max(1)));
     let ticker = Arc::new(Ticker::start(name, env.args_messages));
     let memory = Memory::reset();
     let cpu = Cpu::now();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (partition, end) in (0..env.partitions).zip(env.ends.iter().copied()) {
-        let key = PartitionKey {
-            group: group.clone(),
-            topic: TOPIC.to_owned(),
-            partition,
-        };
-        let claim = DB::claim(&env.pool, &config.queries, &key, "bench").await?;
-        let mut writer = PartitionWriter::new(config.clone(), key, claim);
+        let mut writer =
+            Writer::claim(&store, handler.clone(), &group, TOPIC, partition, "bench").await?;
         let permits = permits.clone();
         let ticker = ticker.clone();
         let workload = env.workload.clone();
@@ -636,11 +624,11 @@ where
                     .map(|offset| workload.message(TOPIC, partition, offset, partitions))
                     .collect();
                 let permit = permits.acquire().await?;
-                let outcome = writer.write(&batch).await?;
+                let written = writer.write(&batch).await;
                 drop(permit);
-                match outcome {
-                    BatchOutcome::Committed { applied: a, .. } => applied += a,
-                    other => bail!("partition {partition}: unexpected outcome {other:?}"),
+                match written {
+                    Ok(a) => applied += a,
+                    Err(e) => bail!("partition {partition}: {e}"),
                 }
                 ticker.add((to - from) as u64);
                 from = to;
@@ -663,8 +651,9 @@ where
 /// Sums the group's stored offsets (a partition without a commit counts as 0) and says whether
 /// every partition is at its end.
 async fn progress<DB: BenchDb>(env: &Env<DB>, group: &str) -> anyhow::Result<(u64, Vec<i64>)> {
-    let q = DB::queries(&env.schema)?;
-    let stored = DB::offsets(&env.watch_pool, &q, group).await?;
+    let stored = Store::new(env.watch_pool.clone(), &env.schema)?
+        .stored_offsets(group)
+        .await?;
     let positions: Vec<i64> = (0..env.partitions)
         .map(|p| {
             stored

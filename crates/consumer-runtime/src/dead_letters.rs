@@ -1,19 +1,22 @@
-//! Dead letters: records that failed permanently, parked in `dead_letters` by the unit of work
-//! in the same transaction that advanced their partition's offset (see [`crate::unit`]).
+//! Dead letters: records that failed permanently, parked in `dead_letters` by the runtime in
+//! the same transaction that advanced their partition's offset, while the rest of their batch
+//! committed.
 //!
-//! [`Store::dead_letters`] is the library behind a consumer program's `dead-letters` command:
-//! [`DeadLetters::list`], [`get`](DeadLetters::get), [`purge`](DeadLetters::purge),
-//! [`delete`](DeadLetters::delete) and [`redrive`](DeadLetters::redrive), which runs the
-//! current handler for a parked record exactly once.
+//! [`DeadLetters`] (from [`Store::dead_letters`]) is the library behind a consumer program's
+//! `dead-letters` command: [`list`](DeadLetters::list), [`get`](DeadLetters::get),
+//! [`purge`](DeadLetters::purge), [`delete`](DeadLetters::delete) and
+//! [`redrive`](DeadLetters::redrive), which runs the current handler for a parked record
+//! exactly once, through the same per-record step as consumption (decode and identify, claim
+//! the event id, run the handler under its time limit, classify its failure).
 //!
 //! The stored row ([`DeadLetter`]) and the format of its `headers` column are the store's
 //! (`store/dead_letter.rs`).
 
 use crate::error::{Error, FailureKind, Result, error_chain};
 use crate::event_id::EventId;
-use crate::handler::{Handler, HandlerError, Record};
-use crate::store::{Backend, PartitionKey, Store};
-use crate::unit::{identify, run_handler};
+use crate::handler::Handler;
+use crate::store::{Backend, CRATE, PartitionKey, Store};
+use crate::unit::{RecordFailure, claim_one, handle_record, identify};
 
 pub use crate::store::dead_letter::{DeadLetter, HeaderList};
 
@@ -116,6 +119,9 @@ impl<DB: Backend> DeadLetters<'_, DB> {
     }
 }
 
+/// Redrive: the dead letter taken in the transaction, then the unit of work's per-record step
+/// ([`identify`], [`claim_one`], [`handle_record`]); a permanent failure is recorded on the
+/// dead letter once the transaction is rolled back.
 async fn redrive_in<H: Handler<DB>, DB: Backend>(
     store: &Store<DB>,
     handler: &H,
@@ -124,7 +130,7 @@ async fn redrive_in<H: Handler<DB>, DB: Backend>(
 ) -> Result<Redriven> {
     let (pool, q) = (store.pool(), store.queries());
     let context = "redriving a dead letter";
-    let mut tx = DB::begin(pool).await.map_err(Error::db(context))?;
+    let mut tx = DB::begin(pool, CRATE).await.map_err(Error::db(context))?;
     let Some(letter) = DB::take_dead_letter(&mut tx, q, id)
         .await
         .map_err(Error::db(context))?
@@ -137,7 +143,7 @@ async fn redrive_in<H: Handler<DB>, DB: Backend>(
         Ok(found) => found,
         Err((kind, source)) => {
             tx.rollback().await.map_err(Error::db(context))?;
-            return failed_again::<DB>(pool, q, id, kind, error_chain(source.as_ref())).await;
+            return failed_again(store, id, kind, error_chain(source.as_ref())).await;
         }
     };
     let key = PartitionKey {
@@ -145,53 +151,45 @@ async fn redrive_in<H: Handler<DB>, DB: Backend>(
         topic: letter.topic.clone(),
         partition: letter.partition,
     };
-    let claimed = DB::claim_events(&mut tx, q, &key, &[&event_id], &[letter.offset])
+    if !claim_one::<DB>(&mut tx, q, &key, &event_id, letter.offset)
         .await
-        .map_err(Error::db(context))?;
-    if claimed.is_empty() {
+        .map_err(Error::db(context))?
+    {
         tx.commit().await.map_err(Error::db(context))?;
         return Ok(Redriven::AlreadyApplied { event_id });
     }
-    let record = Record::new(&message, &event_id);
-    match run_handler(handler, &mut tx, record, event, 1).await {
-        Ok(Ok(())) => {
+    match handle_record(handler, &mut tx, &message, &event_id, event, 1).await {
+        Ok(()) => {
             tx.commit().await.map_err(Error::db(context))?;
             tracing::info!(id, topic = %letter.topic, partition = letter.partition, offset = letter.offset, %event_id, "dead letter redriven");
             Ok(Redriven::Applied { event_id })
         }
-        Ok(Err(HandlerError::Retry { source, .. })) => {
+        Err(RecordFailure::Transient { source, .. }) => {
             tx.rollback().await.map_err(Error::db(context))?;
             Ok(Redriven::Retry {
                 error: error_chain(source.as_ref()),
             })
         }
-        Ok(Err(HandlerError::Reject { source })) => {
-            tx.rollback().await.map_err(Error::db(context))?;
-            failed_again::<DB>(
-                pool,
-                q,
-                id,
-                FailureKind::Rejected,
-                error_chain(source.as_ref()),
-            )
-            .await
-        }
-        Err(panic) => {
-            // The transaction may be mid-statement: dropping it rolls it back.
-            drop(tx);
-            failed_again::<DB>(pool, q, id, FailureKind::Panicked, panic).await
+        Err(RecordFailure::Permanent(failure)) => {
+            if failure.kind == FailureKind::Panicked {
+                // The transaction may be mid-statement: dropping it rolls it back.
+                drop(tx);
+            } else {
+                tx.rollback().await.map_err(Error::db(context))?;
+            }
+            failed_again(store, id, failure.kind, failure.error).await
         }
     }
 }
 
+/// Records another failed attempt on the dead letter `id`.
 async fn failed_again<DB: Backend>(
-    pool: &sqlx::Pool<DB>,
-    q: &crate::store::Queries,
+    store: &Store<DB>,
     id: i64,
     kind: FailureKind,
     error: String,
 ) -> Result<Redriven> {
-    DB::dead_letter_failed_again(pool, q, id, kind, &error)
+    DB::dead_letter_failed_again(store.pool(), store.queries(), id, kind, &error)
         .await
         .map_err(Error::db("recording a failed redrive"))?;
     Ok(Redriven::Failed { kind, error })

@@ -206,6 +206,34 @@ impl std::str::FromStr for FailureKind {
     }
 }
 
+/// Whether a database error says the database is unavailable rather than that a statement was
+/// wrong: such failures are the infrastructure's, not the record's, and are retried without
+/// limit.
+pub(crate) fn is_infrastructure(e: &(dyn std::error::Error + 'static)) -> bool {
+    match e.downcast_ref::<sqlx::Error>() {
+        Some(
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::Tls(_),
+        ) => true,
+        Some(sqlx::Error::Database(db)) => {
+            // PostgreSQL: connection exceptions, shutdown, serialization/deadlock
+            // (40xxx), insufficient resources; SQLite: busy/locked.
+            let code = db.code().unwrap_or_default();
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("40")
+                || code.starts_with("53")
+                || code == "5"
+                || code == "6"
+        }
+        _ => false,
+    }
+}
+
 /// An error and its sources, joined with `: `.
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();

@@ -3,7 +3,9 @@
 //! Each top-level module (a file under `src/`, or a folder with its submodules) is a node; a
 //! `crate::m` path in its code (comments and doc comments do not count) is an edge to `m`. A
 //! path through a re-export at the crate root (`crate::Error`) counts as an edge to the module
-//! that defines it. The test fails on any cycle and names it; `cargo test -p consumer-runtime
+//! that defines it. Test-only code is not part of the layers (like the integration tests, it
+//! sits above the whole crate): a module's `tests.rs` and the `test_support` module are left
+//! out. The test fails on any cycle and names it; `cargo test -p consumer-runtime
 //! --lib layers -- --nocapture` prints the layers, lowest first.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,9 +17,11 @@ fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
-/// The module's source files: `src/m.rs`, or everything under `src/m/`.
+/// The module's source files: `src/m.rs`, or everything under `src/m/` but its `tests.rs`.
 fn files(path: &Path) -> Vec<PathBuf> {
-    if path.is_dir() {
+    if path.file_name().is_some_and(|n| n == "tests.rs") {
+        Vec::new()
+    } else if path.is_dir() {
         let mut out = Vec::new();
         for entry in std::fs::read_dir(path).unwrap() {
             out.extend(files(&entry.unwrap().path()));
@@ -87,7 +91,10 @@ fn graph() -> Graph {
     let modules: BTreeSet<String> = std::fs::read_dir(&src)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_stem().is_some_and(|s| s != "lib" && s != "layers"))
+        .filter(|p| {
+            p.file_stem()
+                .is_some_and(|s| s != "lib" && s != "layers" && s != "test_support")
+        })
         .filter(|p| p.is_dir() || p.extension().is_some_and(|e| e == "rs"))
         .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
         .collect();

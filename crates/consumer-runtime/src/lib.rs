@@ -51,33 +51,36 @@
 pub mod config;
 pub mod dead_letters;
 pub mod error;
-pub mod event_id;
-pub mod handler;
+mod event_id;
+mod handler;
 mod kafka;
 pub mod replay;
-pub mod runtime;
-pub mod store;
+mod runtime;
+mod store;
 pub mod telemetry;
 pub mod testing;
-pub mod unit;
+mod unit;
 mod util;
 
 #[cfg(test)]
 mod layers;
+#[cfg(test)]
+mod test_support;
+
+#[cfg(feature = "bench-internals")]
+#[doc(hidden)]
+pub mod __bench;
 
 pub use config::{
     Assignor, CircuitBreaker, ConsumerOptions, Guarantee, OffsetReset, ParkedRatio, RetryPolicy,
 };
-pub use dead_letters::{DeadLetter, Redriven};
+pub use dead_letters::{DeadLetter, DeadLetters, HeaderList, Redriven};
 pub use error::{BoxError, Coordinates, Error, FailureKind, Result};
-pub use event_id::EventId;
+pub use event_id::{EventId, EventIdFn};
 pub use handler::{Context, Decode, Handler, HandlerError, Json, Raw, Record, ResultExt, Text};
 pub use replay::{PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress, ReplayRequest};
 pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats, StatsSnapshot};
-pub use store::{
-    Backend, Claim, DatabaseKind, PartitionKey, Store, StoredOffset, connect, migrate,
-};
-pub use unit::{BatchError, BatchOutcome, Parked, PartitionWriter, WriterConfig};
+pub use store::{Backend, DatabaseKind, Store, StoredOffset, connect, migrate};
 
 pub use rdkafka;
 pub use sqlx;

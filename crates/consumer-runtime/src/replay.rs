@@ -49,7 +49,7 @@ use tracing::{debug, info, warn};
 use crate::error::{Error, Result};
 use crate::event_id::EventId;
 use crate::handler::Decode;
-use crate::store::{Backend, PartitionKey, Store, StoredOffset};
+use crate::store::{Backend, CRATE, PartitionKey, Store, StoredOffset};
 
 /// How long a metadata, watermark or time lookup may take.
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -444,7 +444,7 @@ async fn write<DB: Backend>(
     for attempt in 1..=WRITE_ATTEMPTS {
         let rows = DB::offsets(pool, q, group).await?;
         let mut report = plan(starts, &rows, topic);
-        let mut tx = DB::begin(pool).await.map_err(Error::db(CONTEXT))?;
+        let mut tx = DB::begin(pool, CRATE).await.map_err(Error::db(CONTEXT))?;
         let mut unchanged = true;
         for r in report.iter_mut().filter(|r| r.from < r.to) {
             let key = PartitionKey {

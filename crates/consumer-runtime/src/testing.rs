@@ -58,7 +58,7 @@ use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use sqlx::Pool;
 
 use crate::handler::{Decode, Handler, HandlerError, Record};
-use crate::store::Backend;
+use crate::store::{Backend, CRATE};
 use crate::unit::run_handler;
 
 /// A record to hand to a handler in a test: a payload plus the metadata the handler may read
@@ -200,7 +200,7 @@ pub async fn handle<H: Handler<DB>, DB: Backend>(
     pool: &Pool<DB>,
     record: TestRecord,
 ) -> Result<(), HandlerError> {
-    let mut tx = DB::begin(pool).await.map_err(HandlerError::retry)?;
+    let mut tx = DB::begin(pool, CRATE).await.map_err(HandlerError::retry)?;
     match handle_in(handler, &mut tx, record).await {
         Ok(()) => tx.commit().await.map_err(HandlerError::retry),
         Err(e) => {

@@ -33,6 +33,13 @@ pub trait TestDb: Backend {
     /// Rows of the dedup ledger for `group`.
     async fn ledger_rows(pool: &Pool<Self>, group: &str) -> i64;
 
+    /// Another owner claims `group`'s partition `topic`/`partition` in the database, as a new
+    /// owner's claim on assignment would: a new epoch and `owner` (the row must exist).
+    async fn claim_as(pool: &Pool<Self>, group: &str, topic: &str, partition: i32, owner: &str);
+
+    /// Whether the dedup ledger of `group` holds `event_id`.
+    async fn in_ledger(pool: &Pool<Self>, group: &str, event_id: &str) -> bool;
+
     /// From now on, every commit that would move `group`'s stored offset past `after_offset`
     /// fails (a database error raised by a trigger), until [`TestDb::clear_crash_point`].
     async fn set_crash_point(pool: &Pool<Self>, group: &str, after_offset: i64);
@@ -55,7 +62,7 @@ const CRASH_TABLE: &str = "CREATE TABLE IF NOT EXISTS test_crash_points (
 
 /// The test methods that are the same SQL on both databases.
 macro_rules! impl_test_db {
-    ($db:ty, $writers:literal, $ledger:literal, $pool:path) => {
+    ($db:ty, $writers:literal, $ledger:literal, $offsets:literal, $pool:path) => {
         #[async_trait::async_trait]
         impl TestDb for $db {
             const WRITERS: u32 = $writers;
@@ -100,6 +107,43 @@ macro_rules! impl_test_db {
                 .unwrap()
             }
 
+            async fn claim_as(
+                pool: &Pool<Self>,
+                group: &str,
+                topic: &str,
+                partition: i32,
+                owner: &str,
+            ) {
+                let claimed = sqlx::query(concat!(
+                    "UPDATE ",
+                    $offsets,
+                    " SET epoch = epoch + 1, owner = $4",
+                    " WHERE consumer_group = $1 AND topic = $2 AND partition = $3"
+                ))
+                .bind(group)
+                .bind(topic)
+                .bind(partition)
+                .bind(owner)
+                .execute(pool)
+                .await
+                .unwrap();
+                assert_eq!(claimed.rows_affected(), 1, "no offsets row to claim");
+            }
+
+            async fn in_ledger(pool: &Pool<Self>, group: &str, event_id: &str) -> bool {
+                let n: i64 = sqlx::query_scalar(concat!(
+                    "SELECT count(*) FROM ",
+                    $ledger,
+                    " WHERE consumer_group = $1 AND event_id = $2"
+                ))
+                .bind(group)
+                .bind(event_id)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+                n > 0
+            }
+
             async fn set_crash_point(pool: &Pool<Self>, group: &str, after_offset: i64) {
                 sqlx::query(
                     "INSERT INTO test_crash_points (consumer_group, after_offset) VALUES ($1, $2)",
@@ -122,8 +166,20 @@ macro_rules! impl_test_db {
     };
 }
 
-impl_test_db!(Postgres, 4, "consumer_runtime.processed", pg_pool);
-impl_test_db!(Sqlite, 1, "consumer_runtime_processed", sqlite_pool);
+impl_test_db!(
+    Postgres,
+    4,
+    "consumer_runtime.processed",
+    "consumer_runtime.consumer_offsets",
+    pg_pool
+);
+impl_test_db!(
+    Sqlite,
+    1,
+    "consumer_runtime_processed",
+    "consumer_runtime_consumer_offsets",
+    sqlite_pool
+);
 
 /// A fresh SQLite file with the runtime's migrations applied, the test effects table and the
 /// crash-point trigger.

@@ -14,7 +14,7 @@ use crate::config::{
 use crate::error::{Error, Result};
 use crate::event_id::EventId;
 use crate::handler::Handler;
-use crate::store::Backend;
+use crate::store::{Backend, CRATE, Queries};
 use crate::unit::WriterConfig;
 
 /// Builds a [`Runtime`]. Start with [`Runtime::builder`].
@@ -149,8 +149,8 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
             .ok_or_else(|| missing("database pool", "call .pool(…)"))?;
         let options = self.options;
         check(&options)?;
-        let queries = DB::queries(&options.schema)?;
-        let writers = DB::max_writers(&pool);
+        let queries = Queries::new::<DB>(&options.schema)?;
+        let writers = DB::max_writers(&pool, CRATE);
         let concurrency = options
             .concurrency
             .unwrap_or(writers)

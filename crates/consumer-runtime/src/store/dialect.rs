@@ -333,6 +333,15 @@ pub struct Queries {
 }
 
 impl Queries {
+    /// The runtime's SQL of `DB` for the schema (PostgreSQL) or table prefix (SQLite)
+    /// `schema`. Refuses a schema that is not a plain identifier.
+    pub(crate) fn new<DB: super::Backend>(schema: &str) -> Result<Queries> {
+        match DB::KIND {
+            super::DatabaseKind::Postgres => super::postgres::queries(schema),
+            super::DatabaseKind::Sqlite => super::sqlite::queries(schema),
+        }
+    }
+
     pub(super) fn build(schema: &str, prefix: &str, templates: &Templates) -> Queries {
         let q = |t: &str| sqlx::AssertSqlSafe(t.replace("{s}", prefix)).into_sql_str();
         Queries {
@@ -400,34 +409,43 @@ pub(super) struct Templates {
     pub(super) dl_failed: &'static str,
 }
 
+/// Proof that the caller is this crate: the [`Dialect`] methods that take neither a [`Queries`]
+/// nor a [`PartitionKey`] take one, so that no method of it can be called from outside.
+#[derive(Debug, Clone, Copy)]
+pub struct Crate(());
+
+/// The one [`Crate`] value.
+pub(crate) const CRATE: Crate = Crate(());
+
 /// The runtime's SQL for one database: the methods the unit of work, the runtime and the admin
 /// API are built from. It is reachable only as a supertrait of [`super::Backend`], and its
-/// arguments ([`Queries`], [`PartitionKey`]) cannot be made outside this crate, so nothing
+/// arguments ([`Queries`], [`PartitionKey`], [`Crate`]) cannot be made outside this crate, so nothing
 /// outside the crate can call it.
 #[async_trait]
 pub trait Dialect: sqlx::Database {
-    /// The runtime's SQL for the schema (PostgreSQL) or table prefix (SQLite) `schema`.
-    fn queries(schema: &str) -> Result<Queries>;
+    /// The migrator for the schema of `q`, with the schema substituted and its own history table.
+    fn migrator(q: &Queries) -> Migrator;
 
-    /// The migrator for `schema`, with the schema substituted and its own history table.
-    fn migrator(schema: &str) -> Result<Migrator>;
-
-    /// Applies the migrator for `schema` to the database.
-    async fn run_migrations(pool: &Pool<Self>, schema: &str) -> Result<()>;
+    /// Applies the migrator for the schema of `q` to the database.
+    async fn run_migrations(pool: &Pool<Self>, q: &Queries) -> Result<()>;
 
     /// Opens a pool of at most `max_connections` connections (SQLite: creates the file, WAL
     /// mode, a busy timeout).
-    async fn open_pool(url: &str, max_connections: u32) -> Result<Pool<Self>, sqlx::Error>;
+    async fn open_pool(
+        url: &str,
+        max_connections: u32,
+        _: Crate,
+    ) -> Result<Pool<Self>, sqlx::Error>;
 
     /// Begins a transaction that will write, with the settings the guarantees rely on, on any
     /// pool. PostgreSQL: `idle_in_transaction_session_timeout = 1min` for the transaction unless
     /// chosen elsewhere. SQLite: a 30 s busy timeout, then `BEGIN IMMEDIATE`, which takes the
     /// write lock up front, waiting for it under the busy timeout, so that a transaction that
     /// read first can never fail to upgrade to a writer.
-    async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error>;
+    async fn begin(pool: &Pool<Self>, _: Crate) -> Result<Transaction<'static, Self>, sqlx::Error>;
 
     /// How many transactions may be open at once on `pool` (SQLite: one writer).
-    fn max_writers(pool: &Pool<Self>) -> usize;
+    fn max_writers(pool: &Pool<Self>, _: Crate) -> usize;
 
     /// The newest migration applied, or `None` when the runtime's tables do not exist.
     async fn applied_version(pool: &Pool<Self>, q: &Queries) -> Result<Option<i64>>;

@@ -13,7 +13,7 @@ mod sqlite;
 use sqlx::migrate::Migrator;
 use sqlx::{Pool, SqlSafeStr as _};
 
-pub use self::dialect::{Claim, Dialect, Parking, PartitionKey, Queries};
+pub(crate) use self::dialect::{CRATE, Claim, Dialect, Parking, PartitionKey, Queries};
 use crate::error::{Error, Result};
 
 /// One row of `consumer_offsets`.
@@ -138,7 +138,7 @@ impl<DB: Backend> Store<DB> {
     /// of `pool`'s database. Refuses a schema that is not a plain identifier.
     pub fn new(pool: Pool<DB>, schema: &str) -> Result<Self> {
         Ok(Store {
-            queries: std::sync::Arc::new(DB::queries(schema)?),
+            queries: std::sync::Arc::new(Queries::new::<DB>(schema)?),
             pool,
         })
     }
@@ -160,7 +160,8 @@ impl<DB: Backend> Store<DB> {
 
     /// Applies the runtime's migrations (see [`migrate`]); returns the newest version.
     pub async fn migrate(&self) -> Result<i64> {
-        migrate(&self.pool, self.schema()).await
+        DB::run_migrations(&self.pool, &self.queries).await?;
+        Ok(required_version::<DB>())
     }
 
     /// Checks that the runtime's tables exist and are at the version this runtime needs
@@ -214,7 +215,7 @@ pub async fn connect<DB: Backend>(url: &str, max_connections: u32) -> Result<Poo
             DB::KIND
         )));
     }
-    DB::open_pool(url, max_connections)
+    DB::open_pool(url, max_connections, CRATE)
         .await
         .map_err(|source| Error::DatabaseUnreachable {
             url: crate::error::redact_url(url),
@@ -251,7 +252,7 @@ async fn set_offsets_with<DB: Backend>(
     positions: &[(i32, i64)],
 ) -> Result<Vec<Claim>> {
     let context = "moving stored offsets";
-    let mut tx = DB::begin(pool).await.map_err(Error::db(context))?;
+    let mut tx = DB::begin(pool, CRATE).await.map_err(Error::db(context))?;
     let mut claims = Vec::with_capacity(positions.len());
     for &(partition, next_offset) in positions {
         if next_offset < 0 {
@@ -274,17 +275,17 @@ async fn set_offsets_with<DB: Backend>(
 }
 
 /// The newest migration version this runtime ships for `DB`.
-pub fn required_version<DB: Backend>() -> i64 {
-    DB::migrator("consumer_runtime")
+pub(crate) fn required_version<DB: Backend>() -> i64 {
+    Queries::new::<DB>("consumer_runtime")
         .ok()
-        .and_then(|m| m.iter().map(|m| m.version).max())
+        .and_then(|q| DB::migrator(&q).iter().map(|m| m.version).max())
         .unwrap_or(0)
 }
 
 /// Applies the runtime's migrations to `schema` (creating it if needed). Safe to run
 /// concurrently and repeatedly; it never touches the application's own tables or migrations.
 pub async fn migrate<DB: Backend>(pool: &Pool<DB>, schema: &str) -> Result<i64> {
-    DB::run_migrations(pool, schema).await?;
+    DB::run_migrations(pool, &Queries::new::<DB>(schema)?).await?;
     Ok(required_version::<DB>())
 }
 

@@ -3,7 +3,7 @@
 use sqlx::migrate::Migrator;
 use sqlx::{PgConnection, Pool, Postgres, Transaction};
 
-use super::dialect::{Claim, Dialect, Parking, PartitionKey, Queries, Templates};
+use super::dialect::{Claim, Crate, Dialect, Parking, PartitionKey, Queries, Templates};
 use super::{Backend, DatabaseKind, StoredOffset, substitute};
 use crate::error::{Error, Result};
 use crate::util::check_identifier;
@@ -85,6 +85,12 @@ ORDER BY topic, partition, "offset""#
 WHERE id = $1"#,
 };
 
+/// The runtime's SQL for the schema `schema` (tables `schema.name`).
+pub(super) fn queries(schema: &str) -> Result<Queries> {
+    check_identifier("schema", schema)?;
+    Ok(Queries::build(schema, &format!("{schema}."), &TEMPLATES))
+}
+
 impl Backend for Postgres {
     const KIND: DatabaseKind = DatabaseKind::Postgres;
 }
@@ -92,33 +98,32 @@ impl Backend for Postgres {
 impl_backend! {
     Postgres, sqlx::postgres::PgRow;
 
-    fn queries(schema: &str) -> Result<Queries> {
-        check_identifier("schema", schema)?;
-        Ok(Queries::build(schema, &format!("{schema}."), &TEMPLATES))
-    }
-
-    fn migrator(schema: &str) -> Result<Migrator> {
-        check_identifier("schema", schema)?;
+    fn migrator(q: &Queries) -> Migrator {
+        let schema = &q.schema;
         let mut m = substitute(
             &MIGRATIONS,
             &format!("{schema}."),
             format!("{schema}._migrations"),
         );
         m.create_schema(schema.to_owned());
-        Ok(m)
+        m
     }
 
-    async fn run_migrations(pool: &Pool<Self>, schema: &str) -> Result<()> {
-        Self::migrator(schema)?
+    async fn run_migrations(pool: &Pool<Self>, q: &Queries) -> Result<()> {
+        Self::migrator(q)
             .run(pool)
             .await
             .map_err(|source| Error::Migrate {
-                schema: schema.to_owned(),
+                schema: q.schema.clone(),
                 source,
             })
     }
 
-    async fn open_pool(url: &str, max_connections: u32) -> Result<Pool<Self>, sqlx::Error> {
+    async fn open_pool(
+        url: &str,
+        max_connections: u32,
+        _: Crate,
+    ) -> Result<Pool<Self>, sqlx::Error> {
         use sqlx::ConnectOptions as _;
         let options: sqlx::postgres::PgConnectOptions = url.parse()?;
         // One direct connection first: a pool hides the cause ("connection refused", "password
@@ -136,11 +141,11 @@ impl_backend! {
             .await
     }
 
-    async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
+    async fn begin(pool: &Pool<Self>, _: Crate) -> Result<Transaction<'static, Self>, sqlx::Error> {
         pool.begin_with(BEGIN).await
     }
 
-    fn max_writers(pool: &Pool<Self>) -> usize {
+    fn max_writers(pool: &Pool<Self>, _: Crate) -> usize {
         pool.options().get_max_connections() as usize
     }
 

@@ -8,7 +8,7 @@ use std::str::FromStr;
 use sqlx::migrate::Migrator;
 use sqlx::{Pool, Sqlite, SqliteConnection, Transaction};
 
-use super::dialect::{Claim, Dialect, Parking, PartitionKey, Queries, Templates};
+use super::dialect::{Claim, Crate, Dialect, Parking, PartitionKey, Queries, Templates};
 use super::{Backend, DatabaseKind, StoredOffset, substitute};
 use crate::error::{Error, Result};
 use crate::util::check_identifier;
@@ -93,6 +93,12 @@ ORDER BY topic, partition, "offset""#
 WHERE id = $1"#,
 };
 
+/// The runtime's SQL for the schema `schema` (tables `schema_name`).
+pub(super) fn queries(schema: &str) -> Result<Queries> {
+    check_identifier("schema", schema)?;
+    Ok(Queries::build(schema, &format!("{schema}_"), &TEMPLATES))
+}
+
 impl Backend for Sqlite {
     const KIND: DatabaseKind = DatabaseKind::Sqlite;
 }
@@ -100,32 +106,31 @@ impl Backend for Sqlite {
 impl_backend! {
     Sqlite, sqlx::sqlite::SqliteRow;
 
-    fn queries(schema: &str) -> Result<Queries> {
-        check_identifier("schema", schema)?;
-        Ok(Queries::build(schema, &format!("{schema}_"), &TEMPLATES))
-    }
-
-    fn migrator(schema: &str) -> Result<Migrator> {
-        check_identifier("schema", schema)?;
-        Ok(substitute(
+    fn migrator(q: &Queries) -> Migrator {
+        let schema = &q.schema;
+        substitute(
             &MIGRATIONS,
             &format!("{schema}_"),
             format!("{schema}__migrations"),
-        ))
+        )
     }
 
-    async fn run_migrations(pool: &Pool<Self>, schema: &str) -> Result<()> {
+    async fn run_migrations(pool: &Pool<Self>, q: &Queries) -> Result<()> {
         use_wal(pool).await.map_err(Error::db("switching the database file to WAL"))?;
-        Self::migrator(schema)?
+        Self::migrator(q)
             .run(pool)
             .await
             .map_err(|source| Error::Migrate {
-                schema: schema.to_owned(),
+                schema: q.schema.clone(),
                 source,
             })
     }
 
-    async fn open_pool(url: &str, max_connections: u32) -> Result<Pool<Self>, sqlx::Error> {
+    async fn open_pool(
+        url: &str,
+        max_connections: u32,
+        _: Crate,
+    ) -> Result<Pool<Self>, sqlx::Error> {
         use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
         // WAL lets readers run beside the one writer; the busy timeout makes a writer wait for
         // the lock instead of failing with "database is locked".
@@ -140,7 +145,7 @@ impl_backend! {
             .await
     }
 
-    async fn begin(pool: &Pool<Self>) -> Result<Transaction<'static, Self>, sqlx::Error> {
+    async fn begin(pool: &Pool<Self>, _: Crate) -> Result<Transaction<'static, Self>, sqlx::Error> {
         // The busy timeout is the connection's, and must hold before `BEGIN IMMEDIATE` waits
         // for the write lock: set on every begin, in the same call (no extra work for the
         // connection's thread), so that it holds for a pool the user built too (sqlx's default
@@ -148,7 +153,7 @@ impl_backend! {
         pool.begin_with(BEGIN).await
     }
 
-    fn max_writers(_pool: &Pool<Self>) -> usize {
+    fn max_writers(_pool: &Pool<Self>, _: Crate) -> usize {
         1
     }
 
