@@ -318,8 +318,9 @@ fn with_idle_timeout(url: &str, value: &str) -> String {
 
 /// The handler's transaction ends if left idle for a minute, on a pool from `connect` and on
 /// one built by hand alike, unless somebody chose a value (the URL, a pool's own
-/// `after_connect`), and then that choice stands, even "off"; the runtime does not change the
-/// pool's sessions outside its own transactions.
+/// `after_connect`), and then that choice stands, even "off". A pool from `connect` has the
+/// setting on its sessions from the start (so its transactions begin with a plain BEGIN); on a
+/// pool built by hand the runtime sets it in its own transactions only.
 #[tokio::test]
 async fn postgres_handler_transactions_bound_idle_time_on_any_pool_unless_told_otherwise() {
     use sqlx::postgres::PgPoolOptions;
@@ -328,6 +329,11 @@ async fn postgres_handler_transactions_bound_idle_time_on_any_pool_unless_told_o
         .await
         .unwrap();
     assert_eq!(idle_timeout_in_handler(&from_connect).await, "1min");
+    let session: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+        .fetch_one(&from_connect)
+        .await
+        .unwrap();
+    assert_eq!(session, "1min", "set once when the session connected");
     let by_hand = PgPoolOptions::new()
         .max_connections(1)
         .connect(&url)

@@ -30,6 +30,17 @@ const BEGIN: &str = "BEGIN; SELECT set_config('idle_in_transaction_session_timeo
      (SELECT set_config('consumer_runtime.idle_timeout_unset', (source = 'default')::text, false) \
      FROM pg_show_all_settings() s WHERE s.name = 'idle_in_transaction_session_timeout')) = 'true'";
 
+/// The session-level form of the setting in [`BEGIN`], applied once per session of a pool
+/// made by `connect` (where nobody chose a value; a cheap `pg_settings` read once per
+/// connection), so that its transactions need no statement of their own.
+const IDLE_IN_TRANSACTION_SESSION_DEFAULT: &str = "SELECT set_config('idle_in_transaction_session_timeout', '1min', false) \
+     FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout' AND source = 'default'";
+
+/// The mark on the sessions of a pool made by `connect`: a custom setting in the startup
+/// options (`-c consumer_runtime.pool=connect`), visible in the pool's connect options.
+const FROM_CONNECT_OPTION: (&str, &str) = ("consumer_runtime.pool", "connect");
+const FROM_CONNECT: &str = "consumer_runtime.pool=connect";
+
 /// The columns of a dead letter, named as `DeadLetterRow` reads them.
 macro_rules! dl_cols {
     () => {
@@ -132,17 +143,36 @@ impl_backend! {
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)??;
         sqlx::Connection::close(probe).await?;
-        // The settings the runtime relies on are applied by `begin`, so that they hold for
-        // a pool the user built as well.
+        // The pool's sessions get the settings the runtime relies on once, when they connect,
+        // and carry a mark that tells `begin` so: its transactions then start with a plain
+        // BEGIN. (A pool built by hand gets them in every transaction's BEGIN instead.)
+        let options = options.options([FROM_CONNECT_OPTION]);
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query(IDLE_IN_TRANSACTION_SESSION_DEFAULT)
+                        .execute(conn)
+                        .await
+                        .map(drop)
+                })
+            })
             .connect_with(options)
             .await
     }
 
     async fn begin(pool: &Pool<Self>, _: Crate) -> Result<Transaction<'static, Self>, sqlx::Error> {
-        pool.begin_with(BEGIN).await
+        let from_connect = pool
+            .connect_options()
+            .get_options()
+            .is_some_and(|o| o.contains(FROM_CONNECT));
+        if from_connect {
+            // Its sessions were set up once, when they connected: a plain BEGIN.
+            pool.begin().await
+        } else {
+            pool.begin_with(BEGIN).await
+        }
     }
 
     fn max_writers(pool: &Pool<Self>, _: Crate) -> usize {
