@@ -16,6 +16,18 @@ use crate::error::{FailureKind, Result};
 /// (which differ only in their SQL, kept in [`Queries`]) are the same for every database.
 macro_rules! impl_backend {
     ($db:ty, $row:ty; $($specific:tt)*) => {
+        /// A statement whose first three parameters are a partition: its group, topic and
+        /// number.
+        fn for_partition(
+            sql: sqlx::SqlStr,
+            key: &PartitionKey,
+        ) -> sqlx::query::Query<'static, $db, <$db as sqlx::Database>::Arguments> {
+            sqlx::query(sql)
+                .bind(&key.group)
+                .bind(&key.topic)
+                .bind(key.partition)
+        }
+
         fn claim_from(row: $row) -> Result<Claim, sqlx::Error> {
             use sqlx::FromRow as _;
             Claim::from_row(&row)
@@ -36,10 +48,7 @@ macro_rules! impl_backend {
                 key: &PartitionKey,
                 letter: &Parking<'_>,
             ) -> Result<(), sqlx::Error> {
-                sqlx::query(q.park.clone())
-                    .bind(&key.group)
-                    .bind(&key.topic)
-                    .bind(key.partition)
+                for_partition(q.park.clone(), key)
                     .bind(letter.offset)
                     .bind(letter.key)
                     .bind(&letter.headers)
@@ -158,10 +167,7 @@ macro_rules! impl_backend {
                 key: &PartitionKey,
                 owner: &str,
             ) -> Result<Claim, sqlx::Error> {
-                let row = sqlx::query(q.claim.clone())
-                    .bind(&key.group)
-                    .bind(&key.topic)
-                    .bind(key.partition)
+                let row = for_partition(q.claim.clone(), key)
                     .bind(owner)
                     .fetch_one(pool)
                     .await?;
@@ -174,10 +180,7 @@ macro_rules! impl_backend {
                 key: &PartitionKey,
                 owner: &str,
             ) -> Result<Option<Claim>, sqlx::Error> {
-                let row = sqlx::query(q.reclaim.clone())
-                    .bind(&key.group)
-                    .bind(&key.topic)
-                    .bind(key.partition)
+                let row = for_partition(q.reclaim.clone(), key)
                     .bind(owner)
                     .fetch_optional(pool)
                     .await?;
@@ -192,10 +195,7 @@ macro_rules! impl_backend {
                 expected: Option<i64>,
                 next: i64,
             ) -> Result<bool, sqlx::Error> {
-                let done = sqlx::query(q.advance.clone())
-                    .bind(&key.group)
-                    .bind(&key.topic)
-                    .bind(key.partition)
+                let done = for_partition(q.advance.clone(), key)
                     .bind(epoch)
                     .bind(expected)
                     .bind(next)
@@ -210,10 +210,7 @@ macro_rules! impl_backend {
                 key: &PartitionKey,
                 next_offset: i64,
             ) -> Result<Claim, sqlx::Error> {
-                let row = sqlx::query(q.set_offset.clone())
-                    .bind(&key.group)
-                    .bind(&key.topic)
-                    .bind(key.partition)
+                let row = for_partition(q.set_offset.clone(), key)
                     .bind(next_offset)
                     .fetch_one(conn)
                     .await?;
@@ -227,10 +224,7 @@ macro_rules! impl_backend {
                 from: i64,
                 to: i64,
             ) -> Result<u64, sqlx::Error> {
-                let done = sqlx::query(q.clear_ledger.clone())
-                    .bind(&key.group)
-                    .bind(&key.topic)
-                    .bind(key.partition)
+                let done = for_partition(q.clear_ledger.clone(), key)
                     .bind(from)
                     .bind(to)
                     .execute(conn)
