@@ -48,6 +48,15 @@ fn record(
     )
 }
 
+/// One [`message`] per name, at offsets 0, 1, …, with event id `{group}-{name}`.
+fn messages(topic: &str, group: &str, names: &[&str]) -> Vec<OwnedMessage> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(o, n)| message(topic, o as i64, &format!("{group}-{n}")))
+        .collect()
+}
+
 /// The usual record of partition 0: key and `event-id` header both `id`, payload `{"id": id}`.
 fn message(topic: &str, offset: i64, id: &str) -> OwnedMessage {
     let payload = format!(r#"{{"id":"{id}"}}"#);
@@ -224,11 +233,7 @@ async fn duplicate_ids_within_one_batch_run_the_handler_once<DB: TestDb>() {
         claim,
     );
     let ids = ["a", "b", "a", "c", "b", "a"];
-    let batch: Vec<_> = ids
-        .iter()
-        .enumerate()
-        .map(|(o, id)| message(&key.topic, o as i64, &format!("{group}-{id}")))
-        .collect();
+    let batch = messages(&key.topic, &group, &ids);
     let outcome = writer.write(&batch).await.unwrap();
     assert_eq!(
         outcome,
@@ -249,11 +254,7 @@ async fn duplicate_ids_within_one_batch_run_the_handler_once<DB: TestDb>() {
 async fn event_id_from_the_event_or_the_coordinates<DB: TestDb>() {
     let (pool, group, key, q) = fresh::<DB>("ids").await;
     // Payloads are {"id": …}; offsets 0 and 2 carry the same business id.
-    let batch: Vec<_> = ["x", "y", "x"]
-        .iter()
-        .enumerate()
-        .map(|(o, id)| message(&key.topic, o as i64, &format!("{group}-{id}")))
-        .collect();
+    let batch = messages(&key.topic, &group, &["x", "y", "x"]);
     let strategies: [(EventId<Json<serde_json::Value>>, usize); 2] = [
         (
             EventId::from_event(|e: &Json<serde_json::Value>| {
@@ -666,11 +667,7 @@ async fn several_failures_and_a_duplicate_of_a_parked_record_in_one_batch<DB: Te
         claim,
     );
     let names = ["a", "b", "c", "p", "b", "d", "a"];
-    let batch: Vec<_> = names
-        .iter()
-        .enumerate()
-        .map(|(o, n)| message(&key.topic, o as i64, &format!("{group}-{n}")))
-        .collect();
+    let batch = messages(&key.topic, &group, &names);
     let outcome = writer.write(&batch).await.unwrap();
     assert_eq!(
         outcome,
