@@ -97,7 +97,10 @@ impl<'a, E> Batch<'a, E> {
 
     /// The events back, and the rejections sorted by index.
     pub(crate) fn into_parts(self) -> (Vec<E>, Vec<(usize, BoxError)>) {
-        let mut rejected = self.rejected.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mut rejected = self
+            .rejected
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
         rejected.sort_by_key(|(i, _)| *i);
         (self.events, rejected)
     }
@@ -216,11 +219,14 @@ impl<DB: Backend, B: BatchHandler<DB>> Handler<DB> for Batched<B> {
         true
     }
 
-    fn __handle_batch(
+    fn __handle_batch<'b>(
         &self,
         conn: &mut DB::Connection,
-        batch: &Batch<'_, B::Event>,
-    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
-        self.0.handle_batch(conn, batch)
+        batch: Batch<'b, B::Event>,
+    ) -> impl Future<Output = (Result<(), HandlerError>, Batch<'b, B::Event>)> + Send {
+        async move {
+            let result = self.0.handle_batch(conn, &batch).await;
+            (result, batch)
+        }
     }
 }

@@ -308,16 +308,20 @@ pub trait Handler<DB: Backend = sqlx::Postgres>: Send + Sync + 'static {
         false
     }
 
-    /// The batch call of a [`Batched`] handler. Not part of the API; do not override it.
+    /// The batch call of a [`Batched`] handler; the future owns the batch and gives it back.
+    /// Not part of the API; do not override it.
     #[doc(hidden)]
-    fn __handle_batch(
+    fn __handle_batch<'b>(
         &self,
         _conn: &mut DB::Connection,
-        _batch: &Batch<'_, Self::Event>,
-    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
-        std::future::ready(Err(HandlerError::reject(
-            "a per-record handler was called with a batch",
-        )))
+        batch: Batch<'b, Self::Event>,
+    ) -> impl Future<Output = (Result<(), HandlerError>, Batch<'b, Self::Event>)> + Send {
+        std::future::ready((
+            Err(HandlerError::reject(
+                "a per-record handler was called with a batch",
+            )),
+            batch,
+        ))
     }
 }
 
