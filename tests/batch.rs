@@ -1,0 +1,164 @@
+//! The whole runtime with a batch handler (`Runtime::batch_builder`), against the mock broker,
+//! on both databases: one call per partition batch, every record applied exactly once (the
+//! effect is `count = count + 1`), a poison record found by splitting its batch and parked,
+//! and a crash between batches losing and duplicating nothing. The batch handler's unit of work
+//! itself (reject by index, poison first, middle and last, panics, retries) is tested inside
+//! the crate, in `crates/consumer-runtime/src/unit/batch/tests.rs`.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use consumer_runtime::sqlx::Pool;
+use consumer_runtime::{Batch, BatchHandler, FailureKind, HandlerError, Json, Runtime};
+use testkit::*;
+
+testkit::mock_broker_entry!();
+
+/// Applies the non-idempotent test effect for every record of its batch; rejects the whole
+/// call (naming no record) when the batch holds the poison id. Records each call's size.
+#[derive(Clone)]
+struct BatchCounter {
+    group: String,
+    poison: Option<String>,
+    /// How long each call waits before returning (to give a crash time to land mid-stream).
+    delay: Duration,
+    sizes: Arc<Mutex<Vec<usize>>>,
+}
+
+impl BatchCounter {
+    fn new(group: &str, poison: Option<String>) -> Self {
+        BatchCounter {
+            group: group.to_owned(),
+            poison,
+            delay: Duration::ZERO,
+            sizes: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    fn largest_call(&self) -> usize {
+        self.sizes
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+impl<DB: TestDb> BatchHandler<DB> for BatchCounter {
+    type Event = Json<serde_json::Value>;
+
+    async fn handle_batch(
+        &self,
+        conn: &mut DB::Connection,
+        batch: &Batch<'_, Json<serde_json::Value>>,
+    ) -> Result<(), HandlerError> {
+        self.sizes.lock().unwrap().push(batch.len());
+        let mut poisoned = false;
+        for (record, Json(event)) in batch.iter() {
+            assert_eq!(event["id"].as_str(), Some(record.event_id()));
+            DB::apply_effect(conn, &self.group, record.event_id()).await?;
+            poisoned |= self.poison.as_deref() == Some(record.event_id());
+        }
+        tokio::time::sleep(self.delay).await;
+        if poisoned {
+            return Err(HandlerError::reject("test rejects the batch"));
+        }
+        Ok(())
+    }
+}
+
+struct Running {
+    stop: consumer_runtime::ShutdownHandle,
+    task: tokio::task::JoinHandle<consumer_runtime::Result<()>>,
+}
+
+fn start<DB: TestDb>(kafka: &Kafka, pool: &Pool<DB>, topic: &str, h: &BatchCounter) -> Running {
+    let rt = Runtime::batch_builder(h.clone())
+        .pool(pool.clone())
+        .brokers(kafka.bootstrap.clone())
+        .topic(topic)
+        .group(&h.group)
+        .batch_size(40)
+        .handle_signals(false)
+        .kafka_config("session.timeout.ms", "6000")
+        .kafka_config("heartbeat.interval.ms", "500")
+        .build()
+        .expect("build the runtime");
+    Running {
+        stop: rt.shutdown_handle(),
+        task: tokio::spawn(rt.run()),
+    }
+}
+
+async fn a_batch_handler_applies_every_record_once_and_parks_the_poison<DB: TestDb>() {
+    let pool = DB::pool().await;
+    let (kafka, topic, group, records, all) = produced("batchrt", 2, 300, 30);
+    let bad = format!("{topic}-17");
+    let handler = BatchCounter::new(&group, Some(bad.clone()));
+    let running = start(&kafka, &pool, &topic, &handler);
+    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+    running.stop.shutdown();
+    running
+        .task
+        .await
+        .unwrap()
+        .expect("the runtime stops cleanly");
+
+    let letters = store(&pool)
+        .dead_letters()
+        .list(&group, None)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].event_id.as_deref(), Some(bad.as_str()));
+    assert_eq!(letters[0].kind, FailureKind::Rejected);
+    let expected: Vec<String> = all.into_iter().filter(|i| *i != bad).collect();
+    assert_exactly_once(&effect_counts(&pool, &group).await, &expected);
+    assert!(!DB::in_ledger(&pool, &group, &bad).await);
+    assert_eq!(ledger_rows(&pool, &group).await, expected.len() as i64);
+    assert!(
+        handler.largest_call() > 1,
+        "the handler was called per record, not per batch"
+    );
+}
+
+async fn a_crash_between_batch_calls_applies_nothing_twice<DB: TestDb>() {
+    let pool = DB::pool().await;
+    let (kafka, topic, group, records, all) = produced("batchcrash", 2, 400, 40);
+    let mut handler = BatchCounter::new(&group, None);
+    handler.delay = Duration::from_millis(50);
+    let first = start(&kafka, &pool, &topic, &handler);
+    // Crash (drop everything, in-flight transactions roll back) once some batches committed.
+    wait_until(
+        Duration::from_secs(60),
+        "a first committed batch",
+        || async { !stored_offsets(&pool, &group).await.is_empty() },
+    )
+    .await;
+    first.task.abort();
+    let _ = first.task.await;
+    let seen: HashSet<String> = effect_counts(&pool, &group).await.into_keys().collect();
+    assert!(
+        seen.len() < all.len(),
+        "the crash came too late to test anything"
+    );
+
+    let second = start(&kafka, &pool, &topic, &handler);
+    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+    second.stop.shutdown();
+    second
+        .task
+        .await
+        .unwrap()
+        .expect("the runtime stops cleanly");
+    assert_exactly_once(&effect_counts(&pool, &group).await, &all);
+    assert_eq!(ledger_rows(&pool, &group).await, all.len() as i64);
+}
+
+suite!(
+    a_batch_handler_applies_every_record_once_and_parks_the_poison,
+    a_crash_between_batch_calls_applies_nothing_twice,
+);
