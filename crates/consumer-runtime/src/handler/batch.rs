@@ -219,14 +219,12 @@ impl<DB: Backend, B: BatchHandler<DB>> Handler<DB> for Batched<B> {
         true
     }
 
-    fn __handle_batch<'b>(
+    async fn __handle_batch<'b>(
         &self,
         conn: &mut DB::Connection,
         batch: Batch<'b, B::Event>,
-    ) -> impl Future<Output = (Result<(), HandlerError>, Batch<'b, B::Event>)> + Send {
-        async move {
-            let result = self.0.handle_batch(conn, &batch).await;
-            (result, batch)
-        }
+    ) -> (Result<(), HandlerError>, Batch<'b, B::Event>) {
+        let result = self.0.handle_batch(conn, &batch).await;
+        (result, batch)
     }
 }

@@ -42,8 +42,11 @@ struct BatchCounter {
     /// Calls still to answer with `Retry` (after writing the effects).
     retries: Arc<Mutex<u32>>,
     /// The event ids and the attempt of each call, in order.
-    calls: Arc<Mutex<Vec<(Vec<String>, u32)>>>,
+    calls: Arc<Mutex<Calls>>,
 }
+
+/// Each call's event ids and attempt.
+type Calls = Vec<(Vec<String>, u32)>;
 
 impl BatchCounter {
     fn new(group: &str, poison: &[String], mode: Poison) -> Self {
@@ -56,7 +59,7 @@ impl BatchCounter {
         }
     }
 
-    fn calls(&self) -> Vec<(Vec<String>, u32)> {
+    fn calls(&self) -> Calls {
         self.calls.lock().unwrap().clone()
     }
 }
