@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use consumer_runtime::sqlx::Pool;
+use consumer_runtime::testing::{self, TestRecord};
 use consumer_runtime::{Batch, BatchHandler, FailureKind, HandlerError, Json, Runtime};
 use testkit::*;
 
@@ -21,6 +22,8 @@ testkit::mock_broker_entry!();
 struct BatchCounter {
     group: String,
     poison: Option<String>,
+    /// Reject the poison record by index (`batch.reject`) instead of failing the whole call.
+    by_index: bool,
     /// How long each call waits before returning (to give a crash time to land mid-stream).
     delay: Duration,
     sizes: Arc<Mutex<Vec<usize>>>,
@@ -31,6 +34,7 @@ impl BatchCounter {
         BatchCounter {
             group: group.to_owned(),
             poison,
+            by_index: false,
             delay: Duration::ZERO,
             sizes: Arc::new(Mutex::new(Vec::new())),
         }
@@ -57,10 +61,16 @@ impl<DB: TestDb> BatchHandler<DB> for BatchCounter {
     ) -> Result<(), HandlerError> {
         self.sizes.lock().unwrap().push(batch.len());
         let mut poisoned = false;
-        for (record, Json(event)) in batch.iter() {
+        for (i, (record, Json(event))) in batch.iter().enumerate() {
             assert_eq!(event["id"].as_str(), Some(record.event_id()));
+            if self.poison.as_deref() == Some(record.event_id()) {
+                if self.by_index {
+                    batch.reject(i, "test rejects this one");
+                    continue;
+                }
+                poisoned = true;
+            }
             DB::apply_effect(conn, &self.group, record.event_id()).await?;
-            poisoned |= self.poison.as_deref() == Some(record.event_id());
         }
         tokio::time::sleep(self.delay).await;
         if poisoned {
@@ -158,7 +168,43 @@ async fn a_crash_between_batch_calls_applies_nothing_twice<DB: TestDb>() {
     assert_eq!(ledger_rows(&pool, &group).await, all.len() as i64);
 }
 
+/// `testing::handle_batch`, the public way to unit-test a batch handler: one call, committed,
+/// with the indices it rejected; a call that fails names no record and commits nothing.
+async fn testing_handle_batch_commits_the_call_and_returns_the_rejected<DB: TestDb>() {
+    let pool = DB::pool().await;
+    let group = rand_name("g");
+    let ids: Vec<String> = (0..3).map(|i| format!("{group}-{i}")).collect();
+    let records = || -> Vec<TestRecord> {
+        ids.iter()
+            .map(|id| TestRecord::json(&serde_json::json!({ "id": id })).event_id(id))
+            .collect()
+    };
+    let mut handler = BatchCounter::new(&group, Some(ids[1].clone()));
+    let failed = testing::handle_batch(&handler, &pool, records()).await;
+    assert!(
+        matches!(failed, Err(HandlerError::Reject { .. })),
+        "{failed:?}"
+    );
+    assert!(
+        effect_counts(&pool, &group).await.is_empty(),
+        "a failed call committed"
+    );
+
+    handler.by_index = true;
+    let rejected = testing::handle_batch(&handler, &pool, records())
+        .await
+        .unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].0, 1);
+    assert_eq!(rejected[0].1.to_string(), "test rejects this one");
+    assert_exactly_once(
+        &effect_counts(&pool, &group).await,
+        &[ids[0].clone(), ids[2].clone()],
+    );
+}
+
 suite!(
+    testing_handle_batch_commits_the_call_and_returns_the_rejected,
     a_batch_handler_applies_every_record_once_and_parks_the_poison,
     a_crash_between_batch_calls_applies_nothing_twice,
 );

@@ -828,7 +828,7 @@ pub(crate) async fn run_handler<H: Handler<DB>, DB: Backend>(
     }
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         format!("the handler panicked: {s}")
     } else if let Some(s) = payload.downcast_ref::<String>() {
