@@ -11,7 +11,10 @@ use std::time::Duration;
 
 use consumer_runtime::sqlx::Pool;
 use consumer_runtime::testing::{self, TestRecord};
-use consumer_runtime::{Batch, BatchHandler, FailureKind, HandlerError, Json, Runtime};
+use consumer_runtime::{
+    Batch, BatchHandler, Batched, FailureKind, HandlerError, Json, RetryPolicy, Runtime,
+    RuntimeBuilder,
+};
 use testkit::*;
 
 testkit::mock_broker_entry!();
@@ -24,6 +27,8 @@ struct BatchCounter {
     poison: Option<String>,
     /// Reject the poison record by index (`batch.reject`) instead of failing the whole call.
     by_index: bool,
+    /// Fail the whole call with a retry (for ever) instead of a rejection.
+    retry: bool,
     /// How long each call waits before returning (to give a crash time to land mid-stream).
     delay: Duration,
     sizes: Arc<Mutex<Vec<usize>>>,
@@ -35,6 +40,7 @@ impl BatchCounter {
             group: group.to_owned(),
             poison,
             by_index: false,
+            retry: false,
             delay: Duration::ZERO,
             sizes: Arc::new(Mutex::new(Vec::new())),
         }
@@ -73,6 +79,9 @@ impl<DB: TestDb> BatchHandler<DB> for BatchCounter {
             DB::apply_effect(conn, &self.group, record.event_id()).await?;
         }
         tokio::time::sleep(self.delay).await;
+        if poisoned && self.retry {
+            return Err(HandlerError::retry("test fails the batch"));
+        }
         if poisoned {
             return Err(HandlerError::reject("test rejects the batch"));
         }
@@ -85,7 +94,19 @@ struct Running {
     task: tokio::task::JoinHandle<consumer_runtime::Result<()>>,
 }
 
+type Builder<DB> = RuntimeBuilder<Batched<BatchCounter>, DB>;
+
 fn start<DB: TestDb>(kafka: &Kafka, pool: &Pool<DB>, topic: &str, h: &BatchCounter) -> Running {
+    start_with(kafka, pool, topic, h, |rt| rt)
+}
+
+fn start_with<DB: TestDb>(
+    kafka: &Kafka,
+    pool: &Pool<DB>,
+    topic: &str,
+    h: &BatchCounter,
+    configure: impl FnOnce(Builder<DB>) -> Builder<DB>,
+) -> Running {
     let rt = Runtime::batch_builder(h.clone())
         .pool(pool.clone())
         .brokers(kafka.bootstrap.clone())
@@ -94,9 +115,8 @@ fn start<DB: TestDb>(kafka: &Kafka, pool: &Pool<DB>, topic: &str, h: &BatchCount
         .batch_size(40)
         .handle_signals(false)
         .kafka_config("session.timeout.ms", "6000")
-        .kafka_config("heartbeat.interval.ms", "500")
-        .build()
-        .expect("build the runtime");
+        .kafka_config("heartbeat.interval.ms", "500");
+    let rt = configure(rt).build().expect("build the runtime");
     Running {
         stop: rt.shutdown_handle(),
         task: tokio::spawn(rt.run()),
@@ -168,6 +188,44 @@ async fn a_crash_between_batch_calls_applies_nothing_twice<DB: TestDb>() {
     assert_eq!(ledger_rows(&pool, &group).await, all.len() as i64);
 }
 
+/// A batch whose call asks for a retry every time is retried `max_attempts` times, then split
+/// to find the record that keeps failing, which is parked as `retries_exhausted`; the rest of
+/// the topic is applied once and the consumer goes on.
+async fn a_batch_that_never_stops_asking_for_a_retry_parks_its_culprit<DB: TestDb>() {
+    let pool = DB::pool().await;
+    let (kafka, topic, group, records, all) = produced("batchretry", 2, 120, 0);
+    let bad = format!("{topic}-33");
+    let mut handler = BatchCounter::new(&group, Some(bad.clone()));
+    handler.retry = true;
+    let running = start_with(&kafka, &pool, &topic, &handler, |rt| {
+        rt.retry_policy(RetryPolicy {
+            initial_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(20),
+            max_attempts: Some(3),
+        })
+    });
+    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+    running.stop.shutdown();
+    running
+        .task
+        .await
+        .unwrap()
+        .expect("the runtime stops cleanly");
+
+    let letters = store(&pool)
+        .dead_letters()
+        .list(&group, None)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].event_id.as_deref(), Some(bad.as_str()));
+    assert_eq!(letters[0].kind, FailureKind::RetriesExhausted);
+    assert_eq!(letters[0].attempts, 3);
+    let expected: Vec<String> = all.into_iter().filter(|i| *i != bad).collect();
+    assert_exactly_once(&effect_counts(&pool, &group).await, &expected);
+    assert!(!DB::in_ledger(&pool, &group, &bad).await);
+}
+
 /// `testing::handle_batch`, the public way to unit-test a batch handler: one call, committed,
 /// with the indices it rejected; a call that fails names no record and commits nothing.
 async fn testing_handle_batch_commits_the_call_and_returns_the_rejected<DB: TestDb>() {
@@ -204,6 +262,7 @@ async fn testing_handle_batch_commits_the_call_and_returns_the_rejected<DB: Test
 }
 
 suite!(
+    a_batch_that_never_stops_asking_for_a_retry_parks_its_culprit,
     testing_handle_batch_commits_the_call_and_returns_the_rejected,
     a_batch_handler_applies_every_record_once_and_parks_the_poison,
     a_crash_between_batch_calls_applies_nothing_twice,

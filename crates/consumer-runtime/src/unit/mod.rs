@@ -604,7 +604,8 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
             };
             out.push(prepared);
         }
-        if self.park && !self.given_up.is_empty() {
+        // A batch handler's given-up batch is searched for its culprit instead (`unit::batch`).
+        if self.park && !self.given_up.is_empty() && !self.config.handler.__is_batch() {
             for p in &mut out {
                 if let Some((_, f)) = self.given_up.iter().find(|(o, _)| *o == p.message.offset())
                     && p.failure.is_none()
