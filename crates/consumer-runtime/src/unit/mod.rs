@@ -11,7 +11,10 @@
 //! COMMIT
 //! ```
 //!
-//! The other guarantees split this transaction in two (see [`Guarantee`]).
+//! The other guarantees split this transaction in two (see [`Guarantee`]). A batch handler
+//! ([`Batched`](crate::handler::Batched)) is called once with all the newly claimed records
+//! instead of once per record, and isolates its failures by splitting the batch: see
+//! `unit/batch.rs`.
 //!
 //! The file reads top-down: [`PartitionWriter::write`], the three guarantees, the handler
 //! transaction (`run`, with its fast and slow paths and the steps they share: opening the
