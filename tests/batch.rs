@@ -159,7 +159,7 @@ async fn a_crash_between_batch_calls_applies_nothing_twice<DB: TestDb>() {
     let pool = DB::pool().await;
     let (kafka, topic, group, records, all) = produced("batchcrash", 2, 400, 40);
     let mut handler = BatchCounter::new(&group, None);
-    handler.delay = Duration::from_millis(50);
+    handler.delay = Duration::from_millis(100);
     let first = start(&kafka, &pool, &topic, &handler);
     // Crash (drop everything, in-flight transactions roll back) once some batches committed.
     wait_until(
