@@ -17,6 +17,7 @@
 
 mod background;
 mod builder;
+mod health;
 mod partitions;
 mod poll;
 mod rebalance;
@@ -25,6 +26,7 @@ mod worker;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc as std_mpsc};
+use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
@@ -41,6 +43,8 @@ use crate::unit::WriterConfig;
 
 use background::{AbortOnDrop, AbortTaskOnDrop, count_ledger, wait_for_signal, watch_epochs};
 pub use builder::RuntimeBuilder;
+pub use health::Health;
+use health::HealthState;
 use partitions::Core;
 use poll::PollThread;
 use rebalance::RuntimeContext;
@@ -58,6 +62,8 @@ pub struct Stats {
     fenced: AtomicU64,
     reloads: AtomicU64,
     assignments: AtomicU64,
+    mirror_failures: AtomicU64,
+    gaps: AtomicU64,
 }
 
 /// The [`Stats`] at one moment. Each counter is read on its own (they are not one atomic
@@ -85,6 +91,11 @@ pub struct StatsSnapshot {
     pub reloads: u64,
     /// Partition assignments (each one claims the partition and bumps its epoch).
     pub assignments: u64,
+    /// Offset commits of the monitoring mirror to the group in Kafka that failed (per
+    /// partition).
+    pub mirror_failures: u64,
+    /// Gaps in the offsets received on topics neither compacted nor transactional.
+    pub gaps: u64,
 }
 
 impl Stats {
@@ -101,6 +112,8 @@ impl Stats {
             fenced: get(&self.fenced),
             reloads: get(&self.reloads),
             assignments: get(&self.assignments),
+            mirror_failures: get(&self.mirror_failures),
+            gaps: get(&self.gaps),
         }
     }
 }
@@ -130,6 +143,7 @@ pub struct Runtime<H: Handler<DB>, DB: Backend> {
     concurrency: usize,
     shutdown: Arc<watch::Sender<bool>>,
     stats: Arc<Stats>,
+    health: Arc<HealthState>,
 }
 
 impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
@@ -146,6 +160,11 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
     /// The runtime's counters.
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
+    }
+
+    /// Its liveness and readiness, for health endpoints.
+    pub fn health(&self) -> Health {
+        Health(self.health.clone())
     }
 
     /// The settings it runs with.
@@ -175,6 +194,7 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             concurrency,
             shutdown: shutdown_tx,
             stats,
+            health,
         } = self;
         let pool = &writer.pool;
         check_schema(pool, &writer.queries).await?;
@@ -206,6 +226,7 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             control_tx,
             shutdown_tx.clone(),
             stats,
+            health,
         ));
         let context = RuntimeContext { core: core.clone() };
         let core_for_watch = core.clone();
@@ -223,6 +244,9 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             control: control_rx,
             abort: abort.clone(),
             failure: None,
+            last_mirror: std::time::Instant::now(),
+            last_mirror_all: std::time::Instant::now(),
+            last_stall_check: std::time::Instant::now(),
         };
         std::thread::Builder::new()
             .name("consumer-poll".into())
@@ -286,8 +310,17 @@ fn client_config(options: &ConsumerOptions) -> ClientConfig {
                 OffsetReset::Latest => "latest",
             },
         );
-    if let Some(every) = options.metrics_refresh {
-        // The lag gauges read the high watermarks from librdkafka's statistics.
+    // The lag gauges and the stall check read the high watermarks from librdkafka's
+    // statistics: at the metrics interval, and at least every 5 s (a quarter of the stall
+    // timeout if shorter) when stalls are watched.
+    let stall_every = options
+        .stall_timeout
+        .map(|t| (t / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)));
+    let every = match (options.metrics_refresh, stall_every) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    if let Some(every) = every {
         c.set(
             "statistics.interval.ms",
             every.as_millis().clamp(1, i32::MAX as u128).to_string(),

@@ -8,14 +8,14 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::OwnedMessage;
-use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use super::bump;
-use super::partitions::{Control, Core, Slot};
+use super::partitions::{Claimed, Control, Core, LOCKED_RETRY, Slot};
 use super::rebalance::{RuntimeContext, stop_workers};
 use crate::error::{Error, Result};
 use crate::handler::Handler;
@@ -27,7 +27,18 @@ pub(super) struct PollThread<H: Handler<DB>, DB: Backend> {
     pub(super) control: std_mpsc::Receiver<Control>,
     pub(super) abort: Arc<AtomicBool>,
     pub(super) failure: Option<Error>,
+    pub(super) last_mirror: Instant,
+    pub(super) last_mirror_all: Instant,
+    pub(super) last_stall_check: Instant,
 }
+
+/// How often the mirror commits the stored offsets that moved.
+const MIRROR_EVERY: Duration = Duration::from_secs(1);
+/// How often the mirror commits every owned partition's stored offset again, moved or not: a
+/// late commit of another member (a zombie's) cannot hold the group's offset back for longer.
+const MIRROR_ALL_EVERY: Duration = Duration::from_secs(5);
+/// How often partitions are checked for stalls.
+const STALL_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
     pub(super) fn run(mut self, ready: oneshot::Sender<Result<()>>) -> Result<()> {
@@ -45,14 +56,18 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
                         a.task.abort();
                     }
                 }
+                self.core.health.set_stopped();
                 return Ok(());
             }
             if self.core.shutting_down() {
                 break;
             }
+            self.core.health.polled();
             self.handle_control();
             self.flush_pending();
             self.retry_stale();
+            self.mirror();
+            self.check_stalls();
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     let m = m.detach();
@@ -66,6 +81,8 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
         }
         info!("stopping: finishing in-flight batches and leaving the group");
         stop_workers(&self.core, None);
+        self.mirror_last();
+        self.core.health.set_stopped();
         // Dropping the consumer (when this thread ends) closes it and leaves the group.
         self.consumer.unsubscribe();
         match self.failure.take() {
@@ -84,6 +101,19 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
                 options.startup_timeout,
             )?;
         }
+        let compacted = crate::kafka::compacted_topics(
+            &options.brokers,
+            &options.kafka,
+            &options.topics,
+            options.startup_timeout,
+            &self.core.handle,
+        );
+        {
+            let mut expected = self.core.gaps_expected.lock().expect("gaps lock");
+            for topic in &options.topics {
+                expected.insert(topic.clone(), compacted.contains(topic));
+            }
+        }
         let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
         self.consumer
             .subscribe(&topics)
@@ -95,6 +125,27 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
         let Some(Slot::Active(a)) = slots.get_mut(&(m.topic().to_owned(), m.partition())) else {
             return;
         };
+        let offset = m.offset();
+        if let Some(expected) = a.expected
+            && offset > expected
+        {
+            self.gap(m.topic(), m.partition(), expected, offset);
+        }
+        a.expected = Some(offset + 1);
+        a.last_record = Instant::now();
+        if a.stalled {
+            a.stalled = false;
+            a.metrics.set_stalled(false);
+            self.core
+                .health
+                .set_stalled(m.topic(), m.partition(), false);
+            info!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset,
+                "the stalled partition receives records again"
+            );
+        }
         if a.paused || !a.pending.is_empty() {
             a.pending.push_back(m);
             return;
@@ -195,8 +246,8 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
             old.task.abort();
         }
         let tpl = single(topic, partition);
-        match claim.and_then(|mut c| c.pop().flatten()) {
-            Some(claim) => {
+        match claim.and_then(|mut c| c.pop()) {
+            Some(Claimed::Yes(claim)) => {
                 let offset = self.core.start_offset(&claim);
                 if let Err(e) =
                     self.consumer
@@ -220,7 +271,17 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
                     warn!(error = %e, "resuming a partition failed");
                 }
             }
-            None => {
+            Some(Claimed::Locked) => {
+                let _ = self.consumer.pause(&tpl);
+                slots.insert(
+                    tp,
+                    Slot::Stale {
+                        retry_at: Instant::now() + LOCKED_RETRY,
+                        takeover,
+                    },
+                );
+            }
+            Some(Claimed::OwnedElsewhere) | None => {
                 warn!(
                     topic,
                     partition,
@@ -254,6 +315,155 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
         };
         for ((topic, partition), takeover) in due {
             self.reload(&topic, partition, takeover);
+        }
+    }
+}
+
+impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
+    /// A record arrived at `offset` where `expected` was due. Kafka allows gaps (compaction,
+    /// transaction markers), so this is never an error; on a topic that is neither compacted
+    /// nor transactional it is a warning and a count: a broker that skips records (or a fetch
+    /// that returned later batches only) would otherwise lose them without a word. A gap of
+    /// exactly one offset is what a transaction's commit marker leaves: the topic is then
+    /// taken to be written transactionally, and its later gaps are expected.
+    fn gap(&self, topic: &str, partition: i32, expected: i64, offset: i64) {
+        let mut kinds = self.core.gaps_expected.lock().expect("gaps lock");
+        let explained = kinds.entry(topic.to_owned()).or_insert(false);
+        if *explained {
+            debug!(
+                topic,
+                partition, expected, offset, "offset gap on a compacted or transactional topic"
+            );
+            return;
+        }
+        if offset == expected + 1 {
+            *explained = true;
+            info!(
+                topic,
+                partition,
+                offset = expected,
+                "a one-offset gap (a transaction marker): the topic is written transactionally; its offset gaps are expected from now on"
+            );
+            return;
+        }
+        drop(kinds);
+        bump(&self.core.stats.gaps, 1);
+        crate::telemetry::offset_gap(&self.core.options.group, topic);
+        warn!(
+            topic,
+            partition,
+            expected,
+            received = offset,
+            missing = offset - expected,
+            "gap in the partition's offsets on a topic that is neither compacted nor transactional: the broker returned no record for these offsets (retention deleting them while the consumer lagged, or a broker that skipped records); the stored offset moves past them"
+        );
+    }
+
+    /// Commits the stored offsets that moved (every [`MIRROR_EVERY`]) or all of them (every
+    /// [`MIRROR_ALL_EVERY`]) to the group in Kafka, asynchronously: the monitoring mirror.
+    fn mirror(&mut self) {
+        if !self.core.options.mirror_offsets || self.last_mirror.elapsed() < MIRROR_EVERY {
+            return;
+        }
+        self.last_mirror = Instant::now();
+        let all = self.last_mirror_all.elapsed() >= MIRROR_ALL_EVERY;
+        if all {
+            self.last_mirror_all = Instant::now();
+        }
+        let mut tpl = TopicPartitionList::new();
+        {
+            let slots = self.core.slots.lock().expect("slots lock");
+            for ((topic, partition), slot) in slots.iter() {
+                if let Slot::Active(a) = slot
+                    && let Some(next) = a.metrics.take_mirror(all)
+                {
+                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(next));
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            bump(&self.core.stats.mirror_failures, tpl.count());
+            crate::telemetry::mirror_failed(&self.core.options.group, tpl.count() as u64);
+            warn!(error = %e, "mirroring the stored offsets to the consumer group in Kafka failed (monitoring only: the database's offsets are unaffected)");
+        }
+    }
+
+    /// At shutdown, after the last batches: the final stored offsets, committed and waited
+    /// for (briefly: a failure is only logged).
+    fn mirror_last(&self) {
+        if !self.core.options.mirror_offsets {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), next) in self
+            .core
+            .revoked_stored
+            .lock()
+            .expect("revoked lock")
+            .iter()
+        {
+            if *next >= 0 {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
+            }
+        }
+        if tpl.count() > 0
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync)
+        {
+            warn!(error = %e, "mirroring the final stored offsets to the consumer group in Kafka failed (monitoring only)");
+        }
+    }
+
+    /// Flags partitions that have lag but have received nothing for the stall timeout (the
+    /// high watermark is the one librdkafka's statistics report, from its fetch responses: no
+    /// request of its own).
+    fn check_stalls(&mut self) {
+        let Some(timeout) = self.core.options.stall_timeout else {
+            return;
+        };
+        if self.last_stall_check.elapsed() < STALL_CHECK_EVERY {
+            return;
+        }
+        self.last_stall_check = Instant::now();
+        let mut slots = self.core.slots.lock().expect("slots lock");
+        for ((topic, partition), slot) in slots.iter_mut() {
+            let Slot::Active(a) = slot else { continue };
+            if a.paused {
+                // Paused by the runtime (a busy worker): not the broker's silence.
+                a.last_record = Instant::now();
+                continue;
+            }
+            // librdkafka's statistics carry each fetch response's high watermark.
+            let high = a.metrics.high_watermark();
+            let position = a.expected.unwrap_or(-1);
+            let lagging = high >= 0 && position >= 0 && high > position;
+            if !lagging {
+                // The silence that counts starts when the lag does.
+                a.last_record = Instant::now();
+                if a.stalled {
+                    a.stalled = false;
+                    a.metrics.set_stalled(false);
+                    self.core.health.set_stalled(topic, *partition, false);
+                }
+                continue;
+            }
+            let silent = a.last_record.elapsed();
+            if silent >= timeout && !a.stalled {
+                a.stalled = true;
+                a.metrics.set_stalled(true);
+                self.core.health.set_stalled(topic, *partition, true);
+                warn!(
+                    topic,
+                    partition,
+                    position,
+                    high_watermark = high,
+                    lag = high - position,
+                    silent = ?silent,
+                    "partition stalled: it has lag but has received no record for the stall timeout (a broker that returns nothing from this offset, or a fetch stuck on the broker side)"
+                );
+            }
         }
     }
 }
