@@ -17,6 +17,7 @@
 
 mod background;
 mod builder;
+mod gaps;
 mod health;
 mod partitions;
 mod poll;

@@ -13,6 +13,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::gaps::Gaps;
 use super::worker::Exit;
 use super::{HealthState, Stats, bump};
 use crate::config::{BreakerState, ConsumerOptions, OffsetReset};
@@ -94,9 +95,8 @@ pub(super) struct Core<H: Handler<DB>, DB: Backend> {
     pub(super) stats: Arc<Stats>,
     pub(super) stale_retry: Duration,
     pub(super) health: Arc<HealthState>,
-    /// Per topic: whether gaps in its offsets are expected (a compacted topic, or one where a
-    /// transaction marker was seen).
-    pub(super) gaps_expected: Mutex<HashMap<String, bool>>,
+    /// Which topics' offset gaps are expected (compacted or transactional).
+    pub(super) gaps: Mutex<Gaps>,
     /// The stored offsets of the partitions whose workers were stopped last (-1: none), for
     /// the mirror's last commit of them.
     pub(super) revoked_stored: Mutex<HashMap<(String, i32), i64>>,
@@ -135,7 +135,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             stats,
             stale_retry,
             health,
-            gaps_expected: Mutex::new(HashMap::new()),
+            gaps: Mutex::new(Gaps::default()),
             revoked_stored: Mutex::new(HashMap::new()),
         }
     }

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use super::bump;
+use super::gaps::Gap;
 use super::partitions::{Claimed, Control, Core, LOCKED_RETRY, Slot};
 use super::rebalance::{RuntimeContext, stop_workers};
 use crate::error::{Error, Result};
@@ -109,9 +110,9 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
             &self.core.handle,
         );
         {
-            let mut expected = self.core.gaps_expected.lock().expect("gaps lock");
+            let mut gaps = self.core.gaps.lock().expect("gaps lock");
             for topic in &options.topics {
-                expected.insert(topic.clone(), compacted.contains(topic));
+                gaps.set_compacted(topic, compacted.contains(topic));
             }
         }
         let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
@@ -320,43 +321,43 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
 }
 
 impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
-    /// A record arrived at `offset` where `expected` was due. Kafka allows gaps (compaction,
-    /// transaction markers), so this is never an error; on a topic that is neither compacted
-    /// nor transactional it is a warning and a count: a broker that skips records (or a fetch
-    /// that returned later batches only) would otherwise lose them without a word. A gap of
-    /// exactly one offset is what a transaction's commit marker leaves: the topic is then
-    /// taken to be written transactionally, and its later gaps are expected.
+    /// A record arrived at `offset` where `expected` was due: see [`super::gaps`].
     fn gap(&self, topic: &str, partition: i32, expected: i64, offset: i64) {
-        let mut kinds = self.core.gaps_expected.lock().expect("gaps lock");
-        let explained = kinds.entry(topic.to_owned()).or_insert(false);
-        if *explained {
-            debug!(
-                topic,
-                partition, expected, offset, "offset gap on a compacted or transactional topic"
-            );
-            return;
+        let verdict = self
+            .core
+            .gaps
+            .lock()
+            .expect("gaps lock")
+            .classify(topic, expected, offset);
+        match verdict {
+            None => {}
+            Some(Gap::Expected) => {
+                debug!(
+                    topic,
+                    partition, expected, offset, "offset gap on a compacted or transactional topic"
+                )
+            }
+            Some(Gap::FirstMarker) => {
+                info!(
+                    topic,
+                    partition,
+                    offset = expected,
+                    "a one-offset gap (a transaction marker): the topic is written transactionally; its offset gaps are expected from now on"
+                )
+            }
+            Some(Gap::Unexplained { missing }) => {
+                bump(&self.core.stats.gaps, 1);
+                crate::telemetry::offset_gap(&self.core.options.group, topic);
+                warn!(
+                    topic,
+                    partition,
+                    expected,
+                    received = offset,
+                    missing,
+                    "gap in the partition's offsets on a topic that is neither compacted nor transactional: the broker returned no record for these offsets (retention deleting them while the consumer lagged, or a broker that skipped records); the stored offset moves past them"
+                );
+            }
         }
-        if offset == expected + 1 {
-            *explained = true;
-            info!(
-                topic,
-                partition,
-                offset = expected,
-                "a one-offset gap (a transaction marker): the topic is written transactionally; its offset gaps are expected from now on"
-            );
-            return;
-        }
-        drop(kinds);
-        bump(&self.core.stats.gaps, 1);
-        crate::telemetry::offset_gap(&self.core.options.group, topic);
-        warn!(
-            topic,
-            partition,
-            expected,
-            received = offset,
-            missing = offset - expected,
-            "gap in the partition's offsets on a topic that is neither compacted nor transactional: the broker returned no record for these offsets (retention deleting them while the consumer lagged, or a broker that skipped records); the stored offset moves past them"
-        );
     }
 
     /// Commits the stored offsets that moved (every [`MIRROR_EVERY`]) or all of them (every
