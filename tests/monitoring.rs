@@ -277,3 +277,46 @@ async fn a_frozen_owner_delays_only_the_partition_it_holds_locked() {
     consumer.stop().await;
     assert_exactly_once(&effect_counts(&pool, &group).await, &ids);
 }
+
+/// A partition with lag that receives nothing for the stall timeout (here: the broker fails
+/// every fetch for a while) is reported stalled, and is no longer once records flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_that_receives_nothing_while_it_has_lag_is_reported_stalled() {
+    use consumer_runtime::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let pool = pg_pool().await;
+    let (kafka, topic, group, records, _) = produced("stall", 1, 20, 0);
+    let runtime = test_runtime(&kafka, &pool, Counter::new(&group), &topic)
+        .group(&group)
+        .stall_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let (health, stats, stop) = (runtime.health(), runtime.stats(), runtime.shutdown_handle());
+    let run = tokio::spawn(runtime.run());
+    wait_caught_up(&pool, &group, &topic, &ends_of(&records)).await;
+    assert!(
+        health.stalled().is_empty(),
+        "a caught-up partition is not stalled"
+    );
+
+    kafka.request_errors(
+        RDKafkaApiKey::Fetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT; 6],
+    );
+    let (more, _) = events_with_duplicates("late", 20, 1, 0);
+    kafka.produce(&topic, &more);
+    wait_until(WAIT, "the partition to be reported stalled", || async {
+        health.stalled() == vec![(topic.clone(), 0)]
+    })
+    .await;
+
+    wait_caught_up(&pool, &group, &topic, &HashMap::from([(0, 40)])).await;
+    wait_until(WAIT, "the stall to clear", || async {
+        health.stalled().is_empty()
+    })
+    .await;
+    assert!(health.joined() && health.alive(Duration::from_secs(5)));
+    stop.shutdown();
+    run.await.unwrap().unwrap();
+    assert_eq!(stats.snapshot().applied, 40);
+}

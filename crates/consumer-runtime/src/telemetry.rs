@@ -252,11 +252,6 @@ impl PartitionMetrics {
         (all || previous != stored).then_some(stored)
     }
 
-    /// The last high watermark librdkafka reported; -1: none yet.
-    pub(crate) fn high_watermark(&self) -> i64 {
-        self.high_watermark.load(Ordering::Relaxed)
-    }
-
     /// Sets the stall gauge (registered the first time the partition stalls).
     pub(crate) fn set_stalled(&self, stalled: bool) {
         match self.stalled.get() {

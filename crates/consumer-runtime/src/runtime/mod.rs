@@ -27,7 +27,6 @@ mod worker;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc as std_mpsc};
-use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
@@ -42,7 +41,9 @@ use crate::store::{Backend, check_schema};
 use crate::telemetry;
 use crate::unit::WriterConfig;
 
-use background::{AbortOnDrop, AbortTaskOnDrop, count_ledger, wait_for_signal, watch_epochs};
+use background::{
+    AbortOnDrop, AbortTaskOnDrop, count_ledger, wait_for_signal, watch_epochs, watch_stalls,
+};
 pub use builder::RuntimeBuilder;
 pub use health::Health;
 use health::HealthState;
@@ -247,7 +248,6 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             failure: None,
             last_mirror: std::time::Instant::now(),
             last_mirror_all: std::time::Instant::now(),
-            last_stall_check: std::time::Instant::now(),
         };
         std::thread::Builder::new()
             .name("consumer-poll".into())
@@ -260,6 +260,7 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
         let _ledger = metrics_refresh.map(|every| {
             AbortTaskOnDrop(tokio::spawn(count_ledger(core_for_watch.clone(), every)))
         });
+        let _stalls = AbortTaskOnDrop(tokio::spawn(watch_stalls(core_for_watch.clone())));
         let watcher = tokio::spawn(watch_epochs(core_for_watch));
         let _watcher = AbortTaskOnDrop(watcher);
 
@@ -311,17 +312,8 @@ fn client_config(options: &ConsumerOptions) -> ClientConfig {
                 OffsetReset::Latest => "latest",
             },
         );
-    // The lag gauges and the stall check read the high watermarks from librdkafka's
-    // statistics: at the metrics interval, and at least every 5 s (a quarter of the stall
-    // timeout if shorter) when stalls are watched.
-    let stall_every = options
-        .stall_timeout
-        .map(|t| (t / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)));
-    let every = match (options.metrics_refresh, stall_every) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
-    if let Some(every) = every {
+    if let Some(every) = options.metrics_refresh {
+        // The lag gauges read the high watermarks from librdkafka's statistics.
         c.set(
             "statistics.interval.ms",
             every.as_millis().clamp(1, i32::MAX as u128).to_string(),

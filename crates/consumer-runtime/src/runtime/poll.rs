@@ -30,7 +30,6 @@ pub(super) struct PollThread<H: Handler<DB>, DB: Backend> {
     pub(super) failure: Option<Error>,
     pub(super) last_mirror: Instant,
     pub(super) last_mirror_all: Instant,
-    pub(super) last_stall_check: Instant,
 }
 
 /// How often the mirror commits the stored offsets that moved.
@@ -38,8 +37,6 @@ const MIRROR_EVERY: Duration = Duration::from_secs(1);
 /// How often the mirror commits every owned partition's stored offset again, moved or not: a
 /// late commit of another member (a zombie's) cannot hold the group's offset back for longer.
 const MIRROR_ALL_EVERY: Duration = Duration::from_secs(5);
-/// How often partitions are checked for stalls.
-const STALL_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
     pub(super) fn run(mut self, ready: oneshot::Sender<Result<()>>) -> Result<()> {
@@ -68,7 +65,6 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
             self.flush_pending();
             self.retry_stale();
             self.mirror();
-            self.check_stalls();
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     let m = m.detach();
@@ -414,57 +410,6 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
             && let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync)
         {
             warn!(error = %e, "mirroring the final stored offsets to the consumer group in Kafka failed (monitoring only)");
-        }
-    }
-
-    /// Flags partitions that have lag but have received nothing for the stall timeout (the
-    /// high watermark is the one librdkafka's statistics report, from its fetch responses: no
-    /// request of its own).
-    fn check_stalls(&mut self) {
-        let Some(timeout) = self.core.options.stall_timeout else {
-            return;
-        };
-        if self.last_stall_check.elapsed() < STALL_CHECK_EVERY {
-            return;
-        }
-        self.last_stall_check = Instant::now();
-        let mut slots = self.core.slots.lock().expect("slots lock");
-        for ((topic, partition), slot) in slots.iter_mut() {
-            let Slot::Active(a) = slot else { continue };
-            if a.paused {
-                // Paused by the runtime (a busy worker): not the broker's silence.
-                a.last_record = Instant::now();
-                continue;
-            }
-            // librdkafka's statistics carry each fetch response's high watermark.
-            let high = a.metrics.high_watermark();
-            let position = a.expected.unwrap_or(-1);
-            let lagging = high >= 0 && position >= 0 && high > position;
-            if !lagging {
-                // The silence that counts starts when the lag does.
-                a.last_record = Instant::now();
-                if a.stalled {
-                    a.stalled = false;
-                    a.metrics.set_stalled(false);
-                    self.core.health.set_stalled(topic, *partition, false);
-                }
-                continue;
-            }
-            let silent = a.last_record.elapsed();
-            if silent >= timeout && !a.stalled {
-                a.stalled = true;
-                a.metrics.set_stalled(true);
-                self.core.health.set_stalled(topic, *partition, true);
-                warn!(
-                    topic,
-                    partition,
-                    position,
-                    high_watermark = high,
-                    lag = high - position,
-                    silent = ?silent,
-                    "partition stalled: it has lag but has received no record for the stall timeout (a broker that returns nothing from this offset, or a fetch stuck on the broker side)"
-                );
-            }
         }
     }
 }

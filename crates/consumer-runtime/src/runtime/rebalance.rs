@@ -49,8 +49,8 @@ impl<H: Handler<DB>, DB: Backend> ClientContext for RuntimeContext<H, DB> {
         }
     }
 
-    /// librdkafka's statistics (with `metrics_refresh` or `stall_timeout`): the assigned
-    /// partitions' high watermarks, for their lag gauges and the stall check.
+    /// librdkafka's statistics (only with `metrics_refresh`): the assigned partitions' high
+    /// watermarks, for their lag gauges.
     fn stats_raw(&self, statistics: &[u8]) {
         let stats: KafkaStats = match serde_json::from_slice(statistics) {
             Ok(s) => s,
