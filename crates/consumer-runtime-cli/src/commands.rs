@@ -1,6 +1,7 @@
 //! What each subcommand does, once its settings are resolved.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -211,23 +212,31 @@ async fn run_consumer<H: Handler<DB>, DB: Backend>(
         app.name
     );
     let pool = connect::<DB>(url, pool_size).await?;
-    let _server = match &run.metrics_addr {
-        Some(addr) => Some(serve_metrics(&addr.0).await?),
-        None => {
-            if options.metrics_refresh.take().is_some() {
-                warn!(
-                    "a metrics interval is set but no metrics address: no metrics are served; \
-                     set --metrics-addr (or CONSUMER_METRICS_ADDR, metrics_addr) to serve them"
-                );
-            }
-            None
-        }
-    };
+    if run.metrics_addr.is_none() && options.metrics_refresh.take().is_some() {
+        warn!(
+            "a metrics interval is set but no metrics address: no metrics are served; \
+             set --metrics-addr (or CONSUMER_METRICS_ADDR, metrics_addr) to serve them"
+        );
+    }
     let builder = Runtime::<H, DB>::builder(app.handler)
-        .pool(pool)
+        .pool(pool.clone())
         .options(options)
         .event_id(event_id(run.event_id, app.event_id));
     let runtime = builder.build()?;
+    let _server = match &run.metrics_addr {
+        Some(addr) => {
+            let database: exporter::DatabaseCheck = Arc::new(move || {
+                let pool = pool.clone();
+                Box::pin(async move { ping(&pool).await })
+            });
+            let probes = exporter::Probes {
+                health: runtime.health(),
+                database,
+            };
+            Some(serve_metrics(&addr.0, probes).await?)
+        }
+        None => None,
+    };
     let stats = runtime.stats();
     runtime.run().await?;
     let stats = stats.snapshot();
@@ -252,8 +261,23 @@ impl Drop for Server {
     }
 }
 
-/// Binds `--metrics-addr`, installs the exporter and serves it; logs the bound address.
-async fn serve_metrics(addr: &str) -> Result<Server, CliError> {
+/// Whether the database answers: one connection from the pool, pinged. A connection that
+/// fails is closed rather than returned to the pool.
+async fn ping<DB: Backend>(pool: &consumer_runtime::sqlx::Pool<DB>) -> Result<(), String> {
+    use consumer_runtime::sqlx::Connection as _;
+    let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+    match conn.ping().await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            conn.close_on_drop();
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Binds `--metrics-addr`, installs the exporter and serves it with the probes; logs the bound
+/// address.
+async fn serve_metrics(addr: &str, probes: exporter::Probes) -> Result<Server, CliError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         CliError::Failed(format!(
             "cannot serve metrics on --metrics-addr {addr}: {e}; choose another HOST:PORT (port 0: any free port)"
@@ -268,8 +292,12 @@ async fn serve_metrics(addr: &str) -> Result<Server, CliError> {
                 .into(),
         ));
     };
-    info!(addr = %bound, "serving Prometheus metrics at http://{bound}/metrics");
-    Ok(Server(tokio::spawn(exporter::serve(listener, handle))))
+    info!(addr = %bound, "serving Prometheus metrics at http://{bound}/metrics, health probes at /healthz and /readyz");
+    Ok(Server(tokio::spawn(exporter::serve(
+        listener,
+        handle,
+        Some(probes),
+    ))))
 }
 
 async fn migrate<H: Handler<DB>, DB: Backend>(

@@ -1009,6 +1009,108 @@ fn scrape(addr: &str) -> String {
     body.to_owned()
 }
 
+/// One request for `path` of the program's HTTP server: the status code and the body.
+fn probe(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the probe endpoint");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response: {response:?}"));
+    assert!(head.contains("Content-Type: application/json"), "{head}");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status code: {head}"));
+    (code, body.to_owned())
+}
+
+/// `/healthz` and `/readyz` beside `/metrics`, over real HTTP: both 200 once the consumer has
+/// joined its group; while PostgreSQL is down `/readyz` is 503 and says the database is
+/// unreachable (the process and its poll loop stay alive: `/healthz` stays 200); once it is
+/// back, `/readyz` is 200 again. PostgreSQL is a private server, stopped and started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_red_during_a_database_outage_and_back_while_healthz_stays_green() {
+    use testkit::private_pg::{PrivatePostgres, Stop};
+    let dir = std::env::temp_dir().join(rand_name("consumer-runtime-cli-probes"));
+    let server =
+        std::sync::Arc::new(PrivatePostgres::start(&dir).expect("start a private PostgreSQL"));
+    let s = Setup::at(1, server.url("postgres")).await;
+    let (records, _) = order_events(&s.topic, 10, 1, 0);
+    s.kafka.produce(&s.topic, &records);
+    let (mut run, addr) = s.run_with_metrics(&[]).await;
+    s.wait_caught_up(&ends_of(&records)).await;
+
+    let json = |body: &str| -> serde_json::Value {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+    };
+    let mut ready = (0, String::new());
+    wait_until(WAIT, "/readyz to be 200", || {
+        ready = probe(&addr, "/readyz");
+        let ok = ready.0 == 200;
+        async move { ok }
+    })
+    .await;
+    let body = json(&ready.1);
+    assert_eq!(body["status"], "ready", "{body}");
+    assert_eq!(body["group"], "joined", "{body}");
+    assert_eq!(body["database"], "reachable", "{body}");
+    assert_eq!(body["stalled_partitions"], serde_json::json!([]), "{body}");
+    let (code, body) = probe(&addr, "/healthz");
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["status"], "ok", "{body}");
+
+    let srv = server.clone();
+    tokio::task::spawn_blocking(move || srv.stop(Stop::Fast))
+        .await
+        .unwrap()
+        .expect("stop PostgreSQL");
+    wait_until(WAIT, "/readyz to be 503", || {
+        ready = probe(&addr, "/readyz");
+        let red = ready.0 == 503;
+        async move { red }
+    })
+    .await;
+    let body = json(&ready.1);
+    assert_eq!(body["status"], "not ready", "{body}");
+    assert!(
+        body["database"]
+            .as_str()
+            .unwrap()
+            .starts_with("unreachable"),
+        "{body}"
+    );
+    let (code, body) = probe(&addr, "/healthz");
+    assert_eq!(
+        code, 200,
+        "the poll loop is alive during the outage: {body}"
+    );
+
+    let srv = server.clone();
+    tokio::task::spawn_blocking(move || srv.start_again())
+        .await
+        .unwrap()
+        .expect("start PostgreSQL again");
+    wait_until(WAIT, "/readyz to be 200 again", || {
+        ready = probe(&addr, "/readyz");
+        let ok = ready.0 == 200;
+        async move { ok }
+    })
+    .await;
+    assert_eq!(json(&ready.1)["database"], "reachable", "{}", ready.1);
+
+    assert!(run.is_running(), "the program stopped:\n{}", run.stderr());
+    run.terminate();
+    run.wait(WAIT)
+        .assert_success("the consumer stopped by SIGTERM");
+    s.pool.close().await;
+}
+
 /// The sum of the samples of metric `name` whose labels include every one of `labels`
 /// (`None`: no such series).
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {

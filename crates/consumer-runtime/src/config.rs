@@ -325,8 +325,10 @@ pub struct ConsumerOptions {
     pub mirror_offsets: bool,
     /// A partition that has lag (its high watermark is past the stored offset) but has
     /// received no record for this long is *stalled*: logged as a warning and counted in the
-    /// `consumer_stalled_partitions` gauge. `None` turns the check off. Default 60 s.
-    #[serde(deserialize_with = "de::some_duration")]
+    /// `consumer_partition_stalled` gauge, and shown by
+    /// [`Health::stalled`](crate::Health::stalled). `None` (`"off"` in a file) turns the check
+    /// off. Default 60 s.
+    #[serde(deserialize_with = "de::duration_or_off")]
     pub stall_timeout: Option<Duration>,
 }
 
@@ -435,6 +437,19 @@ mod de {
         d: D,
     ) -> Result<Option<Duration>, D::Error> {
         d.deserialize_str(DurationText).map(Some)
+    }
+
+    /// A duration, or `"off"` for `None`.
+    pub(super) fn duration_or_off<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "off" {
+            return Ok(None);
+        }
+        super::parse_duration(&text)
+            .map(Some)
+            .map_err(|e| de::Error::custom(format!("{e}, or off")))
     }
 
     /// A whole number from 1 up (also as text), or `word` for `None`.
