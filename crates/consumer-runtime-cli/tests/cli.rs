@@ -477,7 +477,8 @@ async fn status_shows_the_exact_lag_and_offsets_show_what_the_database_holds() {
     let s = Setup::new(3).await;
     let (records, ids) = order_events(&s.topic, 30, 3, 0);
     s.kafka.produce(&s.topic, &records);
-    let mut run = s.run("run", &[]);
+    // A short session: the test joins the group itself after the program left it.
+    let mut run = s.run("run", &QUICK_SESSION);
     let ends = ends_of(&records);
     s.wait_caught_up(&ends).await;
     run.terminate();
@@ -523,7 +524,38 @@ async fn status_shows_the_exact_lag_and_offsets_show_what_the_database_holds() {
         );
         assert_eq!(row["lag"], k.to_string(), "{}", out.stdout);
         assert_eq!(row["epoch"], db.epoch.to_string(), "{}", out.stdout);
+        // The program mirrored its stored offsets to the group in Kafka (its last ones when it
+        // stopped): the two agree.
+        assert_eq!(row["kafka_offset"], end.to_string(), "{}", out.stdout);
+        assert_eq!(row["note"], "-", "{}", out.stdout);
     }
+
+    // Another tool moves the group's offsets in Kafka: status flags every partition, and the
+    // stored offsets (the ones that count) are unchanged.
+    s.kafka.commit_kafka_offsets(&s.group, &s.topic, 3, 1);
+    let out = output(
+        "status",
+        orders(&s.db_args(&[
+            "status",
+            "--group",
+            &s.group,
+            "--brokers",
+            &s.kafka.bootstrap,
+        ])),
+    );
+    out.assert_success("orders status");
+    for row in &table(&out.stdout, "topic") {
+        let p: i32 = row["partition"].parse().unwrap();
+        assert_eq!(row["stored_offset"], ends[&p].to_string(), "{}", out.stdout);
+        assert_eq!(row["kafka_offset"], "1", "{}", out.stdout);
+        assert_eq!(row["note"], "kafka offset differs", "{}", out.stdout);
+    }
+    assert!(
+        out.stdout
+            .contains("3 partition(s) where the group's offset in Kafka differs"),
+        "{}",
+        out.stdout
+    );
 
     let out = output(
         "offsets",
