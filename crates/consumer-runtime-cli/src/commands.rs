@@ -293,7 +293,8 @@ async fn serve_metrics(addr: &str, probes: exporter::Probes) -> Result<Server, C
                 .into(),
         ));
     };
-    info!(addr = %bound, "serving Prometheus metrics at http://{bound}/metrics, health probes at /healthz and /readyz");
+    info!(addr = %bound, "serving Prometheus metrics at http://{bound}/metrics");
+    info!("serving the health probes at http://{bound}/healthz and http://{bound}/readyz");
     Ok(Server(tokio::spawn(exporter::serve(
         listener,
         handle,

@@ -1088,12 +1088,14 @@ async fn readyz_turns_red_during_a_database_outage_and_back_while_healthz_stays_
         async move { ok }
     })
     .await;
+    eprintln!("/readyz: {} {}", ready.0, ready.1.trim_end());
     let body = json(&ready.1);
     assert_eq!(body["status"], "ready", "{body}");
     assert_eq!(body["group"], "joined", "{body}");
     assert_eq!(body["database"], "reachable", "{body}");
     assert_eq!(body["stalled_partitions"], serde_json::json!([]), "{body}");
     let (code, body) = probe(&addr, "/healthz");
+    eprintln!("/healthz: {code} {}", body.trim_end());
     assert_eq!(code, 200, "{body}");
     assert_eq!(json(&body)["status"], "ok", "{body}");
 
@@ -1108,6 +1110,7 @@ async fn readyz_turns_red_during_a_database_outage_and_back_while_healthz_stays_
         async move { red }
     })
     .await;
+    eprintln!("/readyz: {} {}", ready.0, ready.1.trim_end());
     let body = json(&ready.1);
     assert_eq!(body["status"], "not ready", "{body}");
     assert!(
