@@ -39,15 +39,14 @@ pub(crate) fn topic_partitions<C: ConsumerContext>(
 }
 
 /// Which of `topics` are compacted (`cleanup.policy` contains `compact`), asked once at
-/// startup with DescribeConfigs. A broker that does not answer (librdkafka's mock cluster does
-/// not implement the request) leaves every topic counted as not compacted: a gap on it is then
-/// reported, which is the safe side.
-pub(crate) fn compacted_topics(
+/// startup with DescribeConfigs, beside the consumer's start (never delaying it). A broker
+/// that does not answer (librdkafka's mock cluster does not implement the request) leaves
+/// every topic counted as not compacted: a gap on it is then reported, which is the safe side.
+pub(crate) async fn compacted_topics(
     brokers: &str,
     kafka: &std::collections::BTreeMap<String, String>,
     topics: &[String],
     timeout: Duration,
-    handle: &tokio::runtime::Handle,
 ) -> std::collections::BTreeSet<String> {
     use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
     use rdkafka::client::DefaultClientContext;
@@ -71,14 +70,10 @@ pub(crate) fn compacted_topics(
     let resources: Vec<ResourceSpecifier<'_>> =
         topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let options = AdminOptions::new().request_timeout(Some(timeout));
-    let answer = std::thread::scope(|s| {
-        s.spawn(|| handle.block_on(admin.describe_configs(&resources, &options)))
-            .join()
-            .ok()
-    });
+    let answer = admin.describe_configs(&resources, &options).await;
     let mut out = std::collections::BTreeSet::new();
     match answer {
-        Some(Ok(results)) => {
+        Ok(results) => {
             for (topic, result) in topics.iter().zip(results) {
                 match result {
                     Ok(resource) => {
@@ -96,10 +91,9 @@ pub(crate) fn compacted_topics(
                 }
             }
         }
-        Some(Err(e)) => {
+        Err(e) => {
             tracing::debug!(error = %e, "cannot read the topics' cleanup policy; gaps in them will be reported")
         }
-        None => {}
     }
     out
 }

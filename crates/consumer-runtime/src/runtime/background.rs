@@ -204,3 +204,20 @@ pub(super) async fn watch_stalls<H: Handler<DB>, DB: Backend>(core: Arc<Core<H, 
         }
     }
 }
+
+/// Asks the brokers which topics are compacted (their offset gaps are expected) and tells the
+/// gap check; until the answer arrives, and if none does, every topic counts as not compacted.
+pub(super) async fn learn_compaction<H: Handler<DB>, DB: Backend>(core: Arc<Core<H, DB>>) {
+    let options = &core.options;
+    let compacted = crate::kafka::compacted_topics(
+        &options.brokers,
+        &options.kafka,
+        &options.topics,
+        options.startup_timeout,
+    )
+    .await;
+    let mut gaps = core.gaps.lock().expect("gaps lock");
+    for topic in &compacted {
+        gaps.set_compacted(topic, true);
+    }
+}

@@ -42,7 +42,8 @@ use crate::telemetry;
 use crate::unit::WriterConfig;
 
 use background::{
-    AbortOnDrop, AbortTaskOnDrop, count_ledger, wait_for_signal, watch_epochs, watch_stalls,
+    AbortOnDrop, AbortTaskOnDrop, count_ledger, learn_compaction, wait_for_signal, watch_epochs,
+    watch_stalls,
 };
 pub use builder::RuntimeBuilder;
 pub use health::Health;
@@ -261,6 +262,7 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             AbortTaskOnDrop(tokio::spawn(count_ledger(core_for_watch.clone(), every)))
         });
         let _stalls = AbortTaskOnDrop(tokio::spawn(watch_stalls(core_for_watch.clone())));
+        let _compaction = AbortTaskOnDrop(tokio::spawn(learn_compaction(core_for_watch.clone())));
         let watcher = tokio::spawn(watch_epochs(core_for_watch));
         let _watcher = AbortTaskOnDrop(watcher);
 

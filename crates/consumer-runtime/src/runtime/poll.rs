@@ -98,19 +98,6 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
                 options.startup_timeout,
             )?;
         }
-        let compacted = crate::kafka::compacted_topics(
-            &options.brokers,
-            &options.kafka,
-            &options.topics,
-            options.startup_timeout,
-            &self.core.handle,
-        );
-        {
-            let mut gaps = self.core.gaps.lock().expect("gaps lock");
-            for topic in &options.topics {
-                gaps.set_compacted(topic, compacted.contains(topic));
-            }
-        }
         let topics: Vec<&str> = options.topics.iter().map(String::as_str).collect();
         self.consumer
             .subscribe(&topics)
