@@ -362,8 +362,21 @@ pub(super) struct RunArgs {
     #[arg(long, value_name = "N", value_parser = parse_positive)]
     pub(super) breaker_window: Option<usize>,
 
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port; the
-    /// address is logged at startup). [default: off] [env: CONSUMER_METRICS_ADDR] [config:
+    /// Mirror the stored offsets to the consumer group in Kafka after each batch, for
+    /// monitoring only (kafka-consumer-groups.sh, Burrow, lag exporters, KEDA); the runtime
+    /// never reads them back. [default: true] [config: mirror_offsets]
+    #[arg(long, value_name = "true|false")]
+    pub(super) mirror_offsets: Option<bool>,
+
+    /// Report a partition as stalled (a warning, the consumer_partition_stalled gauge,
+    /// /readyz's body) when it has lag but has received no record for this long; `off` turns
+    /// the check off. [default: 60s] [config: stall_timeout]
+    #[arg(long, value_name = "DURATION|off")]
+    pub(super) stall_timeout: Option<DurationOrOff>,
+
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics, and the health probes /healthz
+    /// (the poll loop is alive) and /readyz (joined to the group, database reachable) (port 0:
+    /// any free port; the address is logged at startup). [default: off] [env: CONSUMER_METRICS_ADDR] [config:
     /// metrics_addr]
     #[arg(long, value_name = "HOST:PORT")]
     pub(super) metrics_addr: Option<MetricsAddr>,
@@ -427,6 +440,25 @@ impl RunArgs {
             set(&mut ratio.window, self.breaker_window.map(|n| n as u64));
         }
         set(&mut o.metrics_refresh, self.metrics_interval.map(Some));
+        set(&mut o.mirror_offsets, self.mirror_offsets);
+        set(&mut o.stall_timeout, self.stall_timeout.map(|d| d.0));
+    }
+}
+
+/// A duration, or `off` (`None`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DurationOrOff(pub(super) Option<Duration>);
+
+impl FromStr for DurationOrOff {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(DurationOrOff(None));
+        }
+        parse_duration(s)
+            .map(|d| DurationOrOff(Some(d)))
+            .map_err(|e| format!("{e}, or off"))
     }
 }
 

@@ -1,6 +1,7 @@
 //! What each subcommand does, once its settings are resolved.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -117,6 +118,7 @@ where
                 &database_url,
                 schema,
                 kafka,
+                options.stall_timeout,
                 brokers,
                 group,
                 topic,
@@ -211,23 +213,31 @@ async fn run_consumer<H: Handler<DB>, DB: Backend>(
         app.name
     );
     let pool = connect::<DB>(url, pool_size).await?;
-    let _server = match &run.metrics_addr {
-        Some(addr) => Some(serve_metrics(&addr.0).await?),
-        None => {
-            if options.metrics_refresh.take().is_some() {
-                warn!(
-                    "a metrics interval is set but no metrics address: no metrics are served; \
-                     set --metrics-addr (or CONSUMER_METRICS_ADDR, metrics_addr) to serve them"
-                );
-            }
-            None
-        }
-    };
+    if run.metrics_addr.is_none() && options.metrics_refresh.take().is_some() {
+        warn!(
+            "a metrics interval is set but no metrics address: no metrics are served; \
+             set --metrics-addr (or CONSUMER_METRICS_ADDR, metrics_addr) to serve them"
+        );
+    }
     let builder = Runtime::<H, DB>::builder(app.handler)
-        .pool(pool)
+        .pool(pool.clone())
         .options(options)
         .event_id(event_id(run.event_id, app.event_id));
     let runtime = builder.build()?;
+    let _server = match &run.metrics_addr {
+        Some(addr) => {
+            let database: exporter::DatabaseCheck = Arc::new(move || {
+                let pool = pool.clone();
+                Box::pin(async move { ping(&pool).await })
+            });
+            let probes = exporter::Probes {
+                health: runtime.health(),
+                database,
+            };
+            Some(serve_metrics(&addr.0, probes).await?)
+        }
+        None => None,
+    };
     let stats = runtime.stats();
     runtime.run().await?;
     let stats = stats.snapshot();
@@ -252,8 +262,23 @@ impl Drop for Server {
     }
 }
 
-/// Binds `--metrics-addr`, installs the exporter and serves it; logs the bound address.
-async fn serve_metrics(addr: &str) -> Result<Server, CliError> {
+/// Whether the database answers: one connection from the pool, pinged. A connection that
+/// fails is closed rather than returned to the pool.
+async fn ping<DB: Backend>(pool: &consumer_runtime::sqlx::Pool<DB>) -> Result<(), String> {
+    use consumer_runtime::sqlx::Connection as _;
+    let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+    match conn.ping().await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            conn.close_on_drop();
+            Err(e.to_string())
+        }
+    }
+}
+
+/// Binds `--metrics-addr`, installs the exporter and serves it with the probes; logs the bound
+/// address.
+async fn serve_metrics(addr: &str, probes: exporter::Probes) -> Result<Server, CliError> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         CliError::Failed(format!(
             "cannot serve metrics on --metrics-addr {addr}: {e}; choose another HOST:PORT (port 0: any free port)"
@@ -269,7 +294,12 @@ async fn serve_metrics(addr: &str) -> Result<Server, CliError> {
         ));
     };
     info!(addr = %bound, "serving Prometheus metrics at http://{bound}/metrics");
-    Ok(Server(tokio::spawn(exporter::serve(listener, handle))))
+    info!("serving the health probes at http://{bound}/healthz and http://{bound}/readyz");
+    Ok(Server(tokio::spawn(exporter::serve(
+        listener,
+        handle,
+        Some(probes),
+    ))))
 }
 
 async fn migrate<H: Handler<DB>, DB: Backend>(
@@ -302,10 +332,12 @@ where
 /// Per topic, the high watermark of each partition; `None` for a topic the brokers do not know.
 type Watermarks = BTreeMap<String, Option<BTreeMap<i32, i64>>>;
 
+#[allow(clippy::too_many_arguments)]
 async fn status<DB: Backend>(
     url: &str,
     schema: &str,
     kafka: &BTreeMap<String, String>,
+    stall_timeout: Option<Duration>,
     brokers: String,
     group: String,
     topic: Option<String>,
@@ -330,6 +362,24 @@ async fn status<DB: Backend>(
     let marks = tokio::task::spawn_blocking(move || watermarks(&config, &brokers, &wanted))
         .await
         .map_err(|e| Error::Internal(format!("the watermark task failed: {e}")))??;
+    // The group's offsets in Kafka: the runtime's monitoring mirror of the stored ones.
+    let mut config = client_config(&brokers_shown, kafka);
+    config.set("group.id", &group);
+    let asked: Vec<(String, i32)> = marks
+        .iter()
+        .flat_map(|(t, h)| h.iter().flatten().map(move |(p, _)| (t.clone(), *p)))
+        .chain(rows.iter().map(|r| (r.topic.clone(), r.partition)))
+        .collect();
+    let in_kafka = tokio::task::spawn_blocking(move || group_offsets(&config, &asked))
+        .await
+        .map_err(|e| Error::Internal(format!("the group offsets task failed: {e}")))?;
+    let in_kafka = in_kafka.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the group's offsets in Kafka; they are shown as ?");
+        BTreeMap::new()
+    });
+    let now = jiff::Timestamp::now();
+    let mut differ = 0;
+    let mut stalled = 0;
 
     let mut table = Vec::new();
     let mut total_lag = 0i64;
@@ -349,21 +399,50 @@ async fn status<DB: Backend>(
             let row = stored.get(&p);
             let next = row.and_then(|r| r.next_offset);
             let hw = high.as_ref().and_then(|h| h.get(&p)).copied();
-            let lag = match (hw, next) {
-                (Some(hw), Some(next)) => {
-                    total_lag += hw - next;
-                    (hw - next).to_string()
-                }
-                _ => "-".to_owned(),
+            let lag_n = match (hw, next) {
+                (Some(hw), Some(next)) => Some(hw - next),
+                _ => None,
             };
+            total_lag += lag_n.unwrap_or(0);
+            let lag = lag_n.map_or_else(|| "-".to_owned(), |l| l.to_string());
+            let kafka_offset = in_kafka.get(&(topic.clone(), p)).copied();
+            let mut notes = Vec::new();
+            if let (Some(Some(k)), Some(n)) = (kafka_offset, next)
+                && k != n
+            {
+                notes.push("kafka offset differs".to_owned());
+                differ += 1;
+            }
+            // Lag, and no commit (nor claim) for the stall timeout: nothing moves.
+            let quiet = row
+                .and_then(|r| r.updated_at.parse::<jiff::Timestamp>().ok())
+                .map(|t| now.duration_since(t).unsigned_abs());
+            if let (Some(timeout), Some(quiet), Some(1..)) = (stall_timeout, quiet, lag_n)
+                && quiet >= timeout
+            {
+                notes.push(format!(
+                    "stalled: lag and no progress for {}s",
+                    quiet.as_secs()
+                ));
+                stalled += 1;
+            }
             table.push(vec![
                 topic.clone(),
                 p.to_string(),
                 or_dash(next),
+                match kafka_offset {
+                    Some(k) => or_dash(k),
+                    None => "?".to_owned(),
+                },
                 hw.map_or_else(|| "?".to_owned(), |h| h.to_string()),
                 lag,
                 row.map_or_else(|| "-".to_owned(), |r| r.epoch.to_string()),
                 row.map_or_else(|| "-".to_owned(), |r| r.updated_at.clone()),
+                if notes.is_empty() {
+                    "-".to_owned()
+                } else {
+                    notes.join("; ")
+                },
             ]);
         }
         if high.is_none() && partitions_empty(&table, topic) {
@@ -387,20 +466,65 @@ async fn status<DB: Backend>(
                 "topic",
                 "partition",
                 "stored_offset",
+                "kafka_offset",
                 "high_watermark",
                 "lag",
                 "epoch",
-                "updated_at"
+                "updated_at",
+                "note"
             ],
             &table
         )
     );
     println!("total lag {total_lag} over {} partitions", table.len());
+    if differ > 0 {
+        println!(
+            "{differ} partition(s) where the group's offset in Kafka differs from the stored one: \
+             the runtime mirrors the stored offsets to Kafka for monitoring (unless \
+             mirror_offsets is off) and reads only the database's; a difference is a mirror \
+             commit still on its way, a failed one, or an offset set in Kafka by another tool"
+        );
+    }
+    if stalled > 0 {
+        println!(
+            "{stalled} partition(s) stalled: they have lag and their stored offset has not \
+             moved for the stall timeout (is a consumer running? its log and \
+             consumer_partition_stalled say whether the broker returns records)"
+        );
+    }
     Ok(())
 }
 
 fn partitions_empty(table: &[Vec<String>], topic: &str) -> bool {
     !table.iter().any(|row| row[0] == topic)
+}
+
+/// The committed offsets in Kafka of the group `config` names, for `partitions`: `None` where
+/// the group has committed none. Blocking: run it on a blocking thread.
+fn group_offsets(
+    config: &ClientConfig,
+    partitions: &[(String, i32)],
+) -> Result<BTreeMap<(String, i32), Option<i64>>, String> {
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = config.create().map_err(|e| e.to_string())?;
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in partitions {
+        tpl.add_partition(t, *p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, KAFKA_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    Ok(committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let offset = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            ((e.topic().to_owned(), e.partition()), offset)
+        })
+        .collect())
 }
 
 /// The high watermark of every partition of `topics` (`None` for a topic the brokers do not

@@ -1,8 +1,15 @@
 //! `run --metrics-addr`: the Prometheus recorder of `metrics-exporter-prometheus` (the text
 //! exposition format, histograms with fixed buckets) and a minimal HTTP/1.1 responder answering
-//! `GET /metrics`.
+//! `GET /metrics`, and the Kubernetes-style probes `GET /healthz` (liveness: the poll loop
+//! turns) and `GET /readyz` (readiness: joined to the group, the database answers), each with a
+//! short JSON body.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
+
+use consumer_runtime::Health;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -39,9 +46,29 @@ pub(super) fn install() -> Option<PrometheusHandle> {
     metrics::set_global_recorder(recorder).ok().map(|()| handle)
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
-/// Runs the recorder's upkeep every [`UPKEEP`] meanwhile.
-pub(super) async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+/// `/healthz` fails once the poll loop has not turned for this long. It turns every 100 ms;
+/// only a rebalance's database claims hold it longer (each partition's claim waits at most
+/// 2 s for a locked row; a database outage during a rebalance holds it until the database is
+/// back).
+pub(super) const LIVENESS: Duration = Duration::from_secs(60);
+
+/// How long `/readyz` waits for the database's answer.
+const DATABASE_PROBE: Duration = Duration::from_secs(2);
+
+/// Checks that the database answers: `Err` says why not.
+pub(super) type DatabaseCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// What the probes ask: the runtime's health and the database.
+#[derive(Clone)]
+pub(super) struct Probes {
+    pub(super) health: Health,
+    pub(super) database: DatabaseCheck,
+}
+
+/// Serves `GET /metrics` (and with `probes`, `/healthz` and `/readyz`) on `listener` until the
+/// task is dropped. Runs the recorder's upkeep every [`UPKEEP`] meanwhile.
+pub(super) async fn serve(listener: TcpListener, handle: PrometheusHandle, probes: Option<Probes>) {
     let mut upkeep = tokio::time::interval(UPKEEP);
     loop {
         let accepted = tokio::select! {
@@ -60,8 +87,12 @@ pub(super) async fn serve(listener: TcpListener, handle: PrometheusHandle) {
             }
         };
         let handle = handle.clone();
+        let probes = probes.clone();
         tokio::spawn(async move {
-            let answer = tokio::time::timeout(Duration::from_secs(10), respond(stream, &handle));
+            let answer = tokio::time::timeout(
+                Duration::from_secs(10),
+                respond(stream, &handle, probes.as_ref()),
+            );
             if let Ok(Err(e)) = answer.await {
                 debug!(error = %e, %peer, "a metrics request failed");
             }
@@ -70,7 +101,11 @@ pub(super) async fn serve(listener: TcpListener, handle: PrometheusHandle) {
 }
 
 /// Reads one request head and answers it; the connection then closes.
-async fn respond(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
+async fn respond(
+    mut stream: TcpStream,
+    handle: &PrometheusHandle,
+    probes: Option<&Probes>,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
@@ -87,13 +122,44 @@ async fn respond(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::R
     let mut words = text.lines().next().unwrap_or_default().split_whitespace();
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => (
+    let json = "application/json";
+    let (status, content_type, body) = match (method, path, probes) {
+        ("GET" | "HEAD", "/metrics", _) => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
             handle.render(),
         ),
-        ("GET" | "HEAD", _) => (
+        ("GET" | "HEAD", "/healthz", Some(p)) => {
+            let (ok, body) = liveness(&p.health);
+            (
+                if ok {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                },
+                json,
+                body,
+            )
+        }
+        ("GET" | "HEAD", "/readyz", Some(p)) => {
+            let (ok, body) = readiness(p).await;
+            (
+                if ok {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                },
+                json,
+                body,
+            )
+        }
+        ("GET" | "HEAD", _, Some(_)) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "not found; the metrics are at /metrics, the probes at /healthz and /readyz\n"
+                .to_owned(),
+        ),
+        ("GET" | "HEAD", _, None) => (
             "404 Not Found",
             "text/plain; charset=utf-8",
             "not found; the metrics are at /metrics\n".to_owned(),
@@ -113,6 +179,49 @@ async fn respond(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::R
     }
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// `/healthz`: whether the poll loop turned within [`LIVENESS`], and its JSON body.
+fn liveness(health: &Health) -> (bool, String) {
+    let since = health.since_last_poll();
+    let ok = health.alive(LIVENESS);
+    let body = serde_json::json!({
+        "status": if ok { "ok" } else { "failing" },
+        "poll_loop": match since {
+            Some(d) if ok => format!("turned {} ms ago", d.as_millis()),
+            Some(d) => format!("has not turned for {} s", d.as_secs()),
+            None => "not running".to_owned(),
+        },
+    });
+    (ok, format!("{body}\n"))
+}
+
+/// `/readyz`: joined to the group and the database answers (within [`DATABASE_PROBE`]); the
+/// stalled partitions are listed but do not make it fail.
+async fn readiness(p: &Probes) -> (bool, String) {
+    let joined = p.health.joined();
+    let database = match tokio::time::timeout(DATABASE_PROBE, (p.database)()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("no answer within {DATABASE_PROBE:?}")),
+    };
+    let ok = joined && database.is_ok();
+    let stalled: Vec<String> = p
+        .health
+        .stalled()
+        .into_iter()
+        .map(|(t, partition)| format!("{t}/{partition}"))
+        .collect();
+    let body = serde_json::json!({
+        "status": if ok { "ready" } else { "not ready" },
+        "group": if joined { "joined" } else { "not joined" },
+        "database": match &database {
+            Ok(()) => "reachable".to_owned(),
+            Err(e) => format!("unreachable: {e}"),
+        },
+        "stalled_partitions": stalled,
+    });
+    (ok, format!("{body}\n"))
 }
 
 #[cfg(test)]
@@ -223,7 +332,7 @@ consumer_records_total{group="g",outcome="processed"} 7
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, handle));
+        let server = tokio::spawn(serve(listener, handle, None));
 
         let (status, body) = ask(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert_eq!(status, "HTTP/1.1 200 OK");

@@ -389,6 +389,24 @@ fn every_runtime_option_of_the_file_reaches_the_runtime() {
 }
 
 #[test]
+fn the_offset_mirror_and_the_stall_timeout_come_from_the_file_and_flags() {
+    let (o, _) = run_settings(resolve_with(&MINIMAL_RUN, &[], None).unwrap());
+    assert!(o.mirror_offsets, "the mirror is on by default");
+    assert_eq!(o.stall_timeout, Some(Duration::from_secs(60)));
+
+    let file = "mirror_offsets = false\nstall_timeout = \"off\"";
+    let (o, _) = run_settings(resolve_with(&MINIMAL_RUN, &[], Some(file)).unwrap());
+    assert!(!o.mirror_offsets);
+    assert_eq!(o.stall_timeout, None);
+
+    let mut flags = MINIMAL_RUN.to_vec();
+    flags.extend(["--mirror-offsets", "true", "--stall-timeout", "90s"]);
+    let (o, _) = run_settings(resolve_with(&flags, &[], Some(file)).unwrap());
+    assert!(o.mirror_offsets, "a flag wins over the file");
+    assert_eq!(o.stall_timeout, Some(Duration::from_secs(90)));
+}
+
+#[test]
 fn metrics_and_log_format_settings_layer_flag_over_env_over_file() {
     use super::args::{LogFormat, MetricsAddr};
     let file = FILE.replace(

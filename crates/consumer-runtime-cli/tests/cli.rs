@@ -489,7 +489,8 @@ async fn status_shows_the_exact_lag_and_offsets_show_what_the_database_holds() {
     let s = Setup::new(3).await;
     let (records, ids) = order_events(&s.topic, 30, 3, 0);
     s.kafka.produce(&s.topic, &records);
-    let mut run = s.run("run", &[]);
+    // A short session: the test joins the group itself after the program left it.
+    let mut run = s.run("run", &QUICK_SESSION);
     let ends = ends_of(&records);
     s.wait_caught_up(&ends).await;
     run.terminate();
@@ -535,7 +536,38 @@ async fn status_shows_the_exact_lag_and_offsets_show_what_the_database_holds() {
         );
         assert_eq!(row["lag"], k.to_string(), "{}", out.stdout);
         assert_eq!(row["epoch"], db.epoch.to_string(), "{}", out.stdout);
+        // The program mirrored its stored offsets to the group in Kafka (its last ones when it
+        // stopped): the two agree.
+        assert_eq!(row["kafka_offset"], end.to_string(), "{}", out.stdout);
+        assert_eq!(row["note"], "-", "{}", out.stdout);
     }
+
+    // Another tool moves the group's offsets in Kafka: status flags every partition, and the
+    // stored offsets (the ones that count) are unchanged.
+    s.kafka.commit_kafka_offsets(&s.group, &s.topic, 3, 1);
+    let out = output(
+        "status",
+        orders(&s.db_args(&[
+            "status",
+            "--group",
+            &s.group,
+            "--brokers",
+            &s.kafka.bootstrap,
+        ])),
+    );
+    out.assert_success("orders status");
+    for row in &table(&out.stdout, "topic") {
+        let p: i32 = row["partition"].parse().unwrap();
+        assert_eq!(row["stored_offset"], ends[&p].to_string(), "{}", out.stdout);
+        assert_eq!(row["kafka_offset"], "1", "{}", out.stdout);
+        assert_eq!(row["note"], "kafka offset differs", "{}", out.stdout);
+    }
+    assert!(
+        out.stdout
+            .contains("3 partition(s) where the group's offset in Kafka differs"),
+        "{}",
+        out.stdout
+    );
 
     let out = output(
         "offsets",
@@ -1019,6 +1051,111 @@ fn scrape(addr: &str) -> String {
         "{head}"
     );
     body.to_owned()
+}
+
+/// One request for `path` of the program's HTTP server: the status code and the body.
+fn probe(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the probe endpoint");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response: {response:?}"));
+    assert!(head.contains("Content-Type: application/json"), "{head}");
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status code: {head}"));
+    (code, body.to_owned())
+}
+
+/// `/healthz` and `/readyz` beside `/metrics`, over real HTTP: both 200 once the consumer has
+/// joined its group; while PostgreSQL is down `/readyz` is 503 and says the database is
+/// unreachable (the process and its poll loop stay alive: `/healthz` stays 200); once it is
+/// back, `/readyz` is 200 again. PostgreSQL is a private server, stopped and started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_red_during_a_database_outage_and_back_while_healthz_stays_green() {
+    use testkit::private_pg::{PrivatePostgres, Stop};
+    let dir = std::env::temp_dir().join(rand_name("consumer-runtime-cli-probes"));
+    let server =
+        std::sync::Arc::new(PrivatePostgres::start(&dir).expect("start a private PostgreSQL"));
+    let s = Setup::at(1, server.url("postgres")).await;
+    let (records, _) = order_events(&s.topic, 10, 1, 0);
+    s.kafka.produce(&s.topic, &records);
+    let (mut run, addr) = s.run_with_metrics(&[]).await;
+    s.wait_caught_up(&ends_of(&records)).await;
+
+    let json = |body: &str| -> serde_json::Value {
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+    };
+    let mut ready = (0, String::new());
+    wait_until(WAIT, "/readyz to be 200", || {
+        ready = probe(&addr, "/readyz");
+        let ok = ready.0 == 200;
+        async move { ok }
+    })
+    .await;
+    eprintln!("/readyz: {} {}", ready.0, ready.1.trim_end());
+    let body = json(&ready.1);
+    assert_eq!(body["status"], "ready", "{body}");
+    assert_eq!(body["group"], "joined", "{body}");
+    assert_eq!(body["database"], "reachable", "{body}");
+    assert_eq!(body["stalled_partitions"], serde_json::json!([]), "{body}");
+    let (code, body) = probe(&addr, "/healthz");
+    eprintln!("/healthz: {code} {}", body.trim_end());
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(json(&body)["status"], "ok", "{body}");
+
+    let srv = server.clone();
+    tokio::task::spawn_blocking(move || srv.stop(Stop::Fast))
+        .await
+        .unwrap()
+        .expect("stop PostgreSQL");
+    wait_until(WAIT, "/readyz to be 503", || {
+        ready = probe(&addr, "/readyz");
+        let red = ready.0 == 503;
+        async move { red }
+    })
+    .await;
+    eprintln!("/readyz: {} {}", ready.0, ready.1.trim_end());
+    let body = json(&ready.1);
+    assert_eq!(body["status"], "not ready", "{body}");
+    assert!(
+        body["database"]
+            .as_str()
+            .unwrap()
+            .starts_with("unreachable"),
+        "{body}"
+    );
+    let (code, body) = probe(&addr, "/healthz");
+    assert_eq!(
+        code, 200,
+        "the poll loop is alive during the outage: {body}"
+    );
+
+    let srv = server.clone();
+    tokio::task::spawn_blocking(move || srv.start_again())
+        .await
+        .unwrap()
+        .expect("start PostgreSQL again");
+    wait_until(WAIT, "/readyz to be 200 again", || {
+        ready = probe(&addr, "/readyz");
+        let ok = ready.0 == 200;
+        async move { ok }
+    })
+    .await;
+    assert_eq!(json(&ready.1)["database"], "reachable", "{}", ready.1);
+
+    assert!(run.is_running(), "the program stopped:\n{}", run.stderr());
+    run.terminate();
+    run.wait(WAIT)
+        .assert_success("the consumer stopped by SIGTERM");
+    s.pool.close().await;
 }
 
 /// The sum of the samples of metric `name` whose labels include every one of `labels`

@@ -315,6 +315,21 @@ pub struct ConsumerOptions {
     /// [`RuntimeBuilder::metrics_refresh`](crate::RuntimeBuilder::metrics_refresh).
     #[serde(deserialize_with = "de::some_duration")]
     pub metrics_refresh: Option<Duration>,
+    /// Mirrors the stored offsets to the consumer group in Kafka, for monitoring only: after a
+    /// batch commits in the database, the same next offset is committed to the group
+    /// (asynchronously, at most once a second per partition, and every partition again every
+    /// 5 s), so that `kafka-consumer-groups.sh`, Burrow, lag exporters and KEDA see the
+    /// group's progress. The runtime never reads these offsets back: on assignment it starts
+    /// where the database says. A failed mirror commit is logged and counted, and never slows
+    /// or fails a batch. Default: on.
+    pub mirror_offsets: bool,
+    /// A partition that has lag (its high watermark is past the stored offset) but has
+    /// received no record for this long is *stalled*: logged as a warning and counted in the
+    /// `consumer_partition_stalled` gauge, and shown by
+    /// [`Health::stalled`](crate::Health::stalled). `None` (`"off"` in a file) turns the check
+    /// off. Default 60 s.
+    #[serde(deserialize_with = "de::duration_or_off")]
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for ConsumerOptions {
@@ -337,6 +352,8 @@ impl Default for ConsumerOptions {
             startup_timeout: Duration::from_secs(10),
             epoch_check_interval: Duration::from_secs(1),
             metrics_refresh: None,
+            mirror_offsets: true,
+            stall_timeout: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -420,6 +437,19 @@ mod de {
         d: D,
     ) -> Result<Option<Duration>, D::Error> {
         d.deserialize_str(DurationText).map(Some)
+    }
+
+    /// A duration, or `"off"` for `None`.
+    pub(super) fn duration_or_off<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "off" {
+            return Ok(None);
+        }
+        super::parse_duration(&text)
+            .map(Some)
+            .map_err(|e| de::Error::custom(format!("{e}, or off")))
     }
 
     /// A whole number from 1 up (also as text), or `word` for `None`.

@@ -87,7 +87,7 @@ pub use handler::{
     ResultExt, Text,
 };
 pub use replay::{PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress, ReplayRequest};
-pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats, StatsSnapshot};
+pub use runtime::{Health, Runtime, RuntimeBuilder, ShutdownHandle, Stats, StatsSnapshot};
 pub use store::{Backend, DatabaseKind, Store, StoredOffset, connect, migrate};
 
 pub use rdkafka;

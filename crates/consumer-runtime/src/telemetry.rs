@@ -11,6 +11,9 @@
 //! | [`FENCED`] | counter | `group`, `topic` | commits refused by the fence |
 //! | [`REBALANCES`] | counter | `group`, `event` | rebalance callbacks: `assigned`, `revoked`, `failed` |
 //! | [`LEDGER_ROWS`] | gauge | `group` | rows of the group in the dedup ledger (`processed`) |
+//! | [`MIRROR_FAILURES`] | counter | `group` | offset commits to the group in Kafka (the monitoring mirror) that failed |
+//! | [`OFFSET_GAPS`] | counter | `group`, `topic` | gaps in the offsets received on a topic that is neither compacted nor known to be transactional |
+//! | [`STALLED`] | gauge | `group`, `topic`, `partition` | 1 while an assigned partition has lag but has received nothing for the stall timeout, else 0 |
 //!
 //! Counters and histograms are updated once per batch, never per record, with handles
 //! registered when a partition is assigned. The two gauges that cost something to keep
@@ -52,6 +55,14 @@ pub const REBALANCES: &str = "consumer_rebalances_total";
 /// Rows of the group in the dedup ledger (gauge; label `group`).
 pub const LEDGER_ROWS: &str = "consumer_ledger_rows";
 
+/// Failed commits of the offset mirror to the group in Kafka (counter; label `group`).
+pub const MIRROR_FAILURES: &str = "consumer_offset_mirror_failures_total";
+/// Unexplained gaps in a partition's offsets (counter; labels `group`, `topic`).
+pub const OFFSET_GAPS: &str = "consumer_offset_gaps_total";
+/// Whether an assigned partition is stalled (gauge, 0 or 1; labels `group`, `topic`,
+/// `partition`).
+pub const STALLED: &str = "consumer_partition_stalled";
+
 /// Describes every metric to the installed recorder (help texts and units).
 pub(crate) fn describe() {
     metrics::describe_counter!(
@@ -86,6 +97,32 @@ pub(crate) fn describe() {
         Unit::Count,
         "Rows of the consumer group in the dedup ledger"
     );
+    metrics::describe_counter!(
+        MIRROR_FAILURES,
+        Unit::Count,
+        "Failed commits of the monitoring mirror of the stored offsets to the group in Kafka"
+    );
+    metrics::describe_counter!(
+        OFFSET_GAPS,
+        Unit::Count,
+        "Gaps in received offsets on topics neither compacted nor transactional"
+    );
+    metrics::describe_gauge!(
+        STALLED,
+        Unit::Count,
+        "1 while a partition with lag has received no record for the stall timeout"
+    );
+}
+
+/// Counts failed mirror commits.
+pub(crate) fn mirror_failed(group: &str, n: u64) {
+    metrics::counter!(MIRROR_FAILURES, "group" => group.to_owned()).increment(n);
+}
+
+/// Counts an unexplained offset gap.
+pub(crate) fn offset_gap(group: &str, topic: &str) {
+    metrics::counter!(OFFSET_GAPS, "group" => group.to_owned(), "topic" => topic.to_owned())
+        .increment(1);
 }
 
 /// Counts a rebalance callback.
@@ -118,6 +155,10 @@ pub(crate) struct PartitionMetrics {
     high_watermark: AtomicI64,
     /// The stored offset; -1: none.
     stored: AtomicI64,
+    /// The offset last mirrored to the group in Kafka; -1: none.
+    mirrored: AtomicI64,
+    /// The stall gauge, registered the first time the partition is found stalled.
+    stalled: OnceLock<Gauge>,
     /// Whether a partition with no stored offset starts at its end (`OffsetReset::Latest`).
     from_end: bool,
     /// Where the consumer started when nothing is stored: the log start offset, or the first
@@ -157,6 +198,8 @@ impl PartitionMetrics {
             ],
             high_watermark: AtomicI64::new(-1),
             stored: AtomicI64::new(stored.unwrap_or(-1)),
+            mirrored: AtomicI64::new(-1),
+            stalled: OnceLock::new(),
             from_end,
             start: AtomicI64::new(-1),
         }
@@ -185,10 +228,39 @@ impl PartitionMetrics {
         self.update_lag();
     }
 
-    /// The partition was revoked: its new owner reports its lag.
+    /// The partition was revoked: its new owner reports its lag (and whether it is stalled).
     pub(crate) fn revoked(&self) {
         if let Some(lag) = self.lag.get() {
             lag.set(0.0);
+        }
+        self.set_stalled(false);
+    }
+
+    /// The stored offset; -1: none.
+    pub(crate) fn stored(&self) -> i64 {
+        self.stored.load(Ordering::Relaxed)
+    }
+
+    /// The stored offset if it differs from the last one mirrored (or if `all`), marking it
+    /// mirrored; `None` when there is nothing to mirror.
+    pub(crate) fn take_mirror(&self, all: bool) -> Option<i64> {
+        let stored = self.stored();
+        if stored < 0 {
+            return None;
+        }
+        let previous = self.mirrored.swap(stored, Ordering::Relaxed);
+        (all || previous != stored).then_some(stored)
+    }
+
+    /// Sets the stall gauge (registered the first time the partition stalls).
+    pub(crate) fn set_stalled(&self, stalled: bool) {
+        match self.stalled.get() {
+            Some(g) => g.set(if stalled { 1.0 } else { 0.0 }),
+            None if stalled => self
+                .stalled
+                .get_or_init(|| metrics::gauge!(STALLED, self.lag_labels.iter()))
+                .set(1.0),
+            None => {}
         }
     }
 

@@ -107,3 +107,117 @@ impl Drop for AbortOnDrop {
         }
     }
 }
+
+/// Finds stalled partitions: assigned, not paused by the runtime, silent (no record) for the
+/// stall timeout, and behind the broker's high watermark. Only silent partitions are asked
+/// about (a ListOffsets request each, from a client of its own that is no group member), at
+/// most every quarter of the timeout, so a busy consumer pays nothing. A stalled partition is
+/// logged once, shown by [`Health::stalled`](super::Health::stalled) and the
+/// [`STALLED`](telemetry::STALLED) gauge, and cleared by its next record.
+pub(super) async fn watch_stalls<H: Handler<DB>, DB: Backend>(core: Arc<Core<H, DB>>) {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+
+    let Some(timeout) = core.options.stall_timeout else {
+        return;
+    };
+    let mut config = rdkafka::ClientConfig::new();
+    for (k, v) in &core.options.kafka {
+        config.set(k, v);
+    }
+    config.set("bootstrap.servers", &core.options.brokers);
+    let client: Arc<BaseConsumer> = match config.create() {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot create the stall check's Kafka client; stalls are not detected");
+            return;
+        }
+    };
+    let every = (timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let candidates: Vec<(String, i32, i64)> = {
+            let mut slots = core.slots.lock().expect("slots lock");
+            slots
+                .iter_mut()
+                .filter_map(|((topic, partition), slot)| {
+                    let Slot::Active(a) = slot else { return None };
+                    if a.paused {
+                        // Paused by the runtime (a busy worker): not the broker's silence.
+                        a.last_record = Instant::now();
+                        return None;
+                    }
+                    let position = a.expected?;
+                    (a.last_record.elapsed() >= timeout)
+                        .then(|| (topic.clone(), *partition, position))
+                })
+                .collect()
+        };
+        if candidates.is_empty() {
+            continue;
+        }
+        let c = client.clone();
+        let asked = candidates.clone();
+        let Ok(highs) = tokio::task::spawn_blocking(move || {
+            asked
+                .iter()
+                .map(|(t, p, _)| {
+                    c.fetch_watermarks(t, *p, Duration::from_secs(5))
+                        .ok()
+                        .map(|(_, hi)| hi)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        else {
+            continue;
+        };
+        let mut slots = core.slots.lock().expect("slots lock");
+        for ((topic, partition, position), high) in candidates.into_iter().zip(highs) {
+            let Some(high) = high else { continue };
+            let Some(Slot::Active(a)) = slots.get_mut(&(topic.clone(), partition)) else {
+                continue;
+            };
+            if a.expected != Some(position) {
+                continue; // a record arrived meanwhile
+            }
+            let stalled = high > position;
+            if stalled && !a.stalled {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    position,
+                    high_watermark = high,
+                    lag = high - position,
+                    silent = ?a.last_record.elapsed(),
+                    "partition stalled: it has lag but has received no record for the stall timeout (the broker returns nothing from this offset, or its fetches fail)"
+                );
+            } else if !stalled && a.stalled {
+                tracing::info!(topic, partition, "the partition is no longer stalled");
+            }
+            if stalled != a.stalled {
+                a.stalled = stalled;
+                a.metrics.set_stalled(stalled);
+                core.health.set_stalled(&topic, partition, stalled);
+            }
+        }
+    }
+}
+
+/// Asks the brokers which topics are compacted (their offset gaps are expected) and tells the
+/// gap check; until the answer arrives, and if none does, every topic counts as not compacted.
+pub(super) async fn learn_compaction<H: Handler<DB>, DB: Backend>(core: Arc<Core<H, DB>>) {
+    let options = &core.options;
+    let compacted = crate::kafka::compacted_topics(
+        &options.brokers,
+        &options.kafka,
+        &options.topics,
+        options.startup_timeout,
+    )
+    .await;
+    let mut gaps = core.gaps.lock().expect("gaps lock");
+    for topic in &compacted {
+        gaps.set_compacted(topic, true);
+    }
+}

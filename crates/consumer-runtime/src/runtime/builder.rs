@@ -140,6 +140,12 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
         /// off. Counters and histograms are always recorded (see [`crate::telemetry`]); without a
         /// `metrics` recorder installed they cost next to nothing.
         metrics_refresh(Duration) => metrics_refresh: Some;
+        /// Whether the stored offsets are mirrored to the consumer group in Kafka, for
+        /// monitoring tools only (see [`ConsumerOptions::mirror_offsets`]). Default: on.
+        mirror_offsets(bool) => mirror_offsets;
+        /// How long a partition with lag may receive nothing before it is reported stalled
+        /// (see [`ConsumerOptions::stall_timeout`]). Default 60 s.
+        stall_timeout(Duration) => stall_timeout: Some;
     }
 
     /// Checks the configuration and builds the runtime.
@@ -168,6 +174,7 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
             concurrency,
             shutdown: Arc::new(shutdown_tx),
             stats: Arc::new(Stats::default()),
+            health: Arc::new(super::HealthState::new()),
         })
     }
 }

@@ -17,6 +17,8 @@
 
 mod background;
 mod builder;
+mod gaps;
+mod health;
 mod partitions;
 mod poll;
 mod rebalance;
@@ -39,8 +41,13 @@ use crate::store::{Backend, check_schema};
 use crate::telemetry;
 use crate::unit::WriterConfig;
 
-use background::{AbortOnDrop, AbortTaskOnDrop, count_ledger, wait_for_signal, watch_epochs};
+use background::{
+    AbortOnDrop, AbortTaskOnDrop, count_ledger, learn_compaction, wait_for_signal, watch_epochs,
+    watch_stalls,
+};
 pub use builder::RuntimeBuilder;
+pub use health::Health;
+use health::HealthState;
 use partitions::Core;
 use poll::PollThread;
 use rebalance::RuntimeContext;
@@ -58,6 +65,8 @@ pub struct Stats {
     fenced: AtomicU64,
     reloads: AtomicU64,
     assignments: AtomicU64,
+    mirror_failures: AtomicU64,
+    gaps: AtomicU64,
 }
 
 /// The [`Stats`] at one moment. Each counter is read on its own (they are not one atomic
@@ -85,6 +94,11 @@ pub struct StatsSnapshot {
     pub reloads: u64,
     /// Partition assignments (each one claims the partition and bumps its epoch).
     pub assignments: u64,
+    /// Offset commits of the monitoring mirror to the group in Kafka that failed (per
+    /// partition).
+    pub mirror_failures: u64,
+    /// Gaps in the offsets received on topics neither compacted nor transactional.
+    pub gaps: u64,
 }
 
 impl Stats {
@@ -101,6 +115,8 @@ impl Stats {
             fenced: get(&self.fenced),
             reloads: get(&self.reloads),
             assignments: get(&self.assignments),
+            mirror_failures: get(&self.mirror_failures),
+            gaps: get(&self.gaps),
         }
     }
 }
@@ -130,6 +146,7 @@ pub struct Runtime<H: Handler<DB>, DB: Backend> {
     concurrency: usize,
     shutdown: Arc<watch::Sender<bool>>,
     stats: Arc<Stats>,
+    health: Arc<HealthState>,
 }
 
 impl<B: BatchHandler<DB>, DB: Backend> Runtime<Batched<B>, DB> {
@@ -154,6 +171,11 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
     /// The runtime's counters.
     pub fn stats(&self) -> Arc<Stats> {
         self.stats.clone()
+    }
+
+    /// Its liveness and readiness, for health endpoints.
+    pub fn health(&self) -> Health {
+        Health(self.health.clone())
     }
 
     /// The settings it runs with.
@@ -183,6 +205,7 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             concurrency,
             shutdown: shutdown_tx,
             stats,
+            health,
         } = self;
         let pool = &writer.pool;
         check_schema(pool, &writer.queries).await?;
@@ -214,6 +237,7 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             control_tx,
             shutdown_tx.clone(),
             stats,
+            health,
         ));
         let context = RuntimeContext { core: core.clone() };
         let core_for_watch = core.clone();
@@ -231,6 +255,8 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
             control: control_rx,
             abort: abort.clone(),
             failure: None,
+            last_mirror: std::time::Instant::now(),
+            last_mirror_all: std::time::Instant::now(),
         };
         std::thread::Builder::new()
             .name("consumer-poll".into())
@@ -243,6 +269,8 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
         let _ledger = metrics_refresh.map(|every| {
             AbortTaskOnDrop(tokio::spawn(count_ledger(core_for_watch.clone(), every)))
         });
+        let _stalls = AbortTaskOnDrop(tokio::spawn(watch_stalls(core_for_watch.clone())));
+        let _compaction = AbortTaskOnDrop(tokio::spawn(learn_compaction(core_for_watch.clone())));
         let watcher = tokio::spawn(watch_epochs(core_for_watch));
         let _watcher = AbortTaskOnDrop(watcher);
 

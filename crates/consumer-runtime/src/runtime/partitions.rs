@@ -13,12 +13,13 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::gaps::Gaps;
 use super::worker::Exit;
-use super::{Stats, bump};
+use super::{HealthState, Stats, bump};
 use crate::config::{BreakerState, ConsumerOptions, OffsetReset};
 use crate::error::Error;
 use crate::handler::Handler;
-use crate::store::{Backend, Claim, PartitionKey};
+use crate::store::{Backend, Claim, PartitionKey, is_lock_timeout};
 use crate::telemetry::PartitionMetrics;
 use crate::unit::{PartitionWriter, WriterConfig};
 
@@ -57,6 +58,13 @@ pub(super) struct Active {
     /// dry while the refetch is under way).
     pub(super) resume_room: usize,
     pub(super) metrics: Arc<PartitionMetrics>,
+    /// The offset the next record should have (gap detection); `None` until known.
+    pub(super) expected: Option<i64>,
+    /// When the partition last received a record, was assigned, or was resumed (stall
+    /// detection).
+    pub(super) last_record: Instant,
+    /// Whether it is reported stalled.
+    pub(super) stalled: bool,
 }
 
 pub(super) enum Slot {
@@ -86,6 +94,12 @@ pub(super) struct Core<H: Handler<DB>, DB: Backend> {
     pub(super) shutdown: Arc<watch::Sender<bool>>,
     pub(super) stats: Arc<Stats>,
     pub(super) stale_retry: Duration,
+    pub(super) health: Arc<HealthState>,
+    /// Which topics' offset gaps are expected (compacted or transactional).
+    pub(super) gaps: Mutex<Gaps>,
+    /// The stored offsets of the partitions whose workers were stopped last (-1: none), for
+    /// the mirror's last commit of them.
+    pub(super) revoked_stored: Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
@@ -97,6 +111,7 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
         control: std_mpsc::Sender<Control>,
         shutdown: Arc<watch::Sender<bool>>,
         stats: Arc<Stats>,
+        health: Arc<HealthState>,
     ) -> Self {
         let stale_retry = Duration::from_millis(
             options
@@ -119,6 +134,9 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             shutdown,
             stats,
             stale_retry,
+            health,
+            gaps: Mutex::new(Gaps::default()),
+            revoked_stored: Mutex::new(HashMap::new()),
         }
     }
 
@@ -153,19 +171,28 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
     pub(super) fn start_offset(&self, claim: &Claim) -> Offset {
         match claim.next_offset {
             Some(n) => Offset::Offset(n),
-            None => match self.options.offset_reset {
-                OffsetReset::Earliest => Offset::Beginning,
-                OffsetReset::Latest => Offset::End,
-            },
+            None => self.reset_offset(),
         }
     }
 
-    /// Claims partitions, retrying database failures until they succeed or a shutdown starts.
+    /// Where the reset policy starts a partition (never the group's offset in Kafka).
+    pub(super) fn reset_offset(&self) -> Offset {
+        match self.options.offset_reset {
+            OffsetReset::Earliest => Offset::Beginning,
+            OffsetReset::Latest => Offset::End,
+        }
+    }
+
+    /// Claims partitions (all at once, each in a transaction of its own), retrying database
+    /// failures until they succeed or a shutdown starts. A partition whose offsets row stays
+    /// locked for [`CLAIM_LOCK_TIMEOUT`] (PostgreSQL: a frozen previous owner's open
+    /// transaction) comes back [`Claimed::Locked`] and delays no other: the caller retries it
+    /// alone.
     pub(super) fn claim_all(
         &self,
         parts: &[(String, i32)],
         conditional: bool,
-    ) -> Option<Vec<Option<Claim>>> {
+    ) -> Option<Vec<Claimed>> {
         let mut attempt = 0;
         loop {
             let pool = self.writer.pool.clone();
@@ -173,12 +200,24 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             let keys: Vec<_> = parts.iter().map(|(t, p)| self.key(t, *p)).collect();
             let owner = self.owner.clone();
             let result = self.block_on(async move {
+                let claims = keys.iter().map(|key| {
+                    DB::claim_within(&pool, &queries, key, &owner, conditional, CLAIM_LOCK_TIMEOUT)
+                });
                 let mut out = Vec::with_capacity(keys.len());
-                for key in &keys {
-                    out.push(if conditional {
-                        DB::reclaim(&pool, &queries, key, &owner).await?
-                    } else {
-                        Some(DB::claim(&pool, &queries, key, &owner).await?)
+                for (key, claim) in keys.iter().zip(futures_util::future::join_all(claims).await) {
+                    out.push(match claim {
+                        Ok(Some(c)) => Claimed::Yes(c),
+                        Ok(None) => Claimed::OwnedElsewhere,
+                        Err(e) if is_lock_timeout(&e) => {
+                            warn!(
+                                topic = %key.topic,
+                                partition = key.partition,
+                                timeout = ?CLAIM_LOCK_TIMEOUT,
+                                "the partition's offsets row is locked (a previous owner's transaction is still open, e.g. a frozen consumer); claiming the other partitions now and this one again shortly"
+                            );
+                            Claimed::Locked
+                        }
+                        Err(e) => return Err(e),
                     });
                 }
                 Ok::<_, sqlx::Error>(out)
@@ -247,9 +286,30 @@ impl<H: Handler<DB>, DB: Backend> Core<H, DB> {
             paused: false,
             resume_room: (self.options.batch_size.saturating_sub(1) * CHANNEL_BATCHES / 2).max(1),
             metrics,
+            expected: claim.next_offset,
+            last_record: Instant::now(),
+            stalled: false,
         }
     }
 }
+
+/// What claiming one partition gave.
+pub(super) enum Claimed {
+    /// Claimed: the new epoch and where to resume.
+    Yes(Claim),
+    /// A conditional claim found another owner recorded.
+    OwnedElsewhere,
+    /// The offsets row stayed locked for [`CLAIM_LOCK_TIMEOUT`]; try again later.
+    Locked,
+}
+
+/// How long a claim waits for a partition's locked offsets row before it gives up for now
+/// (and the partition is claimed again [`LOCKED_RETRY`] later). A healthy owner holds the row
+/// only while it commits a batch.
+pub(super) const CLAIM_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a partition whose claim found its row locked waits before the next attempt.
+pub(super) const LOCKED_RETRY: Duration = Duration::from_secs(1);
 
 /// A worker's channel holds this many batches of records. When it is full the poll thread
 /// pauses the partition, and librdkafka then drops that partition's prefetched records and

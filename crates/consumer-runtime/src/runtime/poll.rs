@@ -8,14 +8,15 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::OwnedMessage;
-use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use super::bump;
-use super::partitions::{Control, Core, Slot};
+use super::gaps::Gap;
+use super::partitions::{Claimed, Control, Core, LOCKED_RETRY, Slot};
 use super::rebalance::{RuntimeContext, stop_workers};
 use crate::error::{Error, Result};
 use crate::handler::Handler;
@@ -27,7 +28,15 @@ pub(super) struct PollThread<H: Handler<DB>, DB: Backend> {
     pub(super) control: std_mpsc::Receiver<Control>,
     pub(super) abort: Arc<AtomicBool>,
     pub(super) failure: Option<Error>,
+    pub(super) last_mirror: Instant,
+    pub(super) last_mirror_all: Instant,
 }
+
+/// How often the mirror commits the stored offsets that moved.
+const MIRROR_EVERY: Duration = Duration::from_secs(1);
+/// How often the mirror commits every owned partition's stored offset again, moved or not: a
+/// late commit of another member (a zombie's) cannot hold the group's offset back for longer.
+const MIRROR_ALL_EVERY: Duration = Duration::from_secs(5);
 
 impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
     pub(super) fn run(mut self, ready: oneshot::Sender<Result<()>>) -> Result<()> {
@@ -45,14 +54,17 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
                         a.task.abort();
                     }
                 }
+                self.core.health.set_stopped();
                 return Ok(());
             }
             if self.core.shutting_down() {
                 break;
             }
+            self.core.health.polled();
             self.handle_control();
             self.flush_pending();
             self.retry_stale();
+            self.mirror();
             match self.consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
                     let m = m.detach();
@@ -66,6 +78,8 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
         }
         info!("stopping: finishing in-flight batches and leaving the group");
         stop_workers(&self.core, None);
+        self.mirror_last();
+        self.core.health.set_stopped();
         // Dropping the consumer (when this thread ends) closes it and leaves the group.
         self.consumer.unsubscribe();
         match self.failure.take() {
@@ -95,6 +109,27 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
         let Some(Slot::Active(a)) = slots.get_mut(&(m.topic().to_owned(), m.partition())) else {
             return;
         };
+        let offset = m.offset();
+        if let Some(expected) = a.expected
+            && offset > expected
+        {
+            self.gap(m.topic(), m.partition(), expected, offset);
+        }
+        a.expected = Some(offset + 1);
+        a.last_record = Instant::now();
+        if a.stalled {
+            a.stalled = false;
+            a.metrics.set_stalled(false);
+            self.core
+                .health
+                .set_stalled(m.topic(), m.partition(), false);
+            info!(
+                topic = m.topic(),
+                partition = m.partition(),
+                offset,
+                "the stalled partition receives records again"
+            );
+        }
         if a.paused || !a.pending.is_empty() {
             a.pending.push_back(m);
             return;
@@ -195,8 +230,8 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
             old.task.abort();
         }
         let tpl = single(topic, partition);
-        match claim.and_then(|mut c| c.pop().flatten()) {
-            Some(claim) => {
+        match claim.and_then(|mut c| c.pop()) {
+            Some(Claimed::Yes(claim)) => {
                 let offset = self.core.start_offset(&claim);
                 if let Err(e) =
                     self.consumer
@@ -220,7 +255,17 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
                     warn!(error = %e, "resuming a partition failed");
                 }
             }
-            None => {
+            Some(Claimed::Locked) => {
+                let _ = self.consumer.pause(&tpl);
+                slots.insert(
+                    tp,
+                    Slot::Stale {
+                        retry_at: Instant::now() + LOCKED_RETRY,
+                        takeover,
+                    },
+                );
+            }
+            Some(Claimed::OwnedElsewhere) | None => {
                 warn!(
                     topic,
                     partition,
@@ -254,6 +299,104 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
         };
         for ((topic, partition), takeover) in due {
             self.reload(&topic, partition, takeover);
+        }
+    }
+}
+
+impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
+    /// A record arrived at `offset` where `expected` was due: see [`super::gaps`].
+    fn gap(&self, topic: &str, partition: i32, expected: i64, offset: i64) {
+        let verdict = self
+            .core
+            .gaps
+            .lock()
+            .expect("gaps lock")
+            .classify(topic, expected, offset);
+        match verdict {
+            None => {}
+            Some(Gap::Expected) => {
+                debug!(
+                    topic,
+                    partition, expected, offset, "offset gap on a compacted or transactional topic"
+                )
+            }
+            Some(Gap::FirstMarker) => {
+                info!(
+                    topic,
+                    partition,
+                    offset = expected,
+                    "a one-offset gap (a transaction marker): the topic is written transactionally; its offset gaps are expected from now on"
+                )
+            }
+            Some(Gap::Unexplained { missing }) => {
+                bump(&self.core.stats.gaps, 1);
+                crate::telemetry::offset_gap(&self.core.options.group, topic);
+                warn!(
+                    topic,
+                    partition,
+                    expected,
+                    received = offset,
+                    missing,
+                    "gap in the partition's offsets on a topic that is neither compacted nor transactional: the broker returned no record for these offsets (retention deleting them while the consumer lagged, or a broker that skipped records); the stored offset moves past them"
+                );
+            }
+        }
+    }
+
+    /// Commits the stored offsets that moved (every [`MIRROR_EVERY`]) or all of them (every
+    /// [`MIRROR_ALL_EVERY`]) to the group in Kafka, asynchronously: the monitoring mirror.
+    fn mirror(&mut self) {
+        if !self.core.options.mirror_offsets || self.last_mirror.elapsed() < MIRROR_EVERY {
+            return;
+        }
+        self.last_mirror = Instant::now();
+        let all = self.last_mirror_all.elapsed() >= MIRROR_ALL_EVERY;
+        if all {
+            self.last_mirror_all = Instant::now();
+        }
+        let mut tpl = TopicPartitionList::new();
+        {
+            let slots = self.core.slots.lock().expect("slots lock");
+            for ((topic, partition), slot) in slots.iter() {
+                if let Slot::Active(a) = slot
+                    && let Some(next) = a.metrics.take_mirror(all)
+                {
+                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(next));
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            bump(&self.core.stats.mirror_failures, tpl.count());
+            crate::telemetry::mirror_failed(&self.core.options.group, tpl.count() as u64);
+            warn!(error = %e, "mirroring the stored offsets to the consumer group in Kafka failed (monitoring only: the database's offsets are unaffected)");
+        }
+    }
+
+    /// At shutdown, after the last batches: the final stored offsets, committed and waited
+    /// for (briefly: a failure is only logged).
+    fn mirror_last(&self) {
+        if !self.core.options.mirror_offsets {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), next) in self
+            .core
+            .revoked_stored
+            .lock()
+            .expect("revoked lock")
+            .iter()
+        {
+            if *next >= 0 {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next));
+            }
+        }
+        if tpl.count() > 0
+            && let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync)
+        {
+            warn!(error = %e, "mirroring the final stored offsets to the consumer group in Kafka failed (monitoring only)");
         }
     }
 }

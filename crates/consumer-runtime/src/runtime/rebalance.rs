@@ -3,17 +3,19 @@
 //! librdkafka's logs and statistics. The callbacks run on the poll thread.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use super::partitions::{Core, Slot};
+use super::partitions::{Claimed, Core, LOCKED_RETRY, Slot};
 use crate::handler::Handler;
 use crate::store::Backend;
 use crate::telemetry::{self, KafkaStats, PartitionMetrics};
@@ -72,6 +74,32 @@ impl<H: Handler<DB>, DB: Backend> ClientContext for RuntimeContext<H, DB> {
 }
 
 impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
+    /// The result of a mirror commit (the runtime commits nothing else to Kafka): a failure is
+    /// logged and counted, nothing more; the database holds the offsets that count.
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let failed: Vec<String> = offsets
+            .elements()
+            .iter()
+            .filter(|e| e.error().is_err())
+            .map(|e| format!("{}/{}", e.topic(), e.partition()))
+            .collect();
+        let n = match &result {
+            Err(_) if failed.is_empty() => offsets.count().max(1),
+            _ => failed.len(),
+        };
+        if n == 0 {
+            return;
+        }
+        let group = &self.core.options.group;
+        self.core
+            .stats
+            .mirror_failures
+            .fetch_add(n as u64, Ordering::Relaxed);
+        telemetry::mirror_failed(group, n as u64);
+        let error = result.err().map(|e| e.to_string());
+        warn!(?error, partitions = ?failed, "mirroring the stored offsets to the consumer group in Kafka failed (monitoring only: the database's offsets are unaffected; the next mirror commit tries again)");
+    }
+
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -99,9 +127,29 @@ impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
                 };
                 let result = match claims {
                     Some(claims) => {
+                        let mut locked = TopicPartitionList::new();
                         let mut slots = core.slots.lock().expect("slots lock");
                         for ((topic, partition), claim) in parts.iter().zip(claims) {
-                            let claim = claim.expect("unconditional claims always succeed");
+                            let Claimed::Yes(claim) = claim else {
+                                // Its row is locked (a frozen previous owner): assigned paused,
+                                // claimed again shortly; the other partitions start now.
+                                if let Err(e) =
+                                    tpl.set_partition_offset(topic, *partition, core.reset_offset())
+                                {
+                                    error!(%e, topic, partition, "cannot set the start offset");
+                                }
+                                locked.add_partition(topic, *partition);
+                                if let Some(Slot::Active(old)) = slots.insert(
+                                    (topic.clone(), *partition),
+                                    Slot::Stale {
+                                        retry_at: Instant::now() + LOCKED_RETRY,
+                                        takeover: true,
+                                    },
+                                ) {
+                                    old.task.abort();
+                                }
+                                continue;
+                            };
                             if let Err(e) = tpl.set_partition_offset(
                                 topic,
                                 *partition,
@@ -122,11 +170,19 @@ impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
                         } else {
                             consumer.assign(tpl)
                         };
+                        core.health.set_joined(true);
                         // A partition this consumer paused (a full worker, a fence) and that
                         // was revoked while paused stays paused in librdkafka when it comes
                         // back: assigning clears only librdkafka's own pause, not the
-                        // application's. Its new worker is empty, so resume it.
-                        assigned.and_then(|()| consumer.resume(tpl))
+                        // application's. Its new worker is empty, so resume it. A locked one
+                        // stays paused until it is claimed.
+                        assigned.and_then(|()| consumer.resume(tpl)).and_then(|()| {
+                            if locked.count() > 0 {
+                                consumer.pause(&locked)
+                            } else {
+                                Ok(())
+                            }
+                        })
                     }
                     None if cooperative => consumer.incremental_assign(&TopicPartitionList::new()),
                     None => consumer.assign(&TopicPartitionList::new()),
@@ -137,9 +193,16 @@ impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let lost = consumer.assignment_lost();
+                if lost {
+                    core.health.set_joined(false);
+                }
                 info!(partitions = ?parts, lost, "partitions revoked; finishing their in-flight batches");
                 telemetry::rebalance(&core.options.group, "revoked");
                 stop_workers(core, Some(&parts));
+                if !lost {
+                    // The revoked partitions' last stored offsets, while still a member.
+                    mirror_revoked(core, consumer, &parts);
+                }
                 let result = if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
@@ -152,6 +215,7 @@ impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
             other => {
                 error!(error = ?other, "rebalance failed; dropping the assignment");
                 telemetry::rebalance(&core.options.group, "failed");
+                core.health.set_joined(false);
                 stop_workers(core, None);
                 if let Err(e) = consumer.unassign() {
                     error!(%e, "unassigning partitions failed");
@@ -161,29 +225,61 @@ impl<H: Handler<DB>, DB: Backend> ConsumerContext for RuntimeContext<H, DB> {
     }
 }
 
+/// Commits the stored offsets of `parts` to the group in Kafka (the monitoring mirror), once
+/// their workers have stopped; asynchronous, a failure is logged by the commit callback.
+fn mirror_revoked<H: Handler<DB>, DB: Backend>(
+    core: &Core<H, DB>,
+    consumer: &BaseConsumer<RuntimeContext<H, DB>>,
+    parts: &[(String, i32)],
+) {
+    if !core.options.mirror_offsets {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition) in parts {
+        if let Some(next) = core
+            .revoked_stored
+            .lock()
+            .expect("revoked lock")
+            .remove(&(topic.clone(), *partition))
+            && next >= 0
+        {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(next));
+        }
+    }
+    if tpl.count() > 0
+        && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+    {
+        debug!(%e, "mirroring the revoked partitions' offsets failed");
+    }
+}
+
 /// Stops the workers of `parts` (all if `None`) and waits until each has finished or rolled
-/// back its in-flight batch.
+/// back its in-flight batch. Their last stored offsets are kept in `core.revoked_stored` for
+/// the mirror.
 pub(super) fn stop_workers<H: Handler<DB>, DB: Backend>(
     core: &Core<H, DB>,
     parts: Option<&[(String, i32)]>,
 ) {
-    let removed: Vec<Slot> = {
+    let removed: Vec<((String, i32), Slot)> = {
         let mut slots = core.slots.lock().expect("slots lock");
         match parts {
-            Some(parts) => parts.iter().filter_map(|k| slots.remove(k)).collect(),
-            None => slots.drain().map(|(_, s)| s).collect(),
+            Some(parts) => parts
+                .iter()
+                .filter_map(|k| slots.remove(k).map(|s| (k.clone(), s)))
+                .collect(),
+            None => slots.drain().collect(),
         }
     };
-    let (tasks, metrics): (Vec<JoinHandle<()>>, Vec<Arc<PartitionMetrics>>) = removed
-        .into_iter()
-        .filter_map(|slot| match slot {
-            Slot::Active(a) => {
-                a.stop.send_replace(true);
-                Some((a.task, a.metrics))
-            }
-            Slot::Stale { .. } => None,
-        })
-        .unzip();
+    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+    let mut metrics: Vec<((String, i32), Arc<PartitionMetrics>)> = Vec::new();
+    for (key, slot) in removed {
+        if let Slot::Active(a) = slot {
+            a.stop.send_replace(true);
+            tasks.push(a.task);
+            metrics.push((key, a.metrics));
+        }
+    }
     if !tasks.is_empty() {
         // `None` (the async runtime is gone) means the workers were cancelled with it.
         let _ = core.block_on(async move {
@@ -193,7 +289,11 @@ pub(super) fn stop_workers<H: Handler<DB>, DB: Backend>(
         });
     }
     // After the last batch: the new owner reports these partitions' lag.
-    for m in metrics {
+    let mut revoked = core.revoked_stored.lock().expect("revoked lock");
+    revoked.clear();
+    for ((topic, partition), m) in metrics {
+        core.health.set_stalled(&topic, partition, false);
+        revoked.insert((topic, partition), m.stored());
         m.revoked();
     }
 }

@@ -187,6 +187,25 @@ macro_rules! impl_backend {
                 row.map(claim_from).transpose()
             }
 
+            async fn claim_within(
+                pool: &Pool<Self>,
+                q: &Queries,
+                key: &PartitionKey,
+                owner: &str,
+                conditional: bool,
+                lock_timeout: std::time::Duration,
+            ) -> Result<Option<Claim>, sqlx::Error> {
+                let mut tx = Self::begin(pool, crate::store::CRATE).await?;
+                Self::set_lock_timeout(&mut tx, lock_timeout, crate::store::CRATE).await?;
+                let sql = if conditional { q.reclaim.clone() } else { q.claim.clone() };
+                let row = for_partition(sql, key)
+                    .bind(owner)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                row.map(claim_from).transpose()
+            }
+
             async fn advance(
                 conn: &mut Self::Connection,
                 q: &Queries,
@@ -256,6 +275,13 @@ macro_rules! impl_backend {
             }
         }
     };
+}
+
+/// Whether `e` is PostgreSQL's `lock_timeout` expiring (SQLSTATE `55P03`, lock not available).
+pub fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "55P03")
 }
 
 /// A record being parked in `dead_letters` (the partition comes with it separately).
@@ -452,6 +478,28 @@ pub trait Dialect: sqlx::Database {
         key: &PartitionKey,
         owner: &str,
     ) -> Result<Claim, sqlx::Error>;
+
+    /// [`claim`](Self::claim) (or, if `conditional`, [`reclaim`](Self::reclaim)) in a
+    /// transaction of its own that waits at most `lock_timeout` for the partition's offsets row
+    /// (PostgreSQL: `SET LOCAL lock_timeout`; a row locked longer fails with SQLSTATE `55P03`,
+    /// see [`is_lock_timeout`]). SQLite has one writer and no row locks: its wait is the busy
+    /// timeout's.
+    async fn claim_within(
+        pool: &Pool<Self>,
+        q: &Queries,
+        key: &PartitionKey,
+        owner: &str,
+        conditional: bool,
+        lock_timeout: std::time::Duration,
+    ) -> Result<Option<Claim>, sqlx::Error>;
+
+    /// Bounds how long the statements of `tx` wait for a row lock (PostgreSQL); nothing on
+    /// SQLite.
+    async fn set_lock_timeout(
+        tx: &mut Transaction<'static, Self>,
+        timeout: std::time::Duration,
+        _: Crate,
+    ) -> Result<(), sqlx::Error>;
 
     /// Re-claims a partition after this worker was fenced, but only if nobody else owns it
     /// (a replay clears the owner). `None`: another instance owns it.

@@ -13,7 +13,9 @@ mod sqlite;
 use sqlx::migrate::Migrator;
 use sqlx::{Pool, SqlSafeStr as _};
 
-pub(crate) use self::dialect::{CRATE, Claim, Dialect, Parking, PartitionKey, Queries};
+pub(crate) use self::dialect::{
+    CRATE, Claim, Dialect, Parking, PartitionKey, Queries, is_lock_timeout,
+};
 use crate::error::{Error, Result};
 
 /// One row of `consumer_offsets`.

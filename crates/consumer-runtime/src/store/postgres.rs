@@ -175,6 +175,18 @@ impl_backend! {
         }
     }
 
+    async fn set_lock_timeout(
+        tx: &mut Transaction<'static, Self>,
+        timeout: std::time::Duration,
+        _: Crate,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(format!("{}ms", timeout.as_millis().max(1)))
+            .execute(&mut **tx)
+            .await
+            .map(drop)
+    }
+
     fn max_writers(pool: &Pool<Self>, _: Crate) -> usize {
         pool.options().get_max_connections() as usize
     }

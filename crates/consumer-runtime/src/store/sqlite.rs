@@ -153,6 +153,16 @@ impl_backend! {
         pool.begin_with(BEGIN).await
     }
 
+    async fn set_lock_timeout(
+        _tx: &mut Transaction<'static, Self>,
+        _timeout: std::time::Duration,
+        _: Crate,
+    ) -> Result<(), sqlx::Error> {
+        // One writer, no row locks: `BEGIN IMMEDIATE` waits for the write lock under the busy
+        // timeout.
+        Ok(())
+    }
+
     fn max_writers(_pool: &Pool<Self>, _: Crate) -> usize {
         1
     }
