@@ -39,7 +39,9 @@ use crate::store::{Backend, check_schema};
 use crate::telemetry;
 use crate::unit::WriterConfig;
 
-use background::{AbortOnDrop, AbortTaskOnDrop, count_ledger, wait_for_signal, watch_epochs};
+use background::{
+    AbortOnDrop, AbortTaskOnDrop, count_ledger, prune_ledger, wait_for_signal, watch_epochs,
+};
 pub use builder::RuntimeBuilder;
 use partitions::Core;
 use poll::PollThread;
@@ -198,6 +200,7 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
         telemetry::describe();
         let client_config = client_config(&options);
         let (metrics_refresh, handle_signals) = (options.metrics_refresh, options.handle_signals);
+        let retention = options.ledger_retention;
         let (control_tx, control_rx) = std_mpsc::channel();
         let core = Arc::new(Core::new(
             writer,
@@ -234,6 +237,12 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
         let guard = AbortOnDrop(Some(abort));
         let _ledger = metrics_refresh.map(|every| {
             AbortTaskOnDrop(tokio::spawn(count_ledger(core_for_watch.clone(), every)))
+        });
+        let _pruner = retention.map(|retention| {
+            AbortTaskOnDrop(tokio::spawn(prune_ledger(
+                core_for_watch.clone(),
+                retention,
+            )))
         });
         let watcher = tokio::spawn(watch_epochs(core_for_watch));
         let _watcher = AbortTaskOnDrop(watcher);

@@ -167,6 +167,10 @@ macro_rules! impl_backend {
                 key: &PartitionKey,
                 owner: &str,
             ) -> Result<Claim, sqlx::Error> {
+                sqlx::query(q.ensure_group.clone())
+                    .bind(&key.group)
+                    .execute(pool)
+                    .await?;
                 let row = for_partition(q.claim.clone(), key)
                     .bind(owner)
                     .fetch_one(pool)
@@ -210,6 +214,10 @@ macro_rules! impl_backend {
                 key: &PartitionKey,
                 next_offset: i64,
             ) -> Result<Claim, sqlx::Error> {
+                sqlx::query(q.ensure_group.clone())
+                    .bind(&key.group)
+                    .execute(&mut *conn)
+                    .await?;
                 let row = for_partition(q.set_offset.clone(), key)
                     .bind(next_offset)
                     .fetch_one(conn)
@@ -281,6 +289,23 @@ pub struct Parking<'a> {
     pub attempts: u32,
 }
 
+/// One generation of the dedup ledger (see the README, "Ledger retention"): new claims go to
+/// the newest; a generation is dropped whole once everything in it is older than the retention.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Generation {
+    /// Its number (0: the ledger as it was before generations existed, or the first).
+    pub generation: i32,
+    /// When it started taking claims, UTC, RFC 3339. Every row in it was claimed at or after
+    /// that time (a generation upgraded in place: its oldest row's time).
+    pub started_at: String,
+    /// Seconds since it started.
+    pub age_seconds: f64,
+    /// Its rows (PostgreSQL: the planner's estimate when the table has been analysed, an exact
+    /// count otherwise; SQLite: exact).
+    pub rows: i64,
+}
+
 /// A partition of a topic as seen by one consumer group.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PartitionKey {
@@ -324,6 +349,13 @@ pub struct Queries {
     pub(crate) dl_delete: sqlx::SqlStr,
     pub(crate) dl_failed: sqlx::SqlStr,
     pub(crate) ledger_rows: sqlx::SqlStr,
+    pub(crate) ensure_group: sqlx::SqlStr,
+    pub(crate) fence_and_claim: Option<sqlx::SqlStr>,
+    pub(crate) generations: sqlx::SqlStr,
+    pub(crate) mark_generation: sqlx::SqlStr,
+    pub(crate) raise_floors: sqlx::SqlStr,
+    pub(crate) forget_generation: sqlx::SqlStr,
+    pub(crate) forget_marks: sqlx::SqlStr,
 }
 
 impl Queries {
@@ -358,6 +390,13 @@ impl Queries {
             dl_delete: q(DL_DELETE),
             dl_failed: q(templates.dl_failed),
             ledger_rows: q(LEDGER_ROWS),
+            ensure_group: q(templates.ensure_group),
+            fence_and_claim: templates.fence_and_claim.map(q),
+            generations: q(templates.generations),
+            mark_generation: q(MARK_GENERATION),
+            raise_floors: q(RAISE_FLOORS),
+            forget_generation: q(FORGET_GENERATION),
+            forget_marks: q(FORGET_MARKS),
         }
     }
 }
@@ -366,14 +405,37 @@ use sqlx::SqlSafeStr as _;
 
 /// Removes a partition's ledger rows for offsets in `[$4, $5)` (replay `--rebuild`).
 const CLEAR_LEDGER: &str = r#"DELETE FROM {s}processed
-WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND "offset" >= $4 AND "offset" < $5"#;
+WHERE source_id = (SELECT source_id FROM {s}consumer_offsets WHERE consumer_group = $1 AND topic = $2 AND partition = $3)
+  AND "offset" >= $4 AND "offset" < $5"#;
 
 /// Undoes a record's ledger claim made earlier in the same transaction (the record is being
 /// parked in `dead_letters` instead of applied).
-const UNCLAIM: &str = r#"DELETE FROM {s}processed WHERE consumer_group = $1 AND event_id = $2"#;
+const UNCLAIM: &str = r#"DELETE FROM {s}processed
+WHERE group_id = (SELECT group_id FROM {s}ledger_groups WHERE name = $1) AND event_id = $2"#;
 
 /// Counts a group's ledger rows (the ledger size gauge).
-const LEDGER_ROWS: &str = r#"SELECT count(*) FROM {s}processed WHERE consumer_group = $1"#;
+const LEDGER_ROWS: &str = r#"SELECT count(*) FROM {s}processed
+WHERE group_id = (SELECT group_id FROM {s}ledger_groups WHERE name = $1)"#;
+
+/// Records, for the generation `$1` that is ending, the highest stored offset every partition
+/// ever had: each row of the generation lies below it (its transaction advanced the offset past
+/// it and has committed, since the switch waits for every claim in flight).
+const MARK_GENERATION: &str = r#"INSERT INTO {s}ledger_marks (generation, source_id, high_offset)
+SELECT $1, source_id, CASE WHEN high_offset IS NULL OR next_offset > high_offset THEN next_offset ELSE high_offset END
+FROM {s}consumer_offsets
+WHERE source_id IS NOT NULL AND coalesce(next_offset, high_offset) IS NOT NULL
+ON CONFLICT DO NOTHING"#;
+
+/// Raises the floor of every partition to the mark of generation `$1`, which is being dropped
+/// (before its rows go: a floor too high for a moment is safe, one too low is not).
+const RAISE_FLOORS: &str = r#"UPDATE {s}consumer_offsets SET ledger_floor = m.high_offset
+FROM {s}ledger_marks m
+WHERE m.generation = $1 AND m.source_id = {s}consumer_offsets.source_id
+  AND ({s}consumer_offsets.ledger_floor IS NULL OR {s}consumer_offsets.ledger_floor < m.high_offset)"#;
+
+/// Forgets a dropped generation `$1`: its row and its marks.
+const FORGET_GENERATION: &str = r#"DELETE FROM {s}ledger_generations WHERE generation = $1"#;
+const FORGET_MARKS: &str = r#"DELETE FROM {s}ledger_marks WHERE generation <= $1"#;
 
 /// Deletes one dead letter.
 const DL_DELETE: &str = r#"DELETE FROM {s}dead_letters WHERE id = $1"#;
@@ -387,6 +449,13 @@ pub(super) struct Templates {
     pub(super) offsets: &'static str,
     pub(super) applied_version: &'static str,
     pub(super) ledger_known: &'static str,
+    /// Makes sure the group `$1` has a `group_id`.
+    pub(super) ensure_group: &'static str,
+    /// The fence and the claim as one statement (`$1..$8`: group, topic, partition, epoch,
+    /// expected, next, ids, offsets), where the database can do that.
+    pub(super) fence_and_claim: Option<&'static str>,
+    /// The generations, oldest first: generation, started_at (RFC 3339), age in seconds.
+    pub(super) generations: &'static str,
     /// Parks a record: `$1..$12` = group, topic, partition, offset, key, headers, payload,
     /// timestamp_ms, event_id, error, error_kind, attempts. Parking the same record again (a
     /// replay, or at-least-once re-running a batch) updates the error and adds the attempts.
@@ -567,6 +636,42 @@ pub trait Dialect: sqlx::Database {
         kind: FailureKind,
         error: &str,
     ) -> Result<(), sqlx::Error>;
+
+    /// The fence and the ledger claim of a batch, in the caller's transaction: moves the
+    /// stored offset from `expected` to `next` if the epoch is still `epoch` and, only then,
+    /// claims `ids` (distinct; `offsets` the offset of each id's first record). `None`: fenced
+    /// (nothing was claimed). PostgreSQL does both in one statement.
+    #[allow(clippy::too_many_arguments)]
+    async fn fence_and_claim(
+        conn: &mut Self::Connection,
+        q: &Queries,
+        key: &PartitionKey,
+        epoch: i64,
+        expected: Option<i64>,
+        next: i64,
+        ids: &[&str],
+        offsets: &[i64],
+    ) -> Result<Option<Vec<i64>>, sqlx::Error>;
+
+    /// The ledger's generations, oldest first.
+    async fn generations(pool: &Pool<Self>, q: &Queries) -> Result<Vec<Generation>, sqlx::Error>;
+
+    /// Starts the generation after `current` (creating its storage first where needed), if
+    /// `current` is still the newest and no other pruner is at work. `false`: nothing done.
+    async fn start_generation(
+        pool: &Pool<Self>,
+        q: &Queries,
+        current: i32,
+    ) -> Result<bool, sqlx::Error>;
+
+    /// Drops an old generation: raises the floors to its marks, then removes its rows
+    /// (PostgreSQL: detaches and drops its partition; SQLite: bounded batches of deletes), then
+    /// forgets it. `None`: another pruner is at work.
+    async fn drop_generation(
+        pool: &Pool<Self>,
+        q: &Queries,
+        generation: i32,
+    ) -> Result<Option<u64>, sqlx::Error>;
 
     /// Deletes a partition's ledger rows whose first record lies in `[from, to)`; returns how
     /// many.

@@ -13,6 +13,7 @@ mod sqlite;
 use sqlx::migrate::Migrator;
 use sqlx::{Pool, SqlSafeStr as _};
 
+pub use self::dialect::Generation;
 pub(crate) use self::dialect::{CRATE, Claim, Dialect, Parking, PartitionKey, Queries};
 use crate::error::{Error, Result};
 
@@ -31,6 +32,11 @@ pub struct StoredOffset {
     pub owner: Option<String>,
     /// When the row last changed (a commit, a claim or a replay), UTC, RFC 3339.
     pub updated_at: String,
+    /// The replay floor: the offset below which the dedup ledger no longer remembers every
+    /// event of the partition, because retention dropped older ledger rows. `None`: it
+    /// remembers everything. A replay or an offset change below it is refused unless forced
+    /// (see [`Store::replay`] and [`Store::set_offsets_below_floor`]).
+    pub ledger_floor: Option<i64>,
 }
 
 mod sealed {
@@ -182,12 +188,10 @@ impl<DB: Backend> Store<DB> {
             .map_err(Error::db("counting ledger rows"))
     }
 
-    /// Moves a group's stored offsets for `topic` to `positions` (partition, next offset), in
-    /// one transaction, bumping each partition's epoch and clearing its owner: a consumer
-    /// that is running is fenced, reloads the new position and continues from it without a
-    /// restart. Records before the new position that were already processed are skipped by the
-    /// ledger, so moving offsets backwards re-applies nothing.
-    pub async fn set_offsets(
+    /// [`Store::set_offsets`] without its floor check: positions below a partition's ledger
+    /// floor are taken too, and the records between the position and the floor whose ledger
+    /// rows retention pruned **are applied a second time**. For a deliberate rebuild only.
+    pub async fn set_offsets_below_floor(
         &self,
         group: &str,
         topic: &str,
