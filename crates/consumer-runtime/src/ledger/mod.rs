@@ -177,3 +177,6 @@ pub(crate) fn check_floor(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
