@@ -624,6 +624,7 @@ fn global_options_go_before_or_after_the_subcommand() {
             topic,
             partition,
             offset,
+            ..
         } => {
             assert_eq!(
                 (group.as_str(), topic.as_str(), partition, offset),

@@ -877,6 +877,113 @@ async fn replay_while_running_is_exact_fences_the_consumer_and_applies_nothing_t
     s.drop_schema().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_retention_prunes_while_running_and_replays_below_the_floor_are_refused() {
+    let s = Setup::new(2).await;
+    let (records, ids) = order_events(&s.topic, 20, 2, 0);
+    s.kafka.produce(&s.topic, &records);
+    let ends = ends_of(&records);
+    let mut flags = vec!["--ledger-retention", "1s"];
+    flags.extend(QUICK_SESSION);
+    let mut run = s.run("run", &flags);
+    s.wait_caught_up(&ends).await;
+    // The runtime prunes while it runs: once every generation holding these events is dropped,
+    // each partition's floor is where it stands.
+    wait_until(
+        WAIT,
+        "pruning to raise the floors to the stored offsets",
+        || async {
+            let stored = s.stored().await;
+            stored.len() == 2 && stored.iter().all(|o| o.ledger_floor == o.next_offset)
+        },
+    )
+    .await;
+    run.terminate();
+    run.wait(WAIT)
+        .assert_success("orders run stopped by SIGTERM");
+    assert_exactly_once(&s.applied().await, &ids);
+
+    let out = output(
+        "ledger",
+        orders(&s.db_args(&["ledger", "--group", &s.group])),
+    );
+    out.assert_success("ledger");
+    let rows = table(&out.stdout, "topic");
+    assert_eq!(rows.len(), 2, "{}", out.stdout);
+    for row in &rows {
+        let p: i32 = row["partition"].parse().unwrap();
+        assert_eq!(row["ledger_floor"], ends[&p].to_string(), "{}", out.stdout);
+    }
+    assert!(out.stdout.contains("0 ledger rows"), "{}", out.stdout);
+
+    // A dry run says how many records lie below the floor; the replay itself is refused with
+    // that number and the flag that forces it, and changes nothing.
+    let replay = |extra: &[&str]| {
+        let mut args = vec![
+            "replay",
+            "--group",
+            &s.group,
+            "--topic",
+            &s.topic,
+            "--from",
+            "earliest",
+            "--brokers",
+            &s.kafka.bootstrap,
+        ];
+        args.extend(extra);
+        orders(&s.db_args(&args))
+    };
+    let out = output("dry-run", replay(&["--dry-run"]));
+    out.assert_success("replay --dry-run");
+    for row in table(&out.stdout, "partition") {
+        let p: i32 = row["partition"].parse().unwrap();
+        assert_eq!(row["below_floor"], ends[&p].to_string(), "{}", out.stdout);
+    }
+    assert!(out.stdout.contains("--below-floor"), "{}", out.stdout);
+    let before = s.stored().await;
+    let out = output("replay", replay(&[]));
+    assert_one_line_error(
+        "replay below the floor",
+        &out,
+        &["below its ledger floor", "a second time", "--below-floor"],
+    );
+    let out = output(
+        "offsets-set",
+        orders(&s.db_args(&[
+            "offsets",
+            "set",
+            "--group",
+            &s.group,
+            "--topic",
+            &s.topic,
+            "--partition",
+            "0",
+            "--offset",
+            "1",
+        ])),
+    );
+    let records = format!("up to {} records", ends[&0] - 1);
+    assert_one_line_error(
+        "offsets set below the floor",
+        &out,
+        &["below its ledger floor", &records, "--below-floor"],
+    );
+    assert_eq!(s.stored().await, before, "a refused move changed something");
+
+    // `ledger prune` from cron: with a long retention there is nothing to drop.
+    let out = output(
+        "ledger-prune",
+        orders(&s.db_args(&["ledger", "prune", "--retention", "14d"])),
+    );
+    out.assert_success("ledger prune");
+    assert!(
+        out.stdout.contains("0 generation(s) dropped"),
+        "{}",
+        out.stdout
+    );
+    s.drop_schema().await;
+}
+
 #[tokio::test]
 async fn bad_input_fails_with_one_line_that_names_the_problem() {
     let s = Setup::new(1).await;
