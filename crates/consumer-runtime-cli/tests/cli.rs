@@ -1244,7 +1244,7 @@ async fn metrics_over_http_match_the_database_once_caught_up() {
         sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.replace("{s}", &s.schema)))
             .bind(s.group.clone())
     };
-    let ledger = q("SELECT count(*) FROM {s}.processed WHERE consumer_group = $1")
+    let ledger = q("SELECT count(*) FROM {s}.processed WHERE group_id = (SELECT group_id FROM {s}.ledger_groups WHERE name = $1)")
         .fetch_one(&s.pool)
         .await
         .unwrap();

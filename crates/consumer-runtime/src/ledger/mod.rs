@@ -71,6 +71,19 @@ impl<DB: Backend> Store<DB> {
             .map_err(Error::db("reading the ledger's generations"))
     }
 
+    /// Starts a new generation now, whatever the newest one's age: new claims go to it, and
+    /// the one before it can be dropped once the new one is older than the retention. `false`:
+    /// another pruner was at work, or claims in flight held the claim lock for longer than
+    /// 200 ms; nothing changed.
+    pub async fn start_ledger_generation(&self) -> Result<bool> {
+        let Some(newest) = self.ledger_generations().await?.last().map(|g| g.generation) else {
+            return Ok(false);
+        };
+        DB::start_generation(self.pool(), self.queries(), newest)
+            .await
+            .map_err(Error::db("starting a ledger generation"))
+    }
+
     /// One pruning run with `retention`: starts a new generation if the newest is older than a
     /// quarter of the retention, then drops every generation whose rows are all older than the
     /// retention, raising the floors first. Safe to run from several processes at once, and
