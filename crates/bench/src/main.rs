@@ -320,7 +320,10 @@ where
     Ok(())
 }
 
-async fn scenarios<DB: retention::RetentionDb>(env: &Env<DB>, args: &Args) -> anyhow::Result<Vec<Outcome>>
+async fn scenarios<DB: retention::RetentionDb>(
+    env: &Env<DB>,
+    args: &Args,
+) -> anyhow::Result<Vec<Outcome>>
 where
     Sink: Handler<DB>,
 {

@@ -152,7 +152,8 @@ where
             .map(Outcome::rate)
             .unwrap_or(0.0)
     };
-    let ratio = rate("effectively_once_pruned_10m") / rate("effectively_once_empty_ledger").max(1e-9);
+    let ratio =
+        rate("effectively_once_pruned_10m") / rate("effectively_once_empty_ledger").max(1e-9);
     let drop = drop_vs_delete(env, args.retention_day_rows).await?;
     println!();
     println!("ledger retention ({}):", DB::LABEL);
@@ -183,7 +184,14 @@ where
     let per = rows / GENERATIONS;
     eprintln!("bench: pre-filling the ledger with {rows} rows in {GENERATIONS} generations");
     for g in 0..GENERATIONS {
-        let (from, to) = (g * per, if g + 1 == GENERATIONS { rows } else { (g + 1) * per });
+        let (from, to) = (
+            g * per,
+            if g + 1 == GENERATIONS {
+                rows
+            } else {
+                (g + 1) * per
+            },
+        );
         let chunk = 500_000u64;
         let mut at = from;
         while at < to {

@@ -498,9 +498,24 @@ async fn write<DB: Backend>(
                 unchanged = false;
                 break;
             }
-            DB::set_offset(&mut tx, q, &key, r.from)
-                .await
-                .map_err(Error::db(CONTEXT))?;
+            match DB::set_offset(
+                &mut tx,
+                q,
+                &key,
+                r.from,
+                below_floor || mode == ReplayMode::Rebuild,
+            )
+            .await
+            {
+                Ok(_) => {}
+                // A prune raised the floor since the offsets were read: read them again (and
+                // refuse).
+                Err(sqlx::Error::RowNotFound) => {
+                    unchanged = false;
+                    break;
+                }
+                Err(e) => return Err(Error::db(CONTEXT)(e)),
+            }
             if mode == ReplayMode::Rebuild {
                 r.ledger_rows_cleared = DB::clear_ledger(&mut tx, q, &key, r.from, r.to)
                     .await

@@ -76,7 +76,12 @@ impl<DB: Backend> Store<DB> {
     /// another pruner was at work, or claims in flight held the claim lock for longer than
     /// 200 ms; nothing changed.
     pub async fn start_ledger_generation(&self) -> Result<bool> {
-        let Some(newest) = self.ledger_generations().await?.last().map(|g| g.generation) else {
+        let Some(newest) = self
+            .ledger_generations()
+            .await?
+            .last()
+            .map(|g| g.generation)
+        else {
             return Ok(false);
         };
         DB::start_generation(self.pool(), self.queries(), newest)
@@ -161,7 +166,16 @@ impl<DB: Backend> Store<DB> {
     ) -> Result<()> {
         let rows = self.stored_offsets(group).await?;
         check_floor(&rows, topic, positions)?;
-        self.set_offsets_below_floor(group, topic, positions).await
+        crate::store::set_offsets_checked(
+            self.pool(),
+            self.queries(),
+            group,
+            topic,
+            positions,
+            false,
+        )
+        .await
+        .map(drop)
     }
 }
 

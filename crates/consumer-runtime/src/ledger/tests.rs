@@ -306,9 +306,10 @@ async fn pruning_drops_old_generations_and_raises_the_floor<DB: TestDb>() {
     );
 }
 
-/// The floor never moves down, and a replay that moved the offset back does not lower the mark:
-/// the floor is the highest offset the partition ever reached before the generation ended.
-async fn the_floor_is_the_highest_offset_ever_reached<DB: TestDb>() {
+/// A replay that moved the offset back holds the generation until the partition passed its rows
+/// again, and does not lower the mark: the floor is the highest offset the partition ever
+/// reached before the generation ended.
+async fn a_generation_waits_for_a_replay_and_the_floor_is_the_highest_offset_reached<DB: TestDb>() {
     let (pool, store, q, group) = own_schema::<DB>().await;
     let topic = rand_name("high");
     let config = writer_config(&pool, &q, Counter::new(&group));
@@ -316,10 +317,23 @@ async fn the_floor_is_the_highest_offset_ever_reached<DB: TestDb>() {
     let mut offset = 0;
     let ids: Vec<String> = (0..30).map(|i| format!("{group}-{i}")).collect();
     assert_eq!(write_ids(&mut w, &topic, &mut offset, &ids).await, 30);
-    // An operator moves the partition back before the generation ends.
+    // An operator moves the partition back before the generation ends: the generation is
+    // held (dropping it would make the partition re-apply 10..30) until the partition has
+    // passed its rows again.
     store.set_offsets(&group, &topic, &[(0, 10)]).await.unwrap();
     let g = newest(&store).await;
     assert!(DB::start_generation(&pool, &q, g).await.unwrap());
+    assert_eq!(
+        DB::drop_generation(&pool, &q, g).await.unwrap(),
+        None,
+        "not held"
+    );
+    assert_eq!(store.ledger_rows(&group).await.unwrap(), 30);
+    assert_eq!(
+        store.stored_offsets(&group).await.unwrap()[0].ledger_floor,
+        None
+    );
+    store.set_offsets(&group, &topic, &[(0, 30)]).await.unwrap();
     assert_eq!(DB::drop_generation(&pool, &q, g).await.unwrap(), Some(30));
     let row = store.stored_offsets(&group).await.unwrap().remove(0);
     assert_eq!(row.ledger_floor, Some(30));
@@ -466,6 +480,6 @@ suite!(
     claims_racing_generation_switches_and_drops_apply_each_event_once,
     a_duplicate_arriving_generations_later_is_caught,
     pruning_drops_old_generations_and_raises_the_floor,
-    the_floor_is_the_highest_offset_ever_reached,
+    a_generation_waits_for_a_replay_and_the_floor_is_the_highest_offset_reached,
     a_populated_ledger_of_the_old_layout_upgrades_in_place,
 );

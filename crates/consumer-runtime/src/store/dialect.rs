@@ -28,6 +28,29 @@ macro_rules! impl_backend {
                 .bind(key.partition)
         }
 
+        /// The first partition whose stored offset lies below generation `generation`'s mark
+        /// (a replay or an offset change moved it back over the generation's rows, and it has
+        /// not passed them again), described; `None`: the generation may go.
+        async fn floor_hold(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            q: &Queries,
+            generation: i32,
+        ) -> Result<Option<String>, sqlx::Error> {
+            let rows: Vec<(String, i32, Option<i64>, i64)> = sqlx::query_as(q.floor_holds.clone())
+                .bind(generation)
+                .fetch_all(conn)
+                .await?;
+            Ok(rows
+                .into_iter()
+                .find(|(_, _, next, mark)| next.is_some_and(|n| n < *mark))
+                .map(|(topic, partition, next, mark)| {
+                    format!(
+                        "{topic}/{partition} stands at {} below the offset {mark} its rows reach",
+                        next.unwrap_or_default()
+                    )
+                }))
+        }
+
         fn claim_from(row: $row) -> Result<Claim, sqlx::Error> {
             use sqlx::FromRow as _;
             Claim::from_row(&row)
@@ -213,6 +236,7 @@ macro_rules! impl_backend {
                 q: &Queries,
                 key: &PartitionKey,
                 next_offset: i64,
+                below_floor: bool,
             ) -> Result<Claim, sqlx::Error> {
                 sqlx::query(q.ensure_group.clone())
                     .bind(&key.group)
@@ -220,6 +244,7 @@ macro_rules! impl_backend {
                     .await?;
                 let row = for_partition(q.set_offset.clone(), key)
                     .bind(next_offset)
+                    .bind(below_floor)
                     .fetch_one(conn)
                     .await?;
                 claim_from(row)
@@ -354,6 +379,7 @@ pub struct Queries {
     pub(crate) generations: sqlx::SqlStr,
     pub(crate) mark_generation: sqlx::SqlStr,
     pub(crate) raise_floors: sqlx::SqlStr,
+    pub(crate) floor_holds: sqlx::SqlStr,
     pub(crate) forget_generation: sqlx::SqlStr,
     pub(crate) forget_marks: sqlx::SqlStr,
 }
@@ -395,6 +421,7 @@ impl Queries {
             generations: q(templates.generations),
             mark_generation: q(MARK_GENERATION),
             raise_floors: q(RAISE_FLOORS),
+            floor_holds: q(templates.floor_holds),
             forget_generation: q(FORGET_GENERATION),
             forget_marks: q(FORGET_MARKS),
         }
@@ -456,6 +483,10 @@ pub(super) struct Templates {
     pub(super) fence_and_claim: Option<&'static str>,
     /// The generations, oldest first: generation, started_at (RFC 3339), age in seconds.
     pub(super) generations: &'static str,
+    /// Every partition with a mark in generation `$1`: topic, partition, next_offset, mark.
+    /// PostgreSQL locks the offsets rows it reads, so that no replay moves one back between
+    /// the check and the floor's rise.
+    pub(super) floor_holds: &'static str,
     /// Parks a record: `$1..$12` = group, topic, partition, offset, key, headers, payload,
     /// timestamp_ms, event_id, error, error_kind, attempts. Parking the same record again (a
     /// replay, or at-least-once re-running a batch) updates the error and adds the attempts.
@@ -553,12 +584,16 @@ pub trait Dialect: sqlx::Database {
     ) -> Result<Vec<i64>, sqlx::Error>;
 
     /// Sets a partition's stored offset, bumps its epoch and clears its owner, so that a
-    /// running worker is fenced and reloads (replay and explicit offset changes).
+    /// running worker is fenced and reloads (replay and explicit offset changes). Unless
+    /// `below_floor`, an offset below the partition's ledger floor changes nothing and is
+    /// [`sqlx::Error::RowNotFound`] (checked on the locked row, so that it holds against a
+    /// prune raising the floor at the same moment).
     async fn set_offset(
         conn: &mut Self::Connection,
         q: &Queries,
         key: &PartitionKey,
         next_offset: i64,
+        below_floor: bool,
     ) -> Result<Claim, sqlx::Error>;
 
     /// How many rows of the dedup ledger belong to `group`.

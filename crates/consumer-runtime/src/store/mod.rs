@@ -16,6 +16,7 @@ use sqlx::{Pool, SqlSafeStr as _};
 pub use self::dialect::Generation;
 pub(crate) use self::dialect::{CRATE, Claim, Dialect, Parking, PartitionKey, Queries};
 use crate::error::{Error, Result};
+pub(crate) use set_offsets_with as set_offsets_checked;
 
 /// One row of `consumer_offsets`.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -197,7 +198,7 @@ impl<DB: Backend> Store<DB> {
         topic: &str,
         positions: &[(i32, i64)],
     ) -> Result<()> {
-        set_offsets_with(&self.pool, &self.queries, group, topic, positions)
+        set_offsets_with(&self.pool, &self.queries, group, topic, positions, true)
             .await
             .map(drop)
     }
@@ -248,12 +249,13 @@ pub(crate) async fn connect_error<DB: sqlx::Database>(pool: &Pool<DB>) -> Option
 /// running is fenced, reloads the new position and continues from it without a restart.
 /// Records before the new position that were already processed are skipped by the ledger, so
 /// moving offsets backwards re-applies nothing. Returns the new claims, in the given order.
-async fn set_offsets_with<DB: Backend>(
+pub(crate) async fn set_offsets_with<DB: Backend>(
     pool: &Pool<DB>,
     q: &Queries,
     group: &str,
     topic: &str,
     positions: &[(i32, i64)],
+    below_floor: bool,
 ) -> Result<Vec<Claim>> {
     let context = "moving stored offsets";
     let mut tx = DB::begin(pool, CRATE).await.map_err(Error::db(context))?;
@@ -269,9 +271,19 @@ async fn set_offsets_with<DB: Backend>(
             topic: topic.to_owned(),
             partition,
         };
-        let claim = DB::set_offset(&mut tx, q, &key, next_offset)
-            .await
-            .map_err(Error::db(context))?;
+        let claim = match DB::set_offset(&mut tx, q, &key, next_offset, below_floor).await {
+            Ok(claim) => claim,
+            // Below the floor (raised since the caller checked it).
+            Err(sqlx::Error::RowNotFound) => {
+                drop(tx);
+                let rows = DB::offsets(pool, q, group).await?;
+                crate::ledger::check_floor(&rows, topic, &[(partition, next_offset)])?;
+                return Err(Error::Internal(format!(
+                    "moving {topic}/{partition} to {next_offset} changed nothing, and it is not below the ledger floor; run it again"
+                )));
+            }
+            Err(e) => return Err(Error::db(context)(e)),
+        };
         claims.push(claim);
     }
     tx.commit().await.map_err(Error::db(context))?;

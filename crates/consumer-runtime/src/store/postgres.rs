@@ -97,6 +97,7 @@ VALUES ($1, $2, $3, $4, 1, NULL, now(), (SELECT group_id FROM {s}ledger_groups W
 ON CONFLICT (consumer_group, topic, partition)
 DO UPDATE SET next_offset = EXCLUDED.next_offset, epoch = o.epoch + 1, owner = NULL, updated_at = now(),
     group_id = EXCLUDED.group_id, high_offset = GREATEST(o.high_offset, o.next_offset, EXCLUDED.next_offset)
+WHERE $5 OR o.ledger_floor IS NULL OR EXCLUDED.next_offset >= o.ledger_floor
 RETURNING epoch, next_offset"#,
     offsets: r#"SELECT topic, partition, next_offset, epoch, owner,
     to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS updated_at, ledger_floor FROM {s}consumer_offsets
@@ -120,6 +121,9 @@ WHERE group_id = (SELECT group_id FROM {s}ledger_groups WHERE name = $1) AND eve
 )
 SELECT (SELECT count(*) FROM f) AS fenced, ARRAY(SELECT "offset" FROM c) AS claimed"#,
     ),
+    floor_holds: r#"SELECT o.topic, o.partition, o.next_offset, m.high_offset
+FROM {s}consumer_offsets o JOIN {s}ledger_marks m ON m.source_id = o.source_id AND m.generation = $1
+FOR UPDATE OF o"#,
     generations: r#"SELECT generation,
     to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS started_at,
     extract(epoch FROM clock_timestamp() - started_at)::float8 AS age_seconds,
@@ -359,7 +363,7 @@ impl_backend! {
         }
         let result = detach_and_drop(&mut conn, q, generation).await;
         prune_lock(&mut conn, q, false).await?;
-        result.map(Some)
+        result
     }
 }
 
@@ -480,12 +484,25 @@ async fn detach_and_drop(
     conn: &mut PgConnection,
     q: &Queries,
     generation: i32,
-) -> Result<u64, sqlx::Error> {
+) -> Result<Option<u64>, sqlx::Error> {
+    use sqlx::Connection as _;
     let s = &q.schema;
-    sqlx::query(q.raise_floors.clone())
-        .bind(generation)
-        .execute(&mut *conn)
-        .await?;
+    {
+        let mut tx = conn.begin().await?;
+        if let Some(held) = floor_hold(&mut tx, q, generation).await? {
+            tx.rollback().await?;
+            tracing::warn!(
+                generation,
+                "ledger: generation {generation} is held: {held}; it is dropped once the partition has passed those records again"
+            );
+            return Ok(None);
+        }
+        sqlx::query(q.raise_floors.clone())
+            .bind(generation)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
     let estimate: Option<f32> =
         sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = to_regclass($1)")
             .bind(format!("{s}.processed_g{generation}"))
@@ -533,5 +550,5 @@ async fn detach_and_drop(
         .bind(generation)
         .execute(&mut *conn)
         .await?;
-    Ok(rows)
+    Ok(Some(rows))
 }

@@ -79,6 +79,7 @@ ON CONFLICT (consumer_group, topic, partition)
 DO UPDATE SET next_offset = EXCLUDED.next_offset, epoch = o.epoch + 1, owner = NULL, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
     group_id = EXCLUDED.group_id, source_id = coalesce(o.source_id, EXCLUDED.source_id),
     high_offset = max(coalesce(o.high_offset, -1), coalesce(o.next_offset, -1), EXCLUDED.next_offset)
+WHERE $5 OR o.ledger_floor IS NULL OR EXCLUDED.next_offset >= o.ledger_floor
 RETURNING epoch, next_offset"#,
     offsets: r#"SELECT topic, partition, next_offset, epoch, owner, updated_at, ledger_floor FROM {s}consumer_offsets
 WHERE consumer_group = $1 ORDER BY topic, partition"#,
@@ -88,6 +89,8 @@ WHERE group_id = (SELECT group_id FROM {s}ledger_groups WHERE name = $1)
   AND event_id IN (SELECT value FROM json_each($2))"#,
     ensure_group: r#"INSERT INTO {s}ledger_groups (name) VALUES ($1) ON CONFLICT (name) DO NOTHING"#,
     fence_and_claim: None,
+    floor_holds: r#"SELECT o.topic, o.partition, o.next_offset, m.high_offset
+FROM {s}consumer_offsets o JOIN {s}ledger_marks m ON m.source_id = o.source_id AND m.generation = $1"#,
     generations: r#"SELECT g.generation, g.started_at,
     (julianday('now') - julianday(g.started_at)) * 86400.0 AS age_seconds,
     (SELECT count(*) FROM {s}processed p WHERE p.id >= g.first_id AND p.id < coalesce(
@@ -318,6 +321,14 @@ impl_backend! {
         };
         {
             let mut tx = Self::begin(pool, CRATE).await?;
+            if let Some(held) = floor_hold(&mut tx, q, generation).await? {
+                tx.rollback().await?;
+                tracing::warn!(
+                    generation,
+                    "ledger: generation {generation} is held: {held}; it is dropped once the partition has passed those records again"
+                );
+                return Ok(None);
+            }
             sqlx::query(q.raise_floors.clone())
                 .bind(generation)
                 .execute(&mut *tx)
