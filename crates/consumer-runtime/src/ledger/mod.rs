@@ -9,7 +9,9 @@
 //!   attached without blocking claims, and dropped with `DETACH PARTITION … CONCURRENTLY` and
 //!   `DROP TABLE`: no `DELETE` of millions of rows, no lock that holds up commits. The switch to
 //!   a new generation holds the ledger's claim lock exclusively for a moment (it waits at most
-//!   200 ms for claims in flight, else tries again at the next run), so that two claims of one
+//!   200 ms for claims in flight, else tries again at the next run, waiting twice as long each
+//!   time it gave up, up to 10 s, so that a switch gets through even when batches always run
+//!   longer; meanwhile new transactions wait behind it), so that two claims of one
 //!   event id always land in the same generation, where its primary key catches the second,
 //!   and a claim in a new generation sees every older generation's rows.
 //! - SQLite: one table with one unique index over every generation; a generation is an id
@@ -45,7 +47,8 @@ pub struct PruneReport {
     /// 100,000 rows or more).
     pub rows_dropped: u64,
     /// Whether a step was skipped because another pruner was at work or the switch could not
-    /// get the claim lock within 200 ms; the next run does it.
+    /// get the claim lock in time (200 ms at first, longer after each miss); the next run does
+    /// it.
     pub skipped: bool,
 }
 
@@ -73,8 +76,8 @@ impl<DB: Backend> Store<DB> {
 
     /// Starts a new generation now, whatever the newest one's age: new claims go to it, and
     /// the one before it can be dropped once the new one is older than the retention. `false`:
-    /// another pruner was at work, or claims in flight held the claim lock for longer than
-    /// 200 ms; nothing changed.
+    /// another pruner was at work, or claims in flight held the claim lock for longer than the
+    /// switch waited (200 ms at first, longer after each miss); nothing changed.
     pub async fn start_ledger_generation(&self) -> Result<bool> {
         let Some(newest) = self
             .ledger_generations()

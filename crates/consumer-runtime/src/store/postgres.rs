@@ -42,7 +42,7 @@ const BEGIN_LOCKED: &str = "BEGIN; SELECT pg_advisory_xact_lock_shared(716506447
 /// The ledger's claim lock (a transaction-level advisory lock, `pg_advisory_xact_lock*`, on an
 /// arbitrary number). Every transaction of the runtime holds it in shared mode from its
 /// `BEGIN` to its end; the switch to a new ledger generation holds it exclusively for a moment
-/// (at most [`SWITCH_LOCK_TIMEOUT`] waiting, then it gives up and tries again later). So every
+/// (at most [`SWITCH_LOCK_TIMEOUT_MS`] waiting at first, then it gives up and tries again later). So every
 /// transaction sees one generation as the newest from its first snapshot to its commit, and
 /// every claim in flight lands in the same generation: two claims of one event id meet in
 /// that generation's primary key, and a claim in a new generation sees every row committed
@@ -50,9 +50,16 @@ const BEGIN_LOCKED: &str = "BEGIN; SELECT pg_advisory_xact_lock_shared(716506447
 /// schema makes the others' new transactions wait the same moment).
 pub(crate) const LEDGER_LOCK: i64 = 7_165_064_479_855_338_599;
 
-/// How long the switch to a new generation waits for the claim lock (and with it, how long it
-/// can hold up transactions that begin while it waits).
-const SWITCH_LOCK_TIMEOUT: &str = "200ms";
+/// How long the switch to a new generation first waits for the claim lock (and with it, how
+/// long it can hold up transactions that begin while it waits): 200 ms, doubled after every
+/// switch of this process that gave up, up to [`SWITCH_LOCK_TIMEOUT_MAX_MS`], so that batches
+/// that always run longer than 200 ms still let a switch through, after a wait as long as the
+/// longest batch in flight.
+const SWITCH_LOCK_TIMEOUT_MS: u64 = 200;
+/// The longest the switch waits for the claim lock.
+const SWITCH_LOCK_TIMEOUT_MAX_MS: u64 = 10_000;
+/// Switches of this process that gave up in a row.
+static SWITCH_GAVE_UP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// The session-level form of the setting in [`BEGIN`], applied once per session of a pool
 /// made by `connect` (where nobody chose a value; a cheap `pg_settings` read once per
@@ -430,9 +437,12 @@ async fn switch_generation(
 ) -> Result<bool, sqlx::Error> {
     use sqlx::Connection as _;
     ensure_partition(conn, q, current + 1).await?;
+    use std::sync::atomic::Ordering;
+    let gave_up = SWITCH_GAVE_UP.load(Ordering::Relaxed).min(16);
+    let timeout_ms = (SWITCH_LOCK_TIMEOUT_MS << gave_up).min(SWITCH_LOCK_TIMEOUT_MAX_MS);
     let mut tx = conn.begin().await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SET LOCAL lock_timeout = '{SWITCH_LOCK_TIMEOUT}'"
+        "SET LOCAL lock_timeout = '{timeout_ms}ms'"
     )))
     .execute(&mut *tx)
     .await?;
@@ -445,6 +455,11 @@ async fn switch_generation(
         // 55P03 lock_not_available: claims in flight held it for longer; try again later.
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
             tx.rollback().await?;
+            SWITCH_GAVE_UP.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                timeout_ms,
+                "ledger: claims in flight held the claim lock longer than the switch waited; it waits longer next time"
+            );
             return Ok(false);
         }
         Err(e) => return Err(e),
@@ -471,6 +486,7 @@ async fn switch_generation(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    SWITCH_GAVE_UP.store(0, Ordering::Relaxed);
     // The partition after it exists long before anyone switches to it.
     ensure_partition(conn, q, current + 2).await?;
     Ok(true)
