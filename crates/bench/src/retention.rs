@@ -172,6 +172,18 @@ where
     Ok(out)
 }
 
+/// Starts a new ledger generation, trying again while another database user's transactions
+/// hold the claim lock (the lock is the database's, shared by every schema).
+async fn switch<DB: RetentionDb>(store: &Store<DB>) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        if store.start_ledger_generation().await? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("could not start a ledger generation in 100 attempts")
+}
+
 /// effectively_once with the pre-filled ledger and pruning on.
 async fn pruned<DB: RetentionDb>(env: &Env<DB>, rows: u64) -> anyhow::Result<Outcome>
 where
@@ -200,10 +212,7 @@ where
             at = end;
         }
         if g + 1 < GENERATIONS {
-            anyhow::ensure!(
-                store.start_ledger_generation().await?,
-                "could not start a ledger generation"
-            );
+            switch(&store).await?;
         }
         eprintln!(
             "  [prefill] generation {g}: {} rows ({:.0} s)",
@@ -320,7 +329,7 @@ async fn drop_vs_delete<DB: RetentionDb>(env: &Env<DB>, rows: u64) -> anyhow::Re
                 DB::prefill(&env.pool, &schema, &group, at as i64, end as i64).await?;
                 at = end;
             }
-            anyhow::ensure!(store.start_ledger_generation().await?, "no generation started");
+            switch(&store).await?;
         }
         DB::after_prefill(&env.pool, &schema).await?;
         eprintln!("bench: removing {rows} ledger rows: one DELETE, then a generation drop");
