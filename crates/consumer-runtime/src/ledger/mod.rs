@@ -18,7 +18,7 @@
 //!   range, deleted 5,000 rows at a time, each batch a short transaction of its own.
 //!
 //! Dropping a generation raises the **floor** of every partition it held rows of: the offset
-//! below which the ledger no longer remembers every event ([`StoredOffset::ledger_floor`]).
+//! below which the ledger no longer remembers every event ([`StoredOffset::ledger_floor`](crate::StoredOffset::ledger_floor)).
 //! [`Store::replay`] and [`Store::set_offsets`] refuse to move a partition below its floor
 //! ([`Error::BelowLedgerFloor`]) unless forced.
 //!
@@ -33,7 +33,7 @@ use tracing::info;
 
 use crate::error::{Error, Result};
 pub use crate::store::Generation;
-use crate::store::{Backend, Store, StoredOffset};
+use crate::store::{Backend, Store};
 
 /// What one [`Store::prune_ledger`] run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -168,7 +168,7 @@ impl<DB: Backend> Store<DB> {
         positions: &[(i32, i64)],
     ) -> Result<()> {
         let rows = self.stored_offsets(group).await?;
-        check_floor(&rows, topic, positions)?;
+        crate::store::check_floor(&rows, topic, positions)?;
         crate::store::set_offsets_checked(
             self.pool(),
             self.queries(),
@@ -180,32 +180,6 @@ impl<DB: Backend> Store<DB> {
         .await
         .map(drop)
     }
-}
-
-/// Refuses the first position below its partition's floor.
-pub(crate) fn check_floor(
-    rows: &[StoredOffset],
-    topic: &str,
-    positions: &[(i32, i64)],
-) -> Result<()> {
-    for &(partition, offset) in positions {
-        let floor = rows
-            .iter()
-            .find(|r| r.topic == topic && r.partition == partition)
-            .and_then(|r| r.ledger_floor);
-        if let Some(floor) = floor
-            && offset < floor
-        {
-            return Err(Error::BelowLedgerFloor {
-                topic: topic.to_owned(),
-                partition,
-                offset,
-                floor,
-                records: floor - offset,
-            });
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -277,7 +277,7 @@ pub(crate) async fn set_offsets_with<DB: Backend>(
             Err(sqlx::Error::RowNotFound) => {
                 drop(tx);
                 let rows = DB::offsets(pool, q, group).await?;
-                crate::ledger::check_floor(&rows, topic, &[(partition, next_offset)])?;
+                check_floor(&rows, topic, &[(partition, next_offset)])?;
                 return Err(Error::Internal(format!(
                     "moving {topic}/{partition} to {next_offset} changed nothing, and it is not below the ledger floor; run it again"
                 )));
@@ -288,6 +288,32 @@ pub(crate) async fn set_offsets_with<DB: Backend>(
     }
     tx.commit().await.map_err(Error::db(context))?;
     Ok(claims)
+}
+
+/// Refuses the first position below its partition's floor.
+pub(crate) fn check_floor(
+    rows: &[StoredOffset],
+    topic: &str,
+    positions: &[(i32, i64)],
+) -> Result<()> {
+    for &(partition, offset) in positions {
+        let floor = rows
+            .iter()
+            .find(|r| r.topic == topic && r.partition == partition)
+            .and_then(|r| r.ledger_floor);
+        if let Some(floor) = floor
+            && offset < floor
+        {
+            return Err(Error::BelowLedgerFloor {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+                floor,
+                records: floor - offset,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The newest migration version this runtime ships for `DB`.
