@@ -375,6 +375,7 @@ pub struct Queries {
     pub(crate) dl_failed: sqlx::SqlStr,
     pub(crate) ledger_rows: sqlx::SqlStr,
     pub(crate) ensure_group: sqlx::SqlStr,
+    pub(crate) ensure_source: sqlx::SqlStr,
     pub(crate) fence_and_claim: Option<sqlx::SqlStr>,
     pub(crate) generations: sqlx::SqlStr,
     pub(crate) mark_generation: sqlx::SqlStr,
@@ -417,6 +418,7 @@ impl Queries {
             dl_failed: q(templates.dl_failed),
             ledger_rows: q(LEDGER_ROWS),
             ensure_group: q(templates.ensure_group),
+            ensure_source: q(templates.ensure_source),
             fence_and_claim: templates.fence_and_claim.map(q),
             generations: q(templates.generations),
             mark_generation: q(MARK_GENERATION),
@@ -478,6 +480,10 @@ pub(super) struct Templates {
     pub(super) ledger_known: &'static str,
     /// Makes sure the group `$1` has a `group_id`.
     pub(super) ensure_group: &'static str,
+    /// Makes sure the partition (`$1..$3`) has an offsets row, and with it a `source_id` (a
+    /// row with no stored offset, which is what no row means): for a claim outside a batch
+    /// (redrive) of a partition nothing was ever committed for.
+    pub(super) ensure_source: &'static str,
     /// The fence and the claim as one statement (`$1..$8`: group, topic, partition, epoch,
     /// expected, next, ids, offsets), where the database can do that.
     pub(super) fence_and_claim: Option<&'static str>,

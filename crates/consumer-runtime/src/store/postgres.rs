@@ -113,6 +113,9 @@ WHERE consumer_group = $1 ORDER BY topic, partition"#,
     ledger_known: r#"SELECT event_id FROM {s}processed
 WHERE group_id = (SELECT group_id FROM {s}ledger_groups WHERE name = $1) AND event_id = ANY($2)"#,
     ensure_group: r#"INSERT INTO {s}ledger_groups (name) VALUES ($1) ON CONFLICT (name) DO NOTHING"#,
+    ensure_source: r#"INSERT INTO {s}consumer_offsets (consumer_group, topic, partition, next_offset, epoch, group_id)
+VALUES ($1, $2, $3, NULL, 0, (SELECT group_id FROM {s}ledger_groups WHERE name = $1))
+ON CONFLICT (consumer_group, topic, partition) DO NOTHING"#,
     fence_and_claim: Some(
         r#"WITH f AS (
     UPDATE {s}consumer_offsets SET next_offset = $6, updated_at = now()
@@ -275,6 +278,17 @@ impl_backend! {
         ids: &[&str],
         offsets: &[i64],
     ) -> Result<Vec<i64>, sqlx::Error> {
+        // Outside a batch (redrive): the group and the partition may have no ids yet.
+        sqlx::query(q.ensure_group.clone())
+            .bind(&key.group)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(q.ensure_source.clone())
+            .bind(&key.group)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .execute(&mut *conn)
+            .await?;
         let mut claimed: Vec<i64> = sqlx::query_scalar(q.claim_events.clone())
             .bind(&key.group)
             .bind(&key.topic)

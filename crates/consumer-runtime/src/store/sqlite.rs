@@ -88,6 +88,10 @@ WHERE consumer_group = $1 ORDER BY topic, partition"#,
 WHERE group_id = (SELECT group_id FROM {s}ledger_groups WHERE name = $1)
   AND event_id IN (SELECT value FROM json_each($2))"#,
     ensure_group: r#"INSERT INTO {s}ledger_groups (name) VALUES ($1) ON CONFLICT (name) DO NOTHING"#,
+    ensure_source: r#"INSERT INTO {s}consumer_offsets (consumer_group, topic, partition, next_offset, epoch, group_id, source_id)
+VALUES ($1, $2, $3, NULL, 0, (SELECT group_id FROM {s}ledger_groups WHERE name = $1),
+    (SELECT coalesce(max(source_id), 0) + 1 FROM {s}consumer_offsets))
+ON CONFLICT (consumer_group, topic, partition) DO NOTHING"#,
     fence_and_claim: None,
     floor_holds: r#"SELECT o.topic, o.partition, o.next_offset, m.high_offset
 FROM {s}consumer_offsets o JOIN {s}ledger_marks m ON m.source_id = o.source_id AND m.generation = $1"#,
@@ -221,17 +225,15 @@ impl_backend! {
         ids: &[&str],
         offsets: &[i64],
     ) -> Result<Vec<i64>, sqlx::Error> {
-        let pairs: Vec<(&str, i64)> = ids.iter().copied().zip(offsets.iter().copied()).collect();
-        let pairs = serde_json::to_string(&pairs).map_err(|e| sqlx::Error::Encode(e.into()))?;
-        let mut claimed: Vec<i64> = sqlx::query_scalar(q.claim_events.clone())
+        // Outside a batch (redrive): the group and the partition may have no ids yet.
+        sqlx::query(q.ensure_group.clone())
             .bind(&key.group)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .bind(pairs)
-            .fetch_all(conn)
+            .execute(&mut *conn)
             .await?;
-        claimed.sort_unstable();
-        Ok(claimed)
+        for_partition(q.ensure_source.clone(), key)
+            .execute(&mut *conn)
+            .await?;
+        claim_in_source(conn, q, key, ids, offsets).await
     }
 
     async fn fence_and_claim(
@@ -251,7 +253,8 @@ impl_backend! {
         if ids.is_empty() {
             return Ok(Some(Vec::new()));
         }
-        Self::claim_events(conn, q, key, ids, offsets).await.map(Some)
+        // The fence just updated the partition's row: its ids exist.
+        claim_in_source(conn, q, key, ids, offsets).await.map(Some)
     }
 
     async fn generations(pool: &Pool<Self>, q: &Queries) -> Result<Vec<Generation>, sqlx::Error> {
@@ -371,3 +374,24 @@ impl_backend! {
 
 /// Ledger ids per `DELETE` when a generation is pruned.
 const PRUNE_BATCH: i64 = 5_000;
+
+/// The claim of `ids` in the ledger, for a partition whose offsets row exists.
+async fn claim_in_source(
+    conn: &mut SqliteConnection,
+    q: &Queries,
+    key: &PartitionKey,
+    ids: &[&str],
+    offsets: &[i64],
+) -> Result<Vec<i64>, sqlx::Error> {
+    let pairs: Vec<(&str, i64)> = ids.iter().copied().zip(offsets.iter().copied()).collect();
+    let pairs = serde_json::to_string(&pairs).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    let mut claimed: Vec<i64> = sqlx::query_scalar(q.claim_events.clone())
+        .bind(&key.group)
+        .bind(&key.topic)
+        .bind(key.partition)
+        .bind(pairs)
+        .fetch_all(conn)
+        .await?;
+    claimed.sort_unstable();
+    Ok(claimed)
+}
