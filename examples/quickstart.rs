@@ -125,7 +125,9 @@ macro_rules! for_database {
                     concat!(
                         "DELETE FROM ",
                         $tables,
-                        "processed WHERE consumer_group = $1"
+                        "processed WHERE group_id = (SELECT group_id FROM ",
+                        $tables,
+                        "ledger_groups WHERE name = $1)"
                     ),
                     concat!(
                         "DELETE FROM ",
@@ -150,7 +152,9 @@ macro_rules! for_database {
                 Ok(sqlx::query_scalar(concat!(
                     "SELECT count(*) FROM ",
                     $tables,
-                    "processed WHERE consumer_group = $1"
+                    "processed WHERE group_id = (SELECT group_id FROM ",
+                    $tables,
+                    "ledger_groups WHERE name = $1)"
                 ))
                 .bind(GROUP)
                 .fetch_one(pool)

@@ -75,6 +75,7 @@ async fn replay_with<DB: TestDb>(
         partition,
         from,
         mode,
+        below_floor: false,
     };
     let config = kafka_config(kafka);
     let mut updates = Vec::new();

@@ -153,10 +153,17 @@ impl BenchDb for Postgres {
         from: i64,
         to: i64,
     ) -> anyhow::Result<()> {
+        // Into the ledger's newest generation, under the group's id; source 0 is no partition
+        // (these rows are never replayed, only looked up).
         sqlx::query(q(format!(
-            r#"INSERT INTO {schema}.processed (consumer_group, event_id, topic, partition, "offset")
-SELECT $1, md5($2 || g::text)::uuid::text, 'bench-prefill', (g % 8)::int, g
-FROM generate_series($3::bigint, $4::bigint - 1) AS g"#
+            r#"WITH grp AS (
+    INSERT INTO {schema}.ledger_groups (name) VALUES ($1)
+    ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING group_id
+)
+INSERT INTO {schema}.processed (generation, group_id, source_id, "offset", event_id)
+SELECT (SELECT max(generation) FROM {schema}.ledger_generations), grp.group_id, 0, g,
+    md5($2 || g::text)::uuid::text
+FROM grp, generate_series($3::bigint, $4::bigint - 1) AS g"#
         )))
         .bind(group)
         .bind(schema)
@@ -229,9 +236,16 @@ impl BenchDb for Sqlite {
         to: i64,
     ) -> anyhow::Result<()> {
         sqlx::query(q(format!(
+            "INSERT INTO {schema}_ledger_groups (name) VALUES ($1) ON CONFLICT (name) DO NOTHING"
+        )))
+        .bind(group)
+        .execute(pool)
+        .await?;
+        sqlx::query(q(format!(
             r#"WITH RECURSIVE c(x) AS (SELECT $2 UNION ALL SELECT x + 1 FROM c WHERE x + 1 < $3)
-INSERT INTO {schema}_processed (consumer_group, event_id, topic, partition, "offset")
-SELECT $1, lower(hex(randomblob(16))), 'bench-prefill', x % 8, x FROM c WHERE true"#
+INSERT INTO {schema}_processed (group_id, source_id, "offset", event_id)
+SELECT (SELECT group_id FROM {schema}_ledger_groups WHERE name = $1), 0, x, lower(hex(randomblob(16)))
+FROM c WHERE true"#
         )))
         .bind(group)
         .bind(from)
@@ -253,6 +267,10 @@ SELECT $1, lower(hex(randomblob(16))), 'bench-prefill', x % 8, x FROM c WHERE tr
         for table in [
             Self::events_table(schema),
             format!("{schema}_processed"),
+            format!("{schema}_ledger_groups"),
+            format!("{schema}_ledger_generations"),
+            format!("{schema}_ledger_marks"),
+            format!("{schema}_dead_letters"),
             format!("{schema}_consumer_offsets"),
             format!("{schema}__migrations"),
         ] {

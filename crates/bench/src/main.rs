@@ -20,6 +20,7 @@
 //! (PostgreSQL) or table prefix (SQLite) `bench_<random>` dropped at the end.
 
 mod db;
+mod retention;
 mod workload;
 
 use std::sync::Arc;
@@ -154,6 +155,8 @@ struct Cli {
     /// common scenario's peak RSS growth from that run to this one.
     #[arg(long, value_name = "FILE")]
     rss_baseline: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    retention: retention::RetentionArgs,
 }
 
 /// A count: digits, `_` allowed between them (`200_000`).
@@ -172,6 +175,7 @@ struct Args {
     scenarios: Vec<String>,
     json: Option<std::path::PathBuf>,
     rss_baseline: Option<std::path::PathBuf>,
+    retention: retention::RetentionArgs,
 }
 
 impl Args {
@@ -202,6 +206,7 @@ impl Args {
             scenarios,
             json: cli.json,
             rss_baseline: cli.rss_baseline,
+            retention: cli.retention,
         };
         if args.wants("replay_processed") && !args.wants("effectively_once") {
             bail!("replay_processed replays effectively_once's group; add effectively_once");
@@ -251,7 +256,7 @@ struct Env<DB: BenchDb> {
     ends: Vec<i64>,
 }
 
-async fn run<DB: BenchDb>(args: &Args) -> anyhow::Result<()>
+async fn run<DB: retention::RetentionDb>(args: &Args) -> anyhow::Result<()>
 where
     Sink: Handler<DB>,
 {
@@ -315,10 +320,16 @@ where
     Ok(())
 }
 
-async fn scenarios<DB: BenchDb>(env: &Env<DB>, args: &Args) -> anyhow::Result<Vec<Outcome>>
+async fn scenarios<DB: retention::RetentionDb>(
+    env: &Env<DB>,
+    args: &Args,
+) -> anyhow::Result<Vec<Outcome>>
 where
     Sink: Handler<DB>,
 {
+    if args.retention.retention {
+        return retention::scenarios(env, &args.retention).await;
+    }
     let mut out = Vec::new();
     let eo_group = format!("{}-effectively_once", env.schema);
     if args.wants("raw_consume") {

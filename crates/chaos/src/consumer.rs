@@ -54,7 +54,8 @@ impl ChaosHandler {
 pub(crate) fn effect_sql(schema: &str) -> String {
     format!(
         "INSERT INTO {schema}.chaos_effects (trial, event_id, applied) VALUES ($1, $2, 1)
-         ON CONFLICT (trial, event_id) DO UPDATE SET applied = {schema}.chaos_effects.applied + 1"
+         ON CONFLICT (trial, event_id) DO UPDATE SET applied = {schema}.chaos_effects.applied + 1,
+             last_at = now()"
     )
 }
 
@@ -65,6 +66,8 @@ pub(crate) fn effects_table_sql(schema: &str) -> String {
              trial    BIGINT  NOT NULL,
              event_id TEXT    NOT NULL,
              applied  INTEGER NOT NULL,
+             first_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+             last_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
              PRIMARY KEY (trial, event_id))"
     )
 }

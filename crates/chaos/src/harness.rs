@@ -113,6 +113,14 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
             result.parked,
             result.wall.as_secs_f64()
         );
+        if opts.faults.iter().any(|f| f == "prune") {
+            println!(
+                "  prune: replays refused below the floor={} applied twice beyond the {} s retention={}",
+                result.refused,
+                crate::prune::RETENTION.as_secs(),
+                result.beyond_retention
+            );
+        }
         let bad = result.lost > 0 || result.duplicated > 0 || result.timed_out;
         for note in &result.notes {
             println!("  {note}");
@@ -410,6 +418,8 @@ enum Action {
     Thaw,
     RestartPg(Stop),
     Replay,
+    /// `ledger prune` from outside, as cron would (the `prune` fault).
+    Prune,
 }
 
 /// What a trial found.
@@ -426,6 +436,11 @@ struct Outcome {
     lost: u64,
     duplicated: u64,
     parked: u64,
+    /// `prune` only: events applied twice, the second time more than the retention after the
+    /// first (allowed: their ledger row may have been pruned).
+    beyond_retention: u64,
+    /// Replays refused below a ledger floor.
+    refused: u32,
     timed_out: bool,
     wall: Duration,
     notes: Vec<String>,
@@ -516,6 +531,10 @@ struct Trial<'w> {
     /// When to start which attempt of a failed replay.
     replay_retry: Option<(Instant, u32)>,
     replays: u32,
+    /// Replays refused below a ledger floor (the `prune` fault).
+    refused: u32,
+    /// The final below-floor replay was not refused.
+    refused_check_failed: bool,
     /// What happened when, written to `schedule.txt` next to the logs.
     schedule: Vec<String>,
     started: Instant,
@@ -559,6 +578,8 @@ impl<'w> Trial<'w> {
             replaying: None,
             replay_retry: None,
             replays: 0,
+            refused: 0,
+            refused_check_failed: false,
             schedule: Vec::new(),
             started,
         };
@@ -645,6 +666,11 @@ impl<'w> Trial<'w> {
         // Long enough for the group to evict the frozen member and for the others to claim
         // (and work on) its partitions: then it resumes as a zombie with stale epochs.
         let freeze_for = SESSION_TIMEOUT.as_secs_f64() * 2.0 + t.rng.range(2.5, 5.0);
+        if fault("prune") {
+            // Drawn only under the fault, after every other draw: the other faults' moments
+            // stay those of the seed.
+            plan.push((t.rng.range(5.0, 12.0), Action::Prune));
+        }
 
         for _ in 0..opts.consumers {
             t.start_consumer()?;
@@ -725,6 +751,7 @@ impl<'w> Trial<'w> {
                     }
                 }
                 Action::Replay => t.start_replay(1)?,
+                Action::Prune => t.prune_from_outside()?,
             }
         }
 
@@ -765,10 +792,25 @@ impl<'w> Trial<'w> {
         }
         t.log("caught up (or timed out); SIGTERM to the consumers".to_owned());
         t.stop_all();
+        if fault("prune") && !timed_out {
+            t.replay_below_floor_is_refused(&ends)?;
+        }
 
         // The check.
         let (effects, parked_ids, null_parked) = t.read_results()?;
-        let check = Check::of(&ids, &poison, &effects, &parked_ids);
+        let mut check = Check::of(&ids, &poison, &effects, &parked_ids);
+        let mut beyond_retention = 0;
+        if fault("prune") {
+            let beyond = t.beyond_retention()?;
+            let twice: Vec<String> = ids
+                .iter()
+                .filter(|id| !poison.contains(*id) && effects.get(*id).copied().unwrap_or(0) > 1)
+                .cloned()
+                .collect();
+            let (_, outside) = crate::prune::split(&twice, &beyond);
+            check.duplicated -= outside;
+            beyond_retention = outside;
+        }
         if check.misparked > 0 {
             t.notes.push(format!(
                 "{} valid events applied once but also found in dead_letters",
@@ -830,7 +872,9 @@ impl<'w> Trial<'w> {
             lost,
             duplicated,
             parked,
-            timed_out,
+            beyond_retention,
+            refused: t.refused,
+            timed_out: timed_out || t.refused_check_failed,
             wall: started.elapsed(),
             notes: std::mem::take(&mut t.notes),
         })
@@ -881,6 +925,10 @@ impl<'w> Trial<'w> {
             "-X",
             &client_id,
         ]);
+        let prune_flags = crate::prune::consumer_flags();
+        if self.opts.faults.iter().any(|f| f == "prune") {
+            args.extend(prune_flags.iter().map(String::as_str));
+        }
         let env = [
             (ENV_SCHEMA, w.schema.clone()),
             (ENV_DELAY_US, self.opts.handler_delay_us.to_string()),
@@ -996,6 +1044,9 @@ impl<'w> Trial<'w> {
             if status.success() {
                 self.replays += 1;
                 self.log(format!("replay done: {tail}"));
+            } else if crate::prune::refused_below_floor(&tail) {
+                self.refused += 1;
+                self.log(format!("replay refused below a ledger floor: {tail}"));
             } else if attempt < 5 {
                 self.log(format!(
                     "replay attempt {attempt} failed ({status}): {tail}"
@@ -1055,6 +1106,75 @@ impl<'w> Trial<'w> {
         }
         self.procs.clear();
         self.replaying = None;
+    }
+
+    /// `ledger prune` from outside, as cron would, beside the consumers' own pruning.
+    fn prune_from_outside(&mut self) -> anyhow::Result<()> {
+        let w = self.world;
+        let mut args = vec!["ledger"];
+        let flags = crate::prune::cron_flags();
+        args.extend(flags.iter().map(String::as_str));
+        args.extend(["--database-url", &w.url, "--schema", &w.schema]);
+        let log = self.dir.join("ledger-prune.log");
+        let (status, tail) = run_tool(&w.exe, &log, &args, Duration::from_secs(60))?;
+        if status.success() {
+            self.log(format!("ledger prune: {tail}"));
+        } else {
+            self.notes
+                .push(format!("ledger prune failed ({status}): {tail}"));
+        }
+        Ok(())
+    }
+
+    /// After the trial: once a floor exists, `replay --from earliest` must be refused, naming
+    /// the floor, and change nothing.
+    fn replay_below_floor_is_refused(&mut self, ends: &HashMap<i32, i64>) -> anyhow::Result<()> {
+        let w = self.world;
+        let sql = format!(
+            "SELECT count(*) FROM {}.consumer_offsets WHERE consumer_group = $1 AND ledger_floor > 0",
+            w.schema
+        );
+        let floors: i64 = w.rt.block_on(
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(&self.group)
+                .fetch_one(&w.pool),
+        )?;
+        if floors == 0 {
+            self.notes
+                .push("prune: no ledger floor yet, so no replay had to be refused".to_owned());
+            return Ok(());
+        }
+        let mut args = self.program_args("replay");
+        args.extend(["--from", "earliest"]);
+        let log = self.dir.join("replay-below-floor.log");
+        let (status, tail) = run_tool(&w.exe, &log, &args, Duration::from_secs(60))?;
+        let unchanged = w
+            .stored_offsets(&self.group, &self.topic)
+            .is_some_and(|stored| ends.iter().all(|(p, end)| stored.get(p) == Some(end)));
+        if status.success() || !crate::prune::refused_below_floor(&tail) || !unchanged {
+            // A failure of the check: counted as lost, so that the trial fails.
+            self.notes.push(format!(
+                "FAILED: a replay below the ledger floor was not refused, or moved offsets ({status}): {tail}"
+            ));
+            self.refused_check_failed = true;
+        } else {
+            self.refused += 1;
+            self.log(format!("replay below the floor refused: {tail}"));
+        }
+        Ok(())
+    }
+
+    /// The ids of events applied more than once whose applications lie further apart than the
+    /// retention.
+    fn beyond_retention(&self) -> anyhow::Result<HashSet<String>> {
+        let w = self.world;
+        let sql = crate::prune::beyond_retention_sql(&w.schema);
+        let rows: Vec<String> = w.rt.block_on(
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .bind(i64::from(self.trial))
+                .fetch_all(&w.pool),
+        )?;
+        Ok(rows.into_iter().collect())
     }
 
     /// The effects of this trial and the event ids of the group's dead letters (and how many

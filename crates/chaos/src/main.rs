@@ -15,6 +15,7 @@
 
 mod consumer;
 mod harness;
+mod prune;
 mod rng;
 
 use std::process::ExitCode;
@@ -89,8 +90,11 @@ pub(crate) struct Options {
     /// The faults to inject, comma-separated: kill (SIGKILL a consumer and start a
     /// replacement), zombie (SIGSTOP one past the session timeout, then SIGCONT), pg (restart
     /// the private PostgreSQL, fast or immediate), replay (replay from earliest while the
-    /// consumers run).
-    #[arg(long, value_delimiter = ',', default_value = "kill,zombie,pg,replay", value_parser = ["kill", "zombie", "pg", "replay"])]
+    /// consumers run), prune (every consumer prunes the ledger with a 4 s retention, and the
+    /// harness once more from outside, as cron would; a replay below a ledger floor must be
+    /// refused, and an event applied twice counts as duplicated only if both applications
+    /// lie within the retention).
+    #[arg(long, value_delimiter = ',', default_value = "kill,zombie,pg,replay", value_parser = ["kill", "zombie", "pg", "replay", "prune"])]
     faults: Vec<String>,
 
     /// The consumers' delivery guarantee, passed to `run --guarantee`. Only for showing that

@@ -169,6 +169,47 @@ pub(super) enum Command {
         arg_required_else_help = true
     )]
     DeadLetters(DeadLettersArgs),
+    /// Show the dedup ledger: its generations (rows, when each started), its age range, and
+    /// the replay floor of each partition of a group; or prune it now (`ledger prune`).
+    ///
+    /// With a retention (`run --ledger-retention`, or `ledger prune --retention` from cron) the
+    /// ledger is pruned by whole generations: PostgreSQL drops partitions, SQLite deletes in
+    /// small batches. An event whose ledger row is younger than the retention is never applied
+    /// twice; below a partition's floor the ledger has forgotten events, and `replay` and
+    /// `offsets set` refuse to go there without --below-floor.
+    Ledger(LedgerArgs),
+}
+
+/// `ledger`'s flags and its `prune` subcommand.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = false)]
+pub(super) struct LedgerArgs {
+    #[command(subcommand)]
+    pub(super) action: Option<LedgerAction>,
+
+    /// The consumer group whose partitions' floors to show. [env: CONSUMER_GROUP] [config:
+    /// group] [default: none, the generations only]
+    #[arg(long, short = 'g', value_name = "GROUP", global = true)]
+    pub(super) group: Option<String>,
+}
+
+/// `ledger`'s subcommands.
+#[derive(Debug, Subcommand)]
+pub(super) enum LedgerAction {
+    /// Prune the ledger now, as `run --ledger-retention` does while it runs: start a new
+    /// generation if the newest is older than a quarter of the retention, and drop every
+    /// generation whose rows are all older than the retention (raising the floors first). Safe
+    /// beside running consumers and other pruners.
+    Prune(LedgerPruneArgs),
+}
+
+/// `ledger prune`'s flags.
+#[derive(Debug, Args)]
+pub(super) struct LedgerPruneArgs {
+    /// How long the ledger remembers an event, e.g. 14d or 12h. Required. [env:
+    /// CONSUMER_LEDGER_RETENTION] [config: ledger_retention]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(super) retention: Option<Duration>,
 }
 
 /// `dead-letters`' subcommands.
@@ -386,6 +427,14 @@ pub(super) struct RunArgs {
     /// CONSUMER_METRICS_INTERVAL] [config: metrics_refresh]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub(super) metrics_interval: Option<Duration>,
+
+    /// How long the dedup ledger remembers an event, e.g. 14d: the runtime prunes older
+    /// ledger rows while it runs, by whole generations (see `ledger`). An event whose ledger
+    /// row is younger than this is never applied twice; keep it longer than any replay or
+    /// redelivery you may need. [default: off, the ledger keeps every row] [env:
+    /// CONSUMER_LEDGER_RETENTION] [config: ledger_retention]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(super) ledger_retention: Option<Duration>,
 }
 
 impl GlobalArgs {
@@ -442,6 +491,7 @@ impl RunArgs {
         set(&mut o.metrics_refresh, self.metrics_interval.map(Some));
         set(&mut o.mirror_offsets, self.mirror_offsets);
         set(&mut o.stall_timeout, self.stall_timeout.map(|d| d.0));
+        set(&mut o.ledger_retention, self.ledger_retention.map(Some));
     }
 }
 
@@ -514,6 +564,12 @@ pub(super) struct OffsetsSetArgs {
     /// The new stored offset: the offset of the next record to process.
     #[arg(long, value_name = "OFFSET")]
     pub(super) offset: i64,
+
+    /// Allow an offset below the partition's ledger floor (see `ledger`): the records between
+    /// it and the floor whose ledger rows retention pruned ARE APPLIED A SECOND TIME. For a
+    /// deliberate rebuild only.
+    #[arg(long)]
+    pub(super) below_floor: bool,
 }
 
 /// `status`' flags.
@@ -561,6 +617,12 @@ pub(super) struct ReplayArgs {
     /// charges will count or charge twice.
     #[arg(long)]
     pub(super) rebuild: bool,
+
+    /// Allow a start below a partition's ledger floor (see `ledger`; --dry-run shows how many
+    /// records lie below it): records there whose ledger rows retention pruned ARE APPLIED A
+    /// SECOND TIME. Without it such a replay is refused. For a deliberate rebuild only.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub(super) below_floor: bool,
 
     /// The event-id strategy, as for `run` (it must match, so that --dry-run counts the
     /// ledger's rows right). [default: the program's own strategy, else header:event-id]

@@ -84,6 +84,7 @@ where
             topic,
             partition,
             offset,
+            below_floor,
         } => {
             let store = open::<DB>(&database_url, schema, TOOL_POOL).await?;
             let find = |rows: Vec<StoredOffset>| {
@@ -91,9 +92,24 @@ where
                     .find(|r| r.topic == topic && r.partition == partition)
             };
             let old = find(store.stored_offsets(&group).await?);
-            store
-                .set_offsets(&group, &topic, &[(partition, offset)])
-                .await?;
+            if below_floor {
+                if let Some(floor) = old.as_ref().and_then(|r| r.ledger_floor)
+                    && offset < floor
+                {
+                    tracing::warn!(
+                        floor,
+                        records = floor - offset,
+                        "--below-floor: up to this many records below the ledger floor are applied a second time"
+                    );
+                }
+                store
+                    .set_offsets_below_floor(&group, &topic, &[(partition, offset)])
+                    .await?;
+            } else {
+                store
+                    .set_offsets(&group, &topic, &[(partition, offset)])
+                    .await?;
+            }
             let new = find(store.stored_offsets(&group).await?).ok_or_else(|| {
                 CliError::Failed("the database returned no row for the moved offset".into())
             })?;
@@ -130,6 +146,10 @@ where
         Action::DeadLetters(action) => {
             let store = open::<DB>(&database_url, schema, TOOL_POOL).await?;
             dead_letters_command(app, &store, action).await
+        }
+        Action::Ledger { group, prune } => {
+            let store = open::<DB>(&database_url, schema, TOOL_POOL).await?;
+            ledger_command(&store, group, prune).await
         }
     }
 }
@@ -437,6 +457,7 @@ async fn status<DB: Backend>(
                 hw.map_or_else(|| "?".to_owned(), |h| h.to_string()),
                 lag,
                 row.map_or_else(|| "-".to_owned(), |r| r.epoch.to_string()),
+                row.map_or_else(|| "-".to_owned(), |r| or_dash(r.ledger_floor)),
                 row.map_or_else(|| "-".to_owned(), |r| r.updated_at.clone()),
                 if notes.is_empty() {
                     "-".to_owned()
@@ -470,6 +491,7 @@ async fn status<DB: Backend>(
                 "high_watermark",
                 "lag",
                 "epoch",
+                "ledger_floor",
                 "updated_at",
                 "note"
             ],
@@ -607,6 +629,7 @@ async fn replay_command<H: Handler<DB>, DB: Backend>(
         partition: r.partition,
         from: r.from,
         mode,
+        below_floor: r.below_floor,
     };
     let mut progress = ProgressLine::new();
     let result = store
@@ -625,6 +648,12 @@ async fn replay_command<H: Handler<DB>, DB: Backend>(
                 "dry run, nothing changed: replaying {topic} for group {group} from {from} would re-read {records} records in {moved} partitions; the ledger would skip {skipped} of them and the handler would run for {}",
                 records.saturating_sub(skipped)
             );
+            let below: u64 = partitions.iter().map(|p| p.below_floor).sum();
+            if below > 0 {
+                println!(
+                    "{below} records of the range lie below the ledger floor, where retention pruned the ledger: up to that many would be applied a second time, so the replay will be refused unless forced with --below-floor"
+                );
+            }
         }
         ReplayMode::Apply => println!(
             "replayed {topic} for group {group} from {from}: {moved} partitions moved back over {records} records; running consumers reload within a second, and the ledger skips every record already processed"
@@ -639,9 +668,117 @@ async fn replay_command<H: Handler<DB>, DB: Backend>(
     Ok(())
 }
 
+/// `ledger` and `ledger prune`.
+async fn ledger_command<DB: Backend>(
+    store: &Store<DB>,
+    group: Option<String>,
+    prune: Option<std::time::Duration>,
+) -> Result<(), CliError> {
+    if let Some(retention) = prune {
+        let started = std::time::Instant::now();
+        let report = store.prune_ledger(retention).await?;
+        let dropped: Vec<String> = report.dropped.iter().map(i32::to_string).collect();
+        println!(
+            "pruned the ledger with retention {}: {} generation(s) dropped ({}), {} rows, in {:.3} s{}{}",
+            show_duration(retention),
+            report.dropped.len(),
+            if dropped.is_empty() {
+                "-".to_owned()
+            } else {
+                dropped.join(", ")
+            },
+            report.rows_dropped,
+            started.elapsed().as_secs_f64(),
+            report.started.map_or_else(String::new, |g| format!(
+                "; generation {g} takes new claims"
+            )),
+            if report.skipped {
+                "; another pruner was at work, the rest is left to the next run"
+            } else {
+                ""
+            },
+        );
+    }
+    let generations = store.ledger_generations().await?;
+    let rows: Vec<Vec<String>> = generations
+        .iter()
+        .map(|g| {
+            vec![
+                g.generation.to_string(),
+                g.started_at.clone(),
+                show_duration(std::time::Duration::from_secs_f64(g.age_seconds.max(0.0))),
+                g.rows.to_string(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        render_table(&["generation", "started_at", "age", "rows"], &rows)
+    );
+    let total: i64 = generations.iter().map(|g| g.rows).sum();
+    let oldest = consumer_runtime::ledger::oldest_age_seconds(&generations);
+    println!(
+        "ledger: {total} rows in {} generation(s); the oldest row is at most {} old (generation {} takes new claims)",
+        generations.len(),
+        show_duration(std::time::Duration::from_secs_f64(oldest)),
+        generations.last().map_or(0, |g| g.generation)
+    );
+    if let Some(group) = group {
+        let offsets = store.stored_offsets(&group).await?;
+        let table: Vec<Vec<String>> = offsets
+            .iter()
+            .map(|r| {
+                vec![
+                    r.topic.clone(),
+                    r.partition.to_string(),
+                    or_dash(r.next_offset),
+                    or_dash(r.ledger_floor),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            render_table(
+                &["topic", "partition", "next_offset", "ledger_floor"],
+                &table
+            )
+        );
+        println!(
+            "group {group}: {} ledger rows; below a partition's ledger_floor the ledger has forgotten events (replay and offsets set refuse to go there without --below-floor)",
+            store.ledger_rows(&group).await?
+        );
+    }
+    Ok(())
+}
+
+/// A duration as a person reads it: 14d, 3h 20m, 45s, 120ms.
+fn show_duration(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    if secs == 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    let (days, hours, minutes, seconds) =
+        (secs / 86_400, secs / 3_600 % 24, secs / 60 % 60, secs % 60);
+    let mut parts = Vec::new();
+    for (n, unit) in [(days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")] {
+        if n > 0 {
+            parts.push(format!("{n}{unit}"));
+        }
+    }
+    parts.join(" ")
+}
+
 /// The replay's table: one row per partition, range `[from, to)`.
 fn replay_table(mode: ReplayMode, partitions: &[PartitionReplay]) -> String {
-    let mut headers = vec!["partition", "from", "to", "high_watermark", "records"];
+    let mut headers = vec![
+        "partition",
+        "from",
+        "to",
+        "high_watermark",
+        "records",
+        "ledger_floor",
+        "below_floor",
+    ];
     match mode {
         ReplayMode::DryRun => headers.push("already_processed"),
         ReplayMode::Rebuild => headers.push("ledger_rows_cleared"),
@@ -656,6 +793,8 @@ fn replay_table(mode: ReplayMode, partitions: &[PartitionReplay]) -> String {
                 p.to.to_string(),
                 p.high_watermark.to_string(),
                 p.records.to_string(),
+                or_dash(p.ledger_floor),
+                p.below_floor.to_string(),
             ];
             match mode {
                 ReplayMode::DryRun => row.push(or_dash(

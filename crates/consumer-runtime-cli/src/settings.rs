@@ -19,8 +19,8 @@ use toml::de::{DeTable, ValueDeserializer};
 
 use crate::CliError;
 use crate::args::{
-    Cli, Command, DeadLettersCommand, EventIdArg, LogFormat, MetricsAddr, OffsetsAction,
-    clean_topics,
+    Cli, Command, DeadLettersCommand, EventIdArg, LedgerAction, LogFormat, MetricsAddr,
+    OffsetsAction, clean_topics,
 };
 use consumer_runtime::ConsumerOptions;
 use consumer_runtime::ReplayFrom;
@@ -38,6 +38,7 @@ pub(super) const ENV_TOPICS: &str = "KAFKA_TOPICS";
 pub(super) const ENV_LOG_FORMAT: &str = "CONSUMER_LOG_FORMAT";
 pub(super) const ENV_METRICS_ADDR: &str = "CONSUMER_METRICS_ADDR";
 pub(super) const ENV_METRICS_INTERVAL: &str = "CONSUMER_METRICS_INTERVAL";
+pub(super) const ENV_LEDGER_RETENTION: &str = "CONSUMER_LEDGER_RETENTION";
 
 /// `run`'s number of concurrent transactions when none is given (the library's default, the
 /// pool's size, would follow the pool the program sizes from it).
@@ -107,6 +108,12 @@ pub(super) enum Action {
         topic: String,
         partition: i32,
         offset: i64,
+        below_floor: bool,
+    },
+    Ledger {
+        group: Option<String>,
+        /// `ledger prune`: with this retention.
+        prune: Option<std::time::Duration>,
     },
     Status {
         brokers: String,
@@ -182,6 +189,7 @@ pub(super) struct ReplaySettings {
     pub(super) from: ReplayFrom,
     pub(super) dry_run: bool,
     pub(super) rebuild: bool,
+    pub(super) below_floor: bool,
     pub(super) event_id: Option<EventIdArg>,
 }
 
@@ -487,6 +495,12 @@ pub(super) fn resolve(
             if interval_flag {
                 refresh_source = "--metrics-interval".to_owned();
             }
+            if let Some(text) = layers.env(ENV_LEDGER_RETENTION) {
+                options.ledger_retention = Some(
+                    parse_duration(&text)
+                        .map_err(|e| CliError::Usage(format!("{ENV_LEDGER_RETENTION}: {e}")))?,
+                );
+            }
             let run = RunSettings {
                 event_id: event_id(r.event_id.take()),
                 metrics_addr: layers.layered(addr_flag, ENV_METRICS_ADDR, keys.metrics_addr)?,
@@ -547,6 +561,28 @@ pub(super) fn resolve(
                 })?,
                 partition: set.partition,
                 offset: set.offset,
+                below_floor: set.below_floor,
+            },
+        },
+        Command::Ledger(l) => Action::Ledger {
+            group: l
+                .group
+                .or_else(|| (!options.group.is_empty()).then(|| options.group.clone())),
+            prune: match l.action {
+                None => None,
+                Some(LedgerAction::Prune(p)) => Some(match p.retention {
+                    Some(r) => r,
+                    None => match layers.env(ENV_LEDGER_RETENTION) {
+                        Some(text) => parse_duration(&text).map_err(|e| {
+                            CliError::Usage(format!("{ENV_LEDGER_RETENTION}: {e}"))
+                        })?,
+                        None => options.ledger_retention.ok_or_else(|| {
+                            CliError::Usage(format!(
+                                "`ledger prune` needs a retention: --retention 14d, {ENV_LEDGER_RETENTION} or `ledger_retention` in the config file"
+                            ))
+                        })?,
+                    },
+                }),
             },
         },
         Command::Status(s) => Action::Status {
@@ -567,6 +603,7 @@ pub(super) fn resolve(
             from: r.from,
             dry_run: r.dry_run,
             rebuild: r.rebuild,
+            below_floor: r.below_floor,
             event_id: event_id(r.event_id),
         }),
         Command::DeadLetters(d) => Action::DeadLetters(match d.action {

@@ -642,6 +642,7 @@ fn global_options_go_before_or_after_the_subcommand() {
             topic,
             partition,
             offset,
+            ..
         } => {
             assert_eq!(
                 (group.as_str(), topic.as_str(), partition, offset),
@@ -1389,7 +1390,7 @@ async fn dead_letters_list_show_redrive_and_purge_on_sqlite() {
         (consumer_runtime::FailureKind::MissingEventId, 2)
     );
     let ledger: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM consumer_runtime_processed WHERE consumer_group = 'g' AND event_id = 'e-5'",
+        "SELECT count(*) FROM consumer_runtime_processed WHERE group_id = (SELECT group_id FROM consumer_runtime_ledger_groups WHERE name = 'g') AND event_id = 'e-5'",
     )
     .fetch_one(&pool)
     .await

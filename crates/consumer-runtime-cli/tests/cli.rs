@@ -453,8 +453,20 @@ fn owner_pid(owner: &str) -> Option<u32> {
 #[tokio::test]
 async fn migrate_then_run_applies_every_order_event_exactly_once() {
     let s = Setup::new(4).await;
-    // `migrate` names the runtime's schema version and the app's, and can run again.
-    for version in ["20261123000001", "20261123000002"] {
+    // `migrate` names the runtime's schema version (its newest migration) and the app's, and
+    // can run again.
+    let runtime_version = std::fs::read_dir(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../migrations/postgres"
+    ))
+    .unwrap()
+    .filter_map(|e| {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        Some(name.split_once('_')?.0.to_owned())
+    })
+    .max()
+    .unwrap();
+    for version in [runtime_version.as_str(), "20261123000002"] {
         assert!(
             s.migrate.stdout.contains(version),
             "`migrate` does not name version {version}:\n{}",
@@ -921,6 +933,113 @@ async fn replay_while_running_is_exact_fences_the_consumer_and_applies_nothing_t
     s.drop_schema().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_retention_prunes_while_running_and_replays_below_the_floor_are_refused() {
+    let s = Setup::new(2).await;
+    let (records, ids) = order_events(&s.topic, 20, 2, 0);
+    s.kafka.produce(&s.topic, &records);
+    let ends = ends_of(&records);
+    let mut flags = vec!["--ledger-retention", "1s"];
+    flags.extend(QUICK_SESSION);
+    let mut run = s.run("run", &flags);
+    s.wait_caught_up(&ends).await;
+    // The runtime prunes while it runs: once every generation holding these events is dropped,
+    // each partition's floor is where it stands.
+    wait_until(
+        WAIT,
+        "pruning to raise the floors to the stored offsets",
+        || async {
+            let stored = s.stored().await;
+            stored.len() == 2 && stored.iter().all(|o| o.ledger_floor == o.next_offset)
+        },
+    )
+    .await;
+    run.terminate();
+    run.wait(WAIT)
+        .assert_success("orders run stopped by SIGTERM");
+    assert_exactly_once(&s.applied().await, &ids);
+
+    let out = output(
+        "ledger",
+        orders(&s.db_args(&["ledger", "--group", &s.group])),
+    );
+    out.assert_success("ledger");
+    let rows = table(&out.stdout, "topic");
+    assert_eq!(rows.len(), 2, "{}", out.stdout);
+    for row in &rows {
+        let p: i32 = row["partition"].parse().unwrap();
+        assert_eq!(row["ledger_floor"], ends[&p].to_string(), "{}", out.stdout);
+    }
+    assert!(out.stdout.contains("0 ledger rows"), "{}", out.stdout);
+
+    // A dry run says how many records lie below the floor; the replay itself is refused with
+    // that number and the flag that forces it, and changes nothing.
+    let replay = |extra: &[&str]| {
+        let mut args = vec![
+            "replay",
+            "--group",
+            &s.group,
+            "--topic",
+            &s.topic,
+            "--from",
+            "earliest",
+            "--brokers",
+            &s.kafka.bootstrap,
+        ];
+        args.extend(extra);
+        orders(&s.db_args(&args))
+    };
+    let out = output("dry-run", replay(&["--dry-run"]));
+    out.assert_success("replay --dry-run");
+    for row in table(&out.stdout, "partition") {
+        let p: i32 = row["partition"].parse().unwrap();
+        assert_eq!(row["below_floor"], ends[&p].to_string(), "{}", out.stdout);
+    }
+    assert!(out.stdout.contains("--below-floor"), "{}", out.stdout);
+    let before = s.stored().await;
+    let out = output("replay", replay(&[]));
+    assert_one_line_error(
+        "replay below the floor",
+        &out,
+        &["below its ledger floor", "a second time", "--below-floor"],
+    );
+    let out = output(
+        "offsets-set",
+        orders(&s.db_args(&[
+            "offsets",
+            "set",
+            "--group",
+            &s.group,
+            "--topic",
+            &s.topic,
+            "--partition",
+            "0",
+            "--offset",
+            "1",
+        ])),
+    );
+    let records = format!("up to {} records", ends[&0] - 1);
+    assert_one_line_error(
+        "offsets set below the floor",
+        &out,
+        &["below its ledger floor", &records, "--below-floor"],
+    );
+    assert_eq!(s.stored().await, before, "a refused move changed something");
+
+    // `ledger prune` from cron: with a long retention there is nothing to drop.
+    let out = output(
+        "ledger-prune",
+        orders(&s.db_args(&["ledger", "prune", "--retention", "14d"])),
+    );
+    out.assert_success("ledger prune");
+    assert!(
+        out.stdout.contains("0 generation(s) dropped"),
+        "{}",
+        out.stdout
+    );
+    s.drop_schema().await;
+}
+
 #[tokio::test]
 async fn bad_input_fails_with_one_line_that_names_the_problem() {
     let s = Setup::new(1).await;
@@ -1286,7 +1405,7 @@ async fn metrics_over_http_match_the_database_once_caught_up() {
         sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.replace("{s}", &s.schema)))
             .bind(s.group.clone())
     };
-    let ledger = q("SELECT count(*) FROM {s}.processed WHERE consumer_group = $1")
+    let ledger = q("SELECT count(*) FROM {s}.processed WHERE group_id = (SELECT group_id FROM {s}.ledger_groups WHERE name = $1)")
         .fetch_one(&s.pool)
         .await
         .unwrap();

@@ -330,6 +330,13 @@ pub struct ConsumerOptions {
     /// off. Default 60 s.
     #[serde(deserialize_with = "de::duration_or_off")]
     pub stall_timeout: Option<Duration>,
+    /// How long the dedup ledger remembers an event (e.g. 14 days). Default: off (`None`),
+    /// which keeps every ledger row for ever. With a retention the runtime prunes the ledger
+    /// while it runs (see [`crate::ledger`]): an event whose ledger row is younger than the
+    /// retention is never applied twice; one older may be, if it arrives again as a new record
+    /// or a forced replay reaches it.
+    #[serde(deserialize_with = "de::some_duration")]
+    pub ledger_retention: Option<Duration>,
 }
 
 impl Default for ConsumerOptions {
@@ -354,12 +361,13 @@ impl Default for ConsumerOptions {
             metrics_refresh: None,
             mirror_offsets: true,
             stall_timeout: Some(Duration::from_secs(60)),
+            ledger_retention: None,
         }
     }
 }
 
 /// Parses a duration such as `20ms`, `1s`, `1.5s`, `500us`, `2m` or `1h` (units: ns, us or µs,
-/// ms, s, m or min, h). A bare number is refused: its unit would be a guess. The error says
+/// ms, s, m or min, h, d). A bare number is refused: its unit would be a guess. The error says
 /// what is wrong and shows an example.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let text = s.trim();
@@ -378,6 +386,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => 1_000_000_000,
         "m" | "min" => 60_000_000_000,
         "h" => 3_600_000_000_000,
+        "d" => 86_400_000_000_000,
         _ => return Err(bad("unknown unit")),
     };
     if let Ok(whole) = number.parse::<u64>() {

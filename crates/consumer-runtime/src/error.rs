@@ -90,6 +90,26 @@ pub enum Error {
         detail: String,
     },
 
+    /// A replay or an offset change would move a partition below its ledger floor: the dedup
+    /// ledger no longer remembers every event there (retention pruned it), so records would
+    /// be applied a second time.
+    #[error(
+        "moving {topic}/{partition} to offset {offset} goes below its ledger floor {floor}: ledger retention has pruned the rows of events before offset {floor}, so up to {records} records ({offset}..{floor}) would be applied a second time; move it to {floor} or later, or, for a deliberate rebuild, force it with --below-floor (Store::set_offsets_below_floor, or ReplayRequest::below_floor)"
+    )]
+    BelowLedgerFloor {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The offset asked for.
+        offset: i64,
+        /// The partition's ledger floor.
+        floor: i64,
+        /// How many records lie between the offset and the floor: at most that many would be
+        /// applied a second time.
+        records: i64,
+    },
+
     /// A subscribed topic does not exist.
     #[error(
         "topic `{topic}` does not exist on the brokers at {brokers}; create it or fix the topic name"

@@ -59,6 +59,7 @@ pub mod error;
 mod event_id;
 mod handler;
 mod kafka;
+pub mod ledger;
 pub mod replay;
 mod runtime;
 mod store;

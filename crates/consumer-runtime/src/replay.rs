@@ -149,6 +149,12 @@ pub struct ReplayRequest {
     /// What to do with the range: look ([`ReplayMode::DryRun`]), move the offsets
     /// ([`ReplayMode::Apply`]) or also clear the range's ledger ([`ReplayMode::Rebuild`]).
     pub mode: ReplayMode,
+    /// Whether [`ReplayMode::Apply`] may move a partition below its ledger floor, where
+    /// retention pruned the ledger: the records between the start and the floor **are applied
+    /// a second time**. `false` (the safe choice): such a replay is refused with
+    /// [`Error::BelowLedgerFloor`], which says how many records that would be. A rebuild
+    /// applies its whole range again by design and is not refused.
+    pub below_floor: bool,
 }
 
 /// What [`Store::replay`] does with the range.
@@ -209,6 +215,14 @@ pub struct PartitionReplay {
     /// `Rebuild` only: how many ledger rows of the range were deleted (one per event id whose
     /// first record lies in the range). That many events run the handler again.
     pub ledger_rows_cleared: u64,
+    /// The partition's ledger floor ([`StoredOffset::ledger_floor`]), if retention has pruned
+    /// its ledger.
+    pub ledger_floor: Option<i64>,
+    /// How many offsets of the range lie below the ledger floor: at most that many records
+    /// would be (a forced replay: are) applied a second time, because the ledger no longer
+    /// remembers them. A replay that has any is refused unless
+    /// [`ReplayRequest::below_floor`] is set.
+    pub below_floor: u64,
 }
 
 /// How far a dry run has read, reported to [`Store::replay`]'s `progress` callback every
@@ -275,6 +289,7 @@ impl<DB: Backend> Store<DB> {
     ///     partition: None,
     ///     from: "2026-11-23T09:00:00Z".parse()?,
     ///     mode: ReplayMode::DryRun,
+    ///     below_floor: false,
     /// };
     /// // The consumer's event-id strategy (here the default header).
     /// let event_id = EventId::<Raw>::header("event-id");
@@ -347,6 +362,7 @@ async fn with_client<DB: Backend, E: Decode>(
         partition,
         from,
         mode,
+        ..
     } = request;
     let mode = *mode;
     let all_partitions = blocking({
@@ -386,7 +402,9 @@ async fn with_client<DB: Backend, E: Decode>(
             let plan = plan(&starts, rows, topic);
             dry_run(store, client, group, topic, event_id, plan, progress).await
         }
-        ReplayMode::Apply | ReplayMode::Rebuild => write(store, group, topic, &starts, mode).await,
+        ReplayMode::Apply | ReplayMode::Rebuild => {
+            write(store, group, topic, &starts, mode, request.below_floor).await
+        }
     }
 }
 
@@ -404,10 +422,11 @@ fn plan(starts: &[Start], rows: &[StoredOffset], topic: &str) -> Vec<PartitionRe
     starts
         .iter()
         .map(|s| {
-            let stored = rows
+            let row = rows
                 .iter()
-                .find(|r| r.topic == topic && r.partition == s.partition)
-                .and_then(|r| r.next_offset);
+                .find(|r| r.topic == topic && r.partition == s.partition);
+            let stored = row.and_then(|r| r.next_offset);
+            let ledger_floor = row.and_then(|r| r.ledger_floor);
             let (from, to) = match stored {
                 // Only ever back: a partition at or before the start has nothing to replay.
                 Some(to) => (s.offset.min(to), to),
@@ -421,6 +440,8 @@ fn plan(starts: &[Start], rows: &[StoredOffset], topic: &str) -> Vec<PartitionRe
                 records: (to - from) as u64,
                 already_processed: None,
                 ledger_rows_cleared: 0,
+                ledger_floor,
+                below_floor: ledger_floor.map_or(0, |f| (f.min(to) - from).max(0) as u64),
             }
         })
         .collect()
@@ -438,12 +459,26 @@ async fn write<DB: Backend>(
     topic: &str,
     starts: &[Start],
     mode: ReplayMode,
+    below_floor: bool,
 ) -> Result<Vec<PartitionReplay>> {
     const CONTEXT: &str = "replaying stored offsets";
     let (pool, q) = (store.pool(), store.queries());
     for attempt in 1..=WRITE_ATTEMPTS {
         let rows = DB::offsets(pool, q, group).await?;
         let mut report = plan(starts, &rows, topic);
+        if mode == ReplayMode::Apply
+            && !below_floor
+            && let Some(r) = report.iter().find(|r| r.below_floor > 0)
+        {
+            let floor = r.ledger_floor.unwrap_or(r.from);
+            return Err(Error::BelowLedgerFloor {
+                topic: topic.to_owned(),
+                partition: r.partition,
+                offset: r.from,
+                floor,
+                records: r.below_floor as i64,
+            });
+        }
         let mut tx = DB::begin(pool, CRATE).await.map_err(Error::db(CONTEXT))?;
         let mut unchanged = true;
         for r in report.iter_mut().filter(|r| r.from < r.to) {
@@ -463,9 +498,24 @@ async fn write<DB: Backend>(
                 unchanged = false;
                 break;
             }
-            DB::set_offset(&mut tx, q, &key, r.from)
-                .await
-                .map_err(Error::db(CONTEXT))?;
+            match DB::set_offset(
+                &mut tx,
+                q,
+                &key,
+                r.from,
+                below_floor || mode == ReplayMode::Rebuild,
+            )
+            .await
+            {
+                Ok(_) => {}
+                // A prune raised the floor since the offsets were read: read them again (and
+                // refuse).
+                Err(sqlx::Error::RowNotFound) => {
+                    unchanged = false;
+                    break;
+                }
+                Err(e) => return Err(Error::db(CONTEXT)(e)),
+            }
             if mode == ReplayMode::Rebuild {
                 r.ledger_rows_cleared = DB::clear_ledger(&mut tx, q, &key, r.from, r.to)
                     .await

@@ -14,6 +14,9 @@
 //! | [`MIRROR_FAILURES`] | counter | `group` | offset commits to the group in Kafka (the monitoring mirror) that failed |
 //! | [`OFFSET_GAPS`] | counter | `group`, `topic` | gaps in the offsets received on a topic that is neither compacted nor known to be transactional |
 //! | [`STALLED`] | gauge | `group`, `topic`, `partition` | 1 while an assigned partition has lag but has received nothing for the stall timeout, else 0 |
+//! | [`LEDGER_OLDEST_AGE`] | gauge | `group` | seconds since the oldest ledger generation that holds rows started: no row is older |
+//! | [`LEDGER_FLOOR`] | gauge | `group`, `topic`, `partition` | the replay floor: the offset below which retention pruned the ledger (a series appears with the first floor) |
+//! | [`LEDGER_PRUNED`] | counter | `group` | ledger rows dropped by the runtime's pruning |
 //!
 //! Counters and histograms are updated once per batch, never per record, with handles
 //! registered when a partition is assigned. The two gauges that cost something to keep
@@ -28,7 +31,9 @@
 //!   reports it).
 //! - [`LEDGER_ROWS`] is a `count(*)` of the group's ledger rows, refreshed at most every
 //!   interval and never more often than 100 times the last count took, so that counting a
-//!   ledger of many millions of rows costs at most 1% of one connection.
+//!   ledger of many millions of rows costs at most 1% of one connection. [`LEDGER_OLDEST_AGE`]
+//!   and [`LEDGER_FLOOR`] are refreshed with it (cheap reads of the generations and the
+//!   offsets rows).
 //!
 //! Spans (`tracing`, debug level): `batch` per batch attempt (topic, partition, first and last
 //! offset, size) and `record` per handler call (topic, partition, offset, event id).
@@ -62,9 +67,30 @@ pub const OFFSET_GAPS: &str = "consumer_offset_gaps_total";
 /// Whether an assigned partition is stalled (gauge, 0 or 1; labels `group`, `topic`,
 /// `partition`).
 pub const STALLED: &str = "consumer_partition_stalled";
+/// Seconds since the oldest ledger generation holding rows started (gauge; label `group`).
+pub const LEDGER_OLDEST_AGE: &str = "consumer_ledger_oldest_row_age_seconds";
+/// The replay floor of each partition (gauge; labels `group`, `topic`, `partition`).
+pub const LEDGER_FLOOR: &str = "consumer_ledger_floor";
+/// Ledger rows dropped by pruning (counter; label `group`).
+pub const LEDGER_PRUNED: &str = "consumer_ledger_pruned_rows_total";
 
 /// Describes every metric to the installed recorder (help texts and units).
 pub(crate) fn describe() {
+    metrics::describe_gauge!(
+        LEDGER_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest dedup ledger generation that holds rows: no ledger row is older"
+    );
+    metrics::describe_gauge!(
+        LEDGER_FLOOR,
+        Unit::Count,
+        "Replay floor: the offset below which ledger retention pruned the ledger"
+    );
+    metrics::describe_counter!(
+        LEDGER_PRUNED,
+        Unit::Count,
+        "Dedup ledger rows dropped by retention pruning"
+    );
     metrics::describe_counter!(
         RECORDS,
         Unit::Count,
@@ -133,6 +159,23 @@ pub(crate) fn rebalance(group: &str, event: &'static str) {
 /// Sets the ledger size gauge.
 pub(crate) fn ledger_rows(group: &str, rows: i64) {
     metrics::gauge!(LEDGER_ROWS, "group" => group.to_owned()).set(rows as f64);
+}
+
+/// Sets the oldest ledger row age gauge.
+pub(crate) fn ledger_oldest_age(group: &str, seconds: f64) {
+    metrics::gauge!(LEDGER_OLDEST_AGE, "group" => group.to_owned()).set(seconds);
+}
+
+/// Sets a partition's replay floor gauge.
+pub(crate) fn ledger_floor(group: &str, topic: &str, partition: i32, floor: i64) {
+    metrics::gauge!(LEDGER_FLOOR, "group" => group.to_owned(), "topic" => topic.to_owned(),
+        "partition" => partition.to_string())
+    .set(floor as f64);
+}
+
+/// Counts ledger rows dropped by pruning.
+pub(crate) fn ledger_pruned(group: &str, rows: u64) {
+    metrics::counter!(LEDGER_PRUNED, "group" => group.to_owned()).increment(rows);
 }
 
 /// The metric handles of one assigned partition, registered once per assignment so that a

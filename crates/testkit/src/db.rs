@@ -99,7 +99,9 @@ macro_rules! impl_test_db {
                 sqlx::query_scalar(concat!(
                     "SELECT count(*) FROM ",
                     $ledger,
-                    " WHERE consumer_group = $1"
+                    "processed WHERE group_id = (SELECT group_id FROM ",
+                    $ledger,
+                    "ledger_groups WHERE name = $1)"
                 ))
                 .bind(group)
                 .fetch_one(pool)
@@ -134,7 +136,9 @@ macro_rules! impl_test_db {
                 let n: i64 = sqlx::query_scalar(concat!(
                     "SELECT count(*) FROM ",
                     $ledger,
-                    " WHERE consumer_group = $1 AND event_id = $2"
+                    "processed WHERE group_id = (SELECT group_id FROM ",
+                    $ledger,
+                    "ledger_groups WHERE name = $1) AND event_id = $2"
                 ))
                 .bind(group)
                 .bind(event_id)
@@ -169,14 +173,14 @@ macro_rules! impl_test_db {
 impl_test_db!(
     Postgres,
     4,
-    "consumer_runtime.processed",
+    "consumer_runtime.",
     "consumer_runtime.consumer_offsets",
     pg_pool
 );
 impl_test_db!(
     Sqlite,
     1,
-    "consumer_runtime_processed",
+    "consumer_runtime_",
     "consumer_runtime_consumer_offsets",
     sqlite_pool
 );

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::partitions::{Control, Core, Slot};
 use crate::handler::Handler;
@@ -74,12 +74,51 @@ pub(super) async fn count_ledger<H: Handler<DB>, DB: Backend>(
 ) {
     loop {
         let started = Instant::now();
-        match DB::ledger_size(&core.writer.pool, &core.writer.queries, &core.options.group).await {
-            Ok(rows) => telemetry::ledger_rows(&core.options.group, rows),
+        let (pool, q, group) = (&core.writer.pool, &core.writer.queries, &core.options.group);
+        match DB::ledger_size(pool, q, group).await {
+            Ok(rows) => telemetry::ledger_rows(group, rows),
             Err(e) => debug!(error = %e, "counting the ledger rows failed"),
+        }
+        match DB::generations(pool, q).await {
+            Ok(g) => telemetry::ledger_oldest_age(group, crate::ledger::oldest_age_seconds(&g)),
+            Err(e) => debug!(error = %e, "reading the ledger generations failed"),
+        }
+        if let Ok(rows) = DB::offsets(pool, q, group).await {
+            for row in rows {
+                if let Some(floor) = row.ledger_floor {
+                    telemetry::ledger_floor(group, &row.topic, row.partition, floor);
+                }
+            }
         }
         let took = started.elapsed();
         tokio::time::sleep(every.max(took.saturating_mul(100))).await;
+    }
+}
+
+/// Prunes the ledger with `retention` while the runtime runs: a run every twentieth of the
+/// retention (between 50 ms and 1 minute). On PostgreSQL one pruner at a time works on a
+/// schema, so every instance of a group can run this; the others skip their turn.
+pub(super) async fn prune_ledger<H: Handler<DB>, DB: Backend>(
+    core: Arc<Core<H, DB>>,
+    retention: Duration,
+) {
+    let store = match crate::store::Store::new(core.writer.pool.clone(), &core.options.schema) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "ledger retention is off: the schema is refused");
+            return;
+        }
+    };
+    let every = (retention / 20).clamp(Duration::from_millis(50), Duration::from_secs(60));
+    loop {
+        match store.prune_ledger(retention).await {
+            Ok(report) if report.rows_dropped > 0 => {
+                telemetry::ledger_pruned(&core.options.group, report.rows_dropped);
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "pruning the ledger failed; trying again at the next run"),
+        }
+        tokio::time::sleep(every).await;
     }
 }
 

@@ -146,6 +146,12 @@ impl<H: Handler<DB>, DB: Backend> RuntimeBuilder<H, DB> {
         /// How long a partition with lag may receive nothing before it is reported stalled
         /// (see [`ConsumerOptions::stall_timeout`]). Default 60 s.
         stall_timeout(Duration) => stall_timeout: Some;
+        /// How long the dedup ledger remembers an event, e.g. 14 days. Default: off, which keeps
+        /// every row for ever. With a retention, `run` prunes the ledger in the background (a
+        /// new generation every quarter of the retention; generations older than the retention
+        /// dropped whole): an event whose ledger row is younger than the retention is never
+        /// applied twice. See [`crate::ledger`] and the README's "Ledger retention".
+        ledger_retention(Duration) => ledger_retention: Some;
     }
 
     /// Checks the configuration and builds the runtime.
@@ -196,6 +202,11 @@ fn check(options: &ConsumerOptions) -> Result<()> {
     }
     if options.batch_size == 0 {
         return Err(Error::Config("batch size must be at least 1".into()));
+    }
+    if options.ledger_retention.is_some_and(|r| r.is_zero()) {
+        return Err(Error::Config(
+            "a ledger retention of 0 would forget every event at once; leave it off to keep the ledger for ever, or give a retention longer than any replay or redelivery, e.g. 14d".into(),
+        ));
     }
     if options.epoch_check_interval.is_zero() {
         return Err(Error::Config(

@@ -42,8 +42,8 @@ use crate::telemetry;
 use crate::unit::WriterConfig;
 
 use background::{
-    AbortOnDrop, AbortTaskOnDrop, count_ledger, learn_compaction, wait_for_signal, watch_epochs,
-    watch_stalls,
+    AbortOnDrop, AbortTaskOnDrop, count_ledger, learn_compaction, prune_ledger, wait_for_signal,
+    watch_epochs, watch_stalls,
 };
 pub use builder::RuntimeBuilder;
 pub use health::Health;
@@ -229,6 +229,7 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
         telemetry::describe();
         let client_config = client_config(&options);
         let (metrics_refresh, handle_signals) = (options.metrics_refresh, options.handle_signals);
+        let retention = options.ledger_retention;
         let (control_tx, control_rx) = std_mpsc::channel();
         let core = Arc::new(Core::new(
             writer,
@@ -271,6 +272,12 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
         });
         let _stalls = AbortTaskOnDrop(tokio::spawn(watch_stalls(core_for_watch.clone())));
         let _compaction = AbortTaskOnDrop(tokio::spawn(learn_compaction(core_for_watch.clone())));
+        let _pruner = retention.map(|retention| {
+            AbortTaskOnDrop(tokio::spawn(prune_ledger(
+                core_for_watch.clone(),
+                retention,
+            )))
+        });
         let watcher = tokio::spawn(watch_epochs(core_for_watch));
         let _watcher = AbortTaskOnDrop(watcher);
 

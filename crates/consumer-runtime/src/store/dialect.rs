@@ -28,6 +28,29 @@ macro_rules! impl_backend {
                 .bind(key.partition)
         }
 
+        /// The first partition whose stored offset lies below generation `generation`'s mark
+        /// (a replay or an offset change moved it back over the generation's rows, and it has
+        /// not passed them again), described; `None`: the generation may go.
+        async fn floor_hold(
+            conn: &mut <$db as sqlx::Database>::Connection,
+            q: &Queries,
+            generation: i32,
+        ) -> Result<Option<String>, sqlx::Error> {
+            let rows: Vec<(String, i32, Option<i64>, i64)> = sqlx::query_as(q.floor_holds.clone())
+                .bind(generation)
+                .fetch_all(conn)
+                .await?;
+            Ok(rows
+                .into_iter()
+                .find(|(_, _, next, mark)| next.is_some_and(|n| n < *mark))
+                .map(|(topic, partition, next, mark)| {
+                    format!(
+                        "{topic}/{partition} stands at {} below the offset {mark} its rows reach",
+                        next.unwrap_or_default()
+                    )
+                }))
+        }
+
         fn claim_from(row: $row) -> Result<Claim, sqlx::Error> {
             use sqlx::FromRow as _;
             Claim::from_row(&row)
@@ -167,6 +190,10 @@ macro_rules! impl_backend {
                 key: &PartitionKey,
                 owner: &str,
             ) -> Result<Claim, sqlx::Error> {
+                sqlx::query(q.ensure_group.clone())
+                    .bind(&key.group)
+                    .execute(pool)
+                    .await?;
                 let row = for_partition(q.claim.clone(), key)
                     .bind(owner)
                     .fetch_one(pool)
@@ -228,9 +255,15 @@ macro_rules! impl_backend {
                 q: &Queries,
                 key: &PartitionKey,
                 next_offset: i64,
+                below_floor: bool,
             ) -> Result<Claim, sqlx::Error> {
+                sqlx::query(q.ensure_group.clone())
+                    .bind(&key.group)
+                    .execute(&mut *conn)
+                    .await?;
                 let row = for_partition(q.set_offset.clone(), key)
                     .bind(next_offset)
+                    .bind(below_floor)
                     .fetch_one(conn)
                     .await?;
                 claim_from(row)
@@ -307,6 +340,23 @@ pub struct Parking<'a> {
     pub attempts: u32,
 }
 
+/// One generation of the dedup ledger (see the README, "Ledger retention"): new claims go to
+/// the newest; a generation is dropped whole once everything in it is older than the retention.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Generation {
+    /// Its number (0: the ledger as it was before generations existed, or the first).
+    pub generation: i32,
+    /// When it started taking claims, UTC, RFC 3339. Every row in it was claimed at or after
+    /// that time (a generation upgraded in place: its oldest row's time).
+    pub started_at: String,
+    /// Seconds since it started.
+    pub age_seconds: f64,
+    /// Its rows (PostgreSQL: the planner's estimate when the table has been analysed, an exact
+    /// count otherwise; SQLite: exact).
+    pub rows: i64,
+}
+
 /// A partition of a topic as seen by one consumer group.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PartitionKey {
@@ -350,6 +400,15 @@ pub struct Queries {
     pub(crate) dl_delete: sqlx::SqlStr,
     pub(crate) dl_failed: sqlx::SqlStr,
     pub(crate) ledger_rows: sqlx::SqlStr,
+    pub(crate) ensure_group: sqlx::SqlStr,
+    pub(crate) ensure_source: sqlx::SqlStr,
+    pub(crate) fence_and_claim: Option<sqlx::SqlStr>,
+    pub(crate) generations: sqlx::SqlStr,
+    pub(crate) mark_generation: sqlx::SqlStr,
+    pub(crate) raise_floors: sqlx::SqlStr,
+    pub(crate) floor_holds: sqlx::SqlStr,
+    pub(crate) forget_generation: sqlx::SqlStr,
+    pub(crate) forget_marks: sqlx::SqlStr,
 }
 
 impl Queries {
@@ -384,6 +443,15 @@ impl Queries {
             dl_delete: q(DL_DELETE),
             dl_failed: q(templates.dl_failed),
             ledger_rows: q(LEDGER_ROWS),
+            ensure_group: q(templates.ensure_group),
+            ensure_source: q(templates.ensure_source),
+            fence_and_claim: templates.fence_and_claim.map(q),
+            generations: q(templates.generations),
+            mark_generation: q(MARK_GENERATION),
+            raise_floors: q(RAISE_FLOORS),
+            floor_holds: q(templates.floor_holds),
+            forget_generation: q(FORGET_GENERATION),
+            forget_marks: q(FORGET_MARKS),
         }
     }
 }
@@ -392,14 +460,37 @@ use sqlx::SqlSafeStr as _;
 
 /// Removes a partition's ledger rows for offsets in `[$4, $5)` (replay `--rebuild`).
 const CLEAR_LEDGER: &str = r#"DELETE FROM {s}processed
-WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND "offset" >= $4 AND "offset" < $5"#;
+WHERE source_id = (SELECT source_id FROM {s}consumer_offsets WHERE consumer_group = $1 AND topic = $2 AND partition = $3)
+  AND "offset" >= $4 AND "offset" < $5"#;
 
 /// Undoes a record's ledger claim made earlier in the same transaction (the record is being
 /// parked in `dead_letters` instead of applied).
-const UNCLAIM: &str = r#"DELETE FROM {s}processed WHERE consumer_group = $1 AND event_id = $2"#;
+const UNCLAIM: &str = r#"DELETE FROM {s}processed
+WHERE group_id = (SELECT group_id FROM {s}ledger_groups WHERE name = $1) AND event_id = $2"#;
 
 /// Counts a group's ledger rows (the ledger size gauge).
-const LEDGER_ROWS: &str = r#"SELECT count(*) FROM {s}processed WHERE consumer_group = $1"#;
+const LEDGER_ROWS: &str = r#"SELECT count(*) FROM {s}processed
+WHERE group_id = (SELECT group_id FROM {s}ledger_groups WHERE name = $1)"#;
+
+/// Records, for the generation `$1` that is ending, the highest stored offset every partition
+/// ever had: each row of the generation lies below it (its transaction advanced the offset past
+/// it and has committed, since the switch waits for every claim in flight).
+const MARK_GENERATION: &str = r#"INSERT INTO {s}ledger_marks (generation, source_id, high_offset)
+SELECT $1, source_id, CASE WHEN high_offset IS NULL OR next_offset > high_offset THEN next_offset ELSE high_offset END
+FROM {s}consumer_offsets
+WHERE source_id IS NOT NULL AND coalesce(next_offset, high_offset) IS NOT NULL
+ON CONFLICT DO NOTHING"#;
+
+/// Raises the floor of every partition to the mark of generation `$1`, which is being dropped
+/// (before its rows go: a floor too high for a moment is safe, one too low is not).
+const RAISE_FLOORS: &str = r#"UPDATE {s}consumer_offsets SET ledger_floor = m.high_offset
+FROM {s}ledger_marks m
+WHERE m.generation = $1 AND m.source_id = {s}consumer_offsets.source_id
+  AND ({s}consumer_offsets.ledger_floor IS NULL OR {s}consumer_offsets.ledger_floor < m.high_offset)"#;
+
+/// Forgets a dropped generation `$1`: its row and its marks.
+const FORGET_GENERATION: &str = r#"DELETE FROM {s}ledger_generations WHERE generation = $1"#;
+const FORGET_MARKS: &str = r#"DELETE FROM {s}ledger_marks WHERE generation <= $1"#;
 
 /// Deletes one dead letter.
 const DL_DELETE: &str = r#"DELETE FROM {s}dead_letters WHERE id = $1"#;
@@ -413,6 +504,21 @@ pub(super) struct Templates {
     pub(super) offsets: &'static str,
     pub(super) applied_version: &'static str,
     pub(super) ledger_known: &'static str,
+    /// Makes sure the group `$1` has a `group_id`.
+    pub(super) ensure_group: &'static str,
+    /// Makes sure the partition (`$1..$3`) has an offsets row, and with it a `source_id` (a
+    /// row with no stored offset, which is what no row means): for a claim outside a batch
+    /// (redrive) of a partition nothing was ever committed for.
+    pub(super) ensure_source: &'static str,
+    /// The fence and the claim as one statement (`$1..$8`: group, topic, partition, epoch,
+    /// expected, next, ids, offsets), where the database can do that.
+    pub(super) fence_and_claim: Option<&'static str>,
+    /// The generations, oldest first: generation, started_at (RFC 3339), age in seconds.
+    pub(super) generations: &'static str,
+    /// Every partition with a mark in generation `$1`: topic, partition, next_offset, mark.
+    /// PostgreSQL locks the offsets rows it reads, so that no replay moves one back between
+    /// the check and the floor's rise.
+    pub(super) floor_holds: &'static str,
     /// Parks a record: `$1..$12` = group, topic, partition, offset, key, headers, payload,
     /// timestamp_ms, event_id, error, error_kind, attempts. Parking the same record again (a
     /// replay, or at-least-once re-running a batch) updates the error and adds the attempts.
@@ -532,12 +638,16 @@ pub trait Dialect: sqlx::Database {
     ) -> Result<Vec<i64>, sqlx::Error>;
 
     /// Sets a partition's stored offset, bumps its epoch and clears its owner, so that a
-    /// running worker is fenced and reloads (replay and explicit offset changes).
+    /// running worker is fenced and reloads (replay and explicit offset changes). Unless
+    /// `below_floor`, an offset below the partition's ledger floor changes nothing and is
+    /// [`sqlx::Error::RowNotFound`] (checked on the locked row, so that it holds against a
+    /// prune raising the floor at the same moment).
     async fn set_offset(
         conn: &mut Self::Connection,
         q: &Queries,
         key: &PartitionKey,
         next_offset: i64,
+        below_floor: bool,
     ) -> Result<Claim, sqlx::Error>;
 
     /// How many rows of the dedup ledger belong to `group`.
@@ -615,6 +725,42 @@ pub trait Dialect: sqlx::Database {
         kind: FailureKind,
         error: &str,
     ) -> Result<(), sqlx::Error>;
+
+    /// The fence and the ledger claim of a batch, in the caller's transaction: moves the
+    /// stored offset from `expected` to `next` if the epoch is still `epoch` and, only then,
+    /// claims `ids` (distinct; `offsets` the offset of each id's first record). `None`: fenced
+    /// (nothing was claimed). PostgreSQL does both in one statement.
+    #[allow(clippy::too_many_arguments)]
+    async fn fence_and_claim(
+        conn: &mut Self::Connection,
+        q: &Queries,
+        key: &PartitionKey,
+        epoch: i64,
+        expected: Option<i64>,
+        next: i64,
+        ids: &[&str],
+        offsets: &[i64],
+    ) -> Result<Option<Vec<i64>>, sqlx::Error>;
+
+    /// The ledger's generations, oldest first.
+    async fn generations(pool: &Pool<Self>, q: &Queries) -> Result<Vec<Generation>, sqlx::Error>;
+
+    /// Starts the generation after `current` (creating its storage first where needed), if
+    /// `current` is still the newest and no other pruner is at work. `false`: nothing done.
+    async fn start_generation(
+        pool: &Pool<Self>,
+        q: &Queries,
+        current: i32,
+    ) -> Result<bool, sqlx::Error>;
+
+    /// Drops an old generation: raises the floors to its marks, then removes its rows
+    /// (PostgreSQL: detaches and drops its partition; SQLite: bounded batches of deletes), then
+    /// forgets it. `None`: another pruner is at work.
+    async fn drop_generation(
+        pool: &Pool<Self>,
+        q: &Queries,
+        generation: i32,
+    ) -> Result<Option<u64>, sqlx::Error>;
 
     /// Deletes a partition's ledger rows whose first record lies in `[from, to)`; returns how
     /// many.

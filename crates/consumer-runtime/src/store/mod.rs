@@ -13,10 +13,12 @@ mod sqlite;
 use sqlx::migrate::Migrator;
 use sqlx::{Pool, SqlSafeStr as _};
 
+pub use self::dialect::Generation;
 pub(crate) use self::dialect::{
     CRATE, Claim, Dialect, Parking, PartitionKey, Queries, is_lock_timeout,
 };
 use crate::error::{Error, Result};
+pub(crate) use set_offsets_with as set_offsets_checked;
 
 /// One row of `consumer_offsets`.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -33,6 +35,11 @@ pub struct StoredOffset {
     pub owner: Option<String>,
     /// When the row last changed (a commit, a claim or a replay), UTC, RFC 3339.
     pub updated_at: String,
+    /// The replay floor: the offset below which the dedup ledger no longer remembers every
+    /// event of the partition, because retention dropped older ledger rows. `None`: it
+    /// remembers everything. A replay or an offset change below it is refused unless forced
+    /// (see [`Store::replay`] and [`Store::set_offsets_below_floor`]).
+    pub ledger_floor: Option<i64>,
 }
 
 mod sealed {
@@ -184,18 +191,16 @@ impl<DB: Backend> Store<DB> {
             .map_err(Error::db("counting ledger rows"))
     }
 
-    /// Moves a group's stored offsets for `topic` to `positions` (partition, next offset), in
-    /// one transaction, bumping each partition's epoch and clearing its owner: a consumer
-    /// that is running is fenced, reloads the new position and continues from it without a
-    /// restart. Records before the new position that were already processed are skipped by the
-    /// ledger, so moving offsets backwards re-applies nothing.
-    pub async fn set_offsets(
+    /// [`Store::set_offsets`] without its floor check: positions below a partition's ledger
+    /// floor are taken too, and the records between the position and the floor whose ledger
+    /// rows retention pruned **are applied a second time**. For a deliberate rebuild only.
+    pub async fn set_offsets_below_floor(
         &self,
         group: &str,
         topic: &str,
         positions: &[(i32, i64)],
     ) -> Result<()> {
-        set_offsets_with(&self.pool, &self.queries, group, topic, positions)
+        set_offsets_with(&self.pool, &self.queries, group, topic, positions, true)
             .await
             .map(drop)
     }
@@ -246,12 +251,13 @@ pub(crate) async fn connect_error<DB: sqlx::Database>(pool: &Pool<DB>) -> Option
 /// running is fenced, reloads the new position and continues from it without a restart.
 /// Records before the new position that were already processed are skipped by the ledger, so
 /// moving offsets backwards re-applies nothing. Returns the new claims, in the given order.
-async fn set_offsets_with<DB: Backend>(
+pub(crate) async fn set_offsets_with<DB: Backend>(
     pool: &Pool<DB>,
     q: &Queries,
     group: &str,
     topic: &str,
     positions: &[(i32, i64)],
+    below_floor: bool,
 ) -> Result<Vec<Claim>> {
     let context = "moving stored offsets";
     let mut tx = DB::begin(pool, CRATE).await.map_err(Error::db(context))?;
@@ -267,13 +273,49 @@ async fn set_offsets_with<DB: Backend>(
             topic: topic.to_owned(),
             partition,
         };
-        let claim = DB::set_offset(&mut tx, q, &key, next_offset)
-            .await
-            .map_err(Error::db(context))?;
+        let claim = match DB::set_offset(&mut tx, q, &key, next_offset, below_floor).await {
+            Ok(claim) => claim,
+            // Below the floor (raised since the caller checked it).
+            Err(sqlx::Error::RowNotFound) => {
+                drop(tx);
+                let rows = DB::offsets(pool, q, group).await?;
+                check_floor(&rows, topic, &[(partition, next_offset)])?;
+                return Err(Error::Internal(format!(
+                    "moving {topic}/{partition} to {next_offset} changed nothing, and it is not below the ledger floor; run it again"
+                )));
+            }
+            Err(e) => return Err(Error::db(context)(e)),
+        };
         claims.push(claim);
     }
     tx.commit().await.map_err(Error::db(context))?;
     Ok(claims)
+}
+
+/// Refuses the first position below its partition's floor.
+pub(crate) fn check_floor(
+    rows: &[StoredOffset],
+    topic: &str,
+    positions: &[(i32, i64)],
+) -> Result<()> {
+    for &(partition, offset) in positions {
+        let floor = rows
+            .iter()
+            .find(|r| r.topic == topic && r.partition == partition)
+            .and_then(|r| r.ledger_floor);
+        if let Some(floor) = floor
+            && offset < floor
+        {
+            return Err(Error::BelowLedgerFloor {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+                floor,
+                records: floor - offset,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The newest migration version this runtime ships for `DB`.

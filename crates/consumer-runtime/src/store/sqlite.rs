@@ -8,7 +8,11 @@ use std::str::FromStr;
 use sqlx::migrate::Migrator;
 use sqlx::{Pool, Sqlite, SqliteConnection, Transaction};
 
-use super::dialect::{Claim, Crate, Dialect, Parking, PartitionKey, Queries, Templates};
+use sqlx::SqlSafeStr as _;
+
+use super::dialect::{
+    CRATE, Claim, Crate, Dialect, Generation, Parking, PartitionKey, Queries, Templates,
+};
 use super::{Backend, DatabaseKind, StoredOffset, substitute};
 use crate::error::{Error, Result};
 use crate::util::check_identifier;
@@ -47,30 +51,56 @@ macro_rules! dl_cols {
 }
 
 const TEMPLATES: Templates = Templates {
-    claim: r#"INSERT INTO {s}consumer_offsets AS o (consumer_group, topic, partition, next_offset, epoch, owner, updated_at)
-VALUES ($1, $2, $3, NULL, 1, $4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    claim: r#"INSERT INTO {s}consumer_offsets AS o (consumer_group, topic, partition, next_offset, epoch, owner, updated_at, group_id, source_id)
+VALUES ($1, $2, $3, NULL, 1, $4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
+    (SELECT group_id FROM {s}ledger_groups WHERE name = $1),
+    (SELECT coalesce(max(source_id), 0) + 1 FROM {s}consumer_offsets))
 ON CONFLICT (consumer_group, topic, partition)
-DO UPDATE SET epoch = o.epoch + 1, owner = EXCLUDED.owner, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+DO UPDATE SET epoch = o.epoch + 1, owner = EXCLUDED.owner, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
+    group_id = EXCLUDED.group_id, source_id = coalesce(o.source_id, EXCLUDED.source_id)
 RETURNING epoch, next_offset"#,
     reclaim: r#"UPDATE {s}consumer_offsets SET epoch = epoch + 1, owner = $4, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
 WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND (owner IS NULL OR owner = $4)
 RETURNING epoch, next_offset"#,
     advance: r#"UPDATE {s}consumer_offsets SET next_offset = $6, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
 WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND epoch = $4 AND next_offset IS $5"#,
-    claim_events: r#"INSERT INTO {s}processed (consumer_group, event_id, topic, partition, "offset")
-SELECT $1, e.value ->> 0, $2, $3, e.value ->> 1 FROM json_each($4) AS e WHERE true
+    claim_events: r#"INSERT INTO {s}processed (group_id, source_id, "offset", event_id)
+SELECT o.group_id, o.source_id, e.value ->> 1, e.value ->> 0
+FROM json_each($4) AS e
+LEFT JOIN {s}consumer_offsets o ON o.consumer_group = $1 AND o.topic = $2 AND o.partition = $3
+WHERE true
 ON CONFLICT DO NOTHING
 RETURNING "offset""#,
-    set_offset: r#"INSERT INTO {s}consumer_offsets AS o (consumer_group, topic, partition, next_offset, epoch, owner, updated_at)
-VALUES ($1, $2, $3, $4, 1, NULL, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    set_offset: r#"INSERT INTO {s}consumer_offsets AS o (consumer_group, topic, partition, next_offset, epoch, owner, updated_at, group_id, source_id, high_offset)
+VALUES ($1, $2, $3, $4, 1, NULL, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
+    (SELECT group_id FROM {s}ledger_groups WHERE name = $1),
+    (SELECT coalesce(max(source_id), 0) + 1 FROM {s}consumer_offsets), $4)
 ON CONFLICT (consumer_group, topic, partition)
-DO UPDATE SET next_offset = EXCLUDED.next_offset, epoch = o.epoch + 1, owner = NULL, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+DO UPDATE SET next_offset = EXCLUDED.next_offset, epoch = o.epoch + 1, owner = NULL, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
+    group_id = EXCLUDED.group_id, source_id = coalesce(o.source_id, EXCLUDED.source_id),
+    high_offset = max(coalesce(o.high_offset, -1), coalesce(o.next_offset, -1), EXCLUDED.next_offset)
+WHERE $5 OR o.ledger_floor IS NULL OR EXCLUDED.next_offset >= o.ledger_floor
 RETURNING epoch, next_offset"#,
-    offsets: r#"SELECT topic, partition, next_offset, epoch, owner, updated_at FROM {s}consumer_offsets
+    offsets: r#"SELECT topic, partition, next_offset, epoch, owner, updated_at, ledger_floor FROM {s}consumer_offsets
 WHERE consumer_group = $1 ORDER BY topic, partition"#,
     applied_version: r#"SELECT max(version) FROM {s}_migrations WHERE success"#,
     ledger_known: r#"SELECT event_id FROM {s}processed
-WHERE consumer_group = $1 AND event_id IN (SELECT value FROM json_each($2))"#,
+WHERE group_id = (SELECT group_id FROM {s}ledger_groups WHERE name = $1)
+  AND event_id IN (SELECT value FROM json_each($2))"#,
+    ensure_group: r#"INSERT INTO {s}ledger_groups (name) VALUES ($1) ON CONFLICT (name) DO NOTHING"#,
+    ensure_source: r#"INSERT INTO {s}consumer_offsets (consumer_group, topic, partition, next_offset, epoch, group_id, source_id)
+VALUES ($1, $2, $3, NULL, 0, (SELECT group_id FROM {s}ledger_groups WHERE name = $1),
+    (SELECT coalesce(max(source_id), 0) + 1 FROM {s}consumer_offsets))
+ON CONFLICT (consumer_group, topic, partition) DO NOTHING"#,
+    fence_and_claim: None,
+    floor_holds: r#"SELECT o.topic, o.partition, o.next_offset, m.high_offset
+FROM {s}consumer_offsets o JOIN {s}ledger_marks m ON m.source_id = o.source_id AND m.generation = $1"#,
+    generations: r#"SELECT g.generation, g.started_at,
+    (julianday('now') - julianday(g.started_at)) * 86400.0 AS age_seconds,
+    (SELECT count(*) FROM {s}processed p WHERE p.id >= g.first_id AND p.id < coalesce(
+        (SELECT min(n.first_id) FROM {s}ledger_generations n WHERE n.generation > g.generation),
+        9223372036854775807)) AS rows
+FROM {s}ledger_generations g ORDER BY g.generation"#,
     park: r#"INSERT INTO {s}dead_letters AS d (consumer_group, topic, partition, "offset", key, headers, payload, timestamp_ms, event_id, error, error_kind, attempts)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
 ON CONFLICT (consumer_group, topic, partition, "offset")
@@ -205,16 +235,173 @@ impl_backend! {
         ids: &[&str],
         offsets: &[i64],
     ) -> Result<Vec<i64>, sqlx::Error> {
-        let pairs: Vec<(&str, i64)> = ids.iter().copied().zip(offsets.iter().copied()).collect();
-        let pairs = serde_json::to_string(&pairs).map_err(|e| sqlx::Error::Encode(e.into()))?;
-        let mut claimed: Vec<i64> = sqlx::query_scalar(q.claim_events.clone())
+        // Outside a batch (redrive): the group and the partition may have no ids yet.
+        sqlx::query(q.ensure_group.clone())
             .bind(&key.group)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .bind(pairs)
-            .fetch_all(conn)
+            .execute(&mut *conn)
             .await?;
-        claimed.sort_unstable();
-        Ok(claimed)
+        for_partition(q.ensure_source.clone(), key)
+            .execute(&mut *conn)
+            .await?;
+        claim_in_source(conn, q, key, ids, offsets).await
     }
+
+    async fn fence_and_claim(
+        conn: &mut SqliteConnection,
+        q: &Queries,
+        key: &PartitionKey,
+        epoch: i64,
+        expected: Option<i64>,
+        next: i64,
+        ids: &[&str],
+        offsets: &[i64],
+    ) -> Result<Option<Vec<i64>>, sqlx::Error> {
+        // One writer, in process: two statements cost no network round trip.
+        if !Self::advance(&mut *conn, q, key, epoch, expected, next).await? {
+            return Ok(None);
+        }
+        if ids.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        // The fence just updated the partition's row: its ids exist.
+        claim_in_source(conn, q, key, ids, offsets).await.map(Some)
+    }
+
+    async fn generations(pool: &Pool<Self>, q: &Queries) -> Result<Vec<Generation>, sqlx::Error> {
+        let rows: Vec<(i32, String, f64, i64)> = sqlx::query_as(q.generations.clone())
+            .fetch_all(pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(generation, started_at, age_seconds, rows)| Generation {
+                generation,
+                started_at,
+                age_seconds,
+                rows,
+            })
+            .collect())
+    }
+
+    async fn start_generation(
+        pool: &Pool<Self>,
+        q: &Queries,
+        current: i32,
+    ) -> Result<bool, sqlx::Error> {
+        let mut tx = Self::begin(pool, CRATE).await?;
+        let newest: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT max(generation) FROM {}_ledger_generations",
+            q.schema
+        )))
+        .fetch_one(&mut *tx)
+        .await?;
+        if newest != Some(current) {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::query(q.mark_generation.clone())
+            .bind(current)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {s}_ledger_generations (generation, started_at, first_id) VALUES ($1, \
+             strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), \
+             coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{s}_processed'), 0) + 1)",
+            s = q.schema
+        )))
+        .bind(current + 1)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn drop_generation(
+        pool: &Pool<Self>,
+        q: &Queries,
+        generation: i32,
+    ) -> Result<Option<u64>, sqlx::Error> {
+        let s = &q.schema;
+        let bounds: Option<(i64, Option<i64>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT g.first_id, (SELECT min(n.first_id) FROM {s}_ledger_generations n \
+             WHERE n.generation > g.generation) FROM {s}_ledger_generations g WHERE g.generation = $1"
+        )))
+        .bind(generation)
+        .fetch_optional(pool)
+        .await?;
+        let Some((first, Some(end))) = bounds else {
+            // Gone already, or the newest generation (never dropped).
+            return Ok(Some(0));
+        };
+        {
+            let mut tx = Self::begin(pool, CRATE).await?;
+            if let Some(held) = floor_hold(&mut tx, q, generation).await? {
+                tx.rollback().await?;
+                tracing::warn!(
+                    generation,
+                    "ledger: generation {generation} is held: {held}; it is dropped once the partition has passed those records again"
+                );
+                return Ok(None);
+            }
+            sqlx::query(q.raise_floors.clone())
+                .bind(generation)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
+        // Bounded batches on the primary key, each a short transaction of its own, so that the
+        // one writer is never held for long.
+        let delete = sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {s}_processed WHERE id >= $1 AND id < $2"
+        ))
+        .into_sql_str();
+        let mut rows = 0u64;
+        let mut lo = first;
+        while lo < end {
+            let hi = lo.saturating_add(PRUNE_BATCH).min(end);
+            let mut tx = Self::begin(pool, CRATE).await?;
+            rows += sqlx::query(delete.clone())
+                .bind(lo)
+                .bind(hi)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            lo = hi;
+        }
+        let mut tx = Self::begin(pool, CRATE).await?;
+        sqlx::query(q.forget_marks.clone())
+            .bind(generation)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(q.forget_generation.clone())
+            .bind(generation)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(rows))
+    }
+}
+
+/// Ledger ids per `DELETE` when a generation is pruned.
+const PRUNE_BATCH: i64 = 5_000;
+
+/// The claim of `ids` in the ledger, for a partition whose offsets row exists.
+async fn claim_in_source(
+    conn: &mut SqliteConnection,
+    q: &Queries,
+    key: &PartitionKey,
+    ids: &[&str],
+    offsets: &[i64],
+) -> Result<Vec<i64>, sqlx::Error> {
+    let pairs: Vec<(&str, i64)> = ids.iter().copied().zip(offsets.iter().copied()).collect();
+    let pairs = serde_json::to_string(&pairs).map_err(|e| sqlx::Error::Encode(e.into()))?;
+    let mut claimed: Vec<i64> = sqlx::query_scalar(q.claim_events.clone())
+        .bind(&key.group)
+        .bind(&key.topic)
+        .bind(key.partition)
+        .bind(pairs)
+        .fetch_all(conn)
+        .await?;
+    claimed.sort_unstable();
+    Ok(claimed)
 }

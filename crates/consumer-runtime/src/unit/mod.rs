@@ -420,14 +420,16 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
     ) -> Result<Option<(sqlx::Transaction<'static, DB>, Vec<i64>)>, BatchError> {
         let cfg = &*self.config;
         let mut tx = DB::begin(&cfg.pool, CRATE).await.map_err(db_error)?;
-        if let Some(next) = fence
-            && !self.fence(&mut tx, next).await?
-        {
-            tx.rollback().await.map_err(db_error)?;
-            return Ok(None);
-        }
-        if !ledger {
-            return Ok(Some((tx, Vec::new())));
+        if !ledger || fence.is_none() {
+            if let Some(next) = fence
+                && !self.fence(&mut tx, next).await?
+            {
+                tx.rollback().await.map_err(db_error)?;
+                return Ok(None);
+            }
+            if !ledger {
+                return Ok(Some((tx, Vec::new())));
+            }
         }
         // First occurrence of each id within the batch; later ones are duplicates outright.
         let mut seen = HashSet::with_capacity(prepared.len());
@@ -441,7 +443,26 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
                 offsets.push(p.message.offset());
             }
         }
-        let claimed = if ids.is_empty() {
+        let claimed = if let Some(next) = fence {
+            // The fence and the claim in one statement where the database can.
+            let claimed = DB::fence_and_claim(
+                &mut tx,
+                &cfg.queries,
+                &self.key,
+                self.epoch,
+                self.position,
+                next,
+                &ids,
+                &offsets,
+            )
+            .await
+            .map_err(db_error)?;
+            let Some(claimed) = claimed else {
+                tx.rollback().await.map_err(db_error)?;
+                return Ok(None);
+            };
+            claimed
+        } else if ids.is_empty() {
             Vec::new()
         } else {
             DB::claim_events(&mut tx, &cfg.queries, &self.key, &ids, &offsets)
