@@ -349,8 +349,9 @@ async fn two_relays_share_the_lanes_and_keep_order_per_key() {
     };
     let (stop_a, stats_a, task_a) = start(relay("relay-a"));
     let (stop_b, stats_b, task_b) = start(relay("relay-b"));
-    // Four writers, each committing one row at a time for keys shared by all writers: rows of
-    // one key come from several transactions that race.
+    // Four writers, each committing one row at a time for keys shared by all writers (all
+    // four write the same key at about the same time): rows of one key come from several
+    // transactions that race.
     let ob = Outbox::new(&schema).unwrap();
     let mut writers = Vec::new();
     for w in 0..4 {
@@ -360,13 +361,17 @@ async fn two_relays_share_the_lanes_and_keep_order_per_key() {
         writers.push(tokio::spawn(async move {
             for i in 0..75 {
                 let mut tx = pool.begin().await.unwrap();
-                let key = format!("key-{}", (i + w) % 12);
+                let key = format!("key-{}", i % 6);
                 ob.publish(
                     &mut tx,
                     &Message::new(&topic).key(key).payload(format!("{w}-{i}")),
                 )
                 .await
                 .unwrap();
+                // Hold the transaction open a while, so that the writers' transactions of one
+                // key overlap: without the writer's lock on the key, a row drawn later could
+                // commit (and be published) first.
+                tokio::time::sleep(Duration::from_millis(((i * 7 + w * 5) % 6) as u64)).await;
                 tx.commit().await.unwrap();
             }
         }));
@@ -530,4 +535,57 @@ async fn a_frozen_relay_cannot_mark_the_rows_of_a_lane_it_lost() {
     stop_b.shutdown();
     task_a.await.unwrap();
     task_b.await.unwrap();
+}
+
+/// Two transactions writing the same key: the second waits for the first (the writer's lock
+/// on the key), so that rows of one key are drawn, and committed, in one order. (Without it,
+/// the second could commit first and the relay publish it first.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_writer_waits_for_an_open_transaction_of_the_same_key() {
+    let (pool, schema) = setup::<Postgres>().await;
+    let ob = Outbox::new(&schema).unwrap();
+    let key = rand_name("key");
+    let topic = rand_name("t");
+    let mut first = pool.begin().await.unwrap();
+    let a = ob
+        .publish(&mut first, &Message::new(&topic).key(&key).payload("a"))
+        .await
+        .unwrap();
+    let second = {
+        let (pool, ob, key, topic) = (pool.clone(), ob.clone(), key.clone(), topic.clone());
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await.unwrap();
+            let b = ob
+                .publish(&mut tx, &Message::new(&topic).key(&key).payload("b"))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            b
+        })
+    };
+    // The second writer waits on the key's advisory lock.
+    let objid = i64::from(outbox::key_hash(key.as_bytes()));
+    wait_until(
+        WAIT,
+        "the second writer to wait for the key's lock",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+             AND classid = $1::bigint::oid AND objid = $2::bigint::oid",
+            )
+            .bind(0x6f75_7462_i64)
+            .bind(objid)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            waiting == 1
+        },
+    )
+    .await;
+    assert!(!second.is_finished());
+    first.commit().await.unwrap();
+    let b = second.await.unwrap();
+    let order = seq_order(&pool, &schema).await;
+    let ids: Vec<&str> = order.iter().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(ids, [a.as_str(), b.as_str()]);
 }

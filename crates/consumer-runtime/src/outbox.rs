@@ -263,7 +263,7 @@ pub(crate) async fn write<DB: Backend>(
     message: &Message,
 ) -> Result<String> {
     message.check()?;
-    let q = DB::outbox_queries(schema);
+    let q = queries::<DB>(schema);
     let hash = match &message.key {
         Some(key) => key_hash(key.as_bytes()),
         // No order to keep: spread keyless rows over the lanes.
@@ -282,6 +282,27 @@ pub(crate) async fn write<DB: Backend>(
     DB::outbox_insert(conn, &q, &row)
         .await
         .map_err(Error::db("writing an outbox row"))
+}
+
+/// The outbox statements of `DB` for `schema`, built once per process and schema (a writer
+/// calls [`publish`] for every event).
+fn queries<DB: Backend>(schema: &str) -> std::sync::Arc<crate::store::outbox::OutboxQueries> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    // Keyed by (is PostgreSQL, schema).
+    type Cache = Mutex<HashMap<(bool, String), Arc<crate::store::outbox::OutboxQueries>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    cache
+        .entry((
+            matches!(DB::KIND, crate::DatabaseKind::Postgres),
+            schema.to_owned(),
+        ))
+        .or_insert_with(|| Arc::new(DB::outbox_queries(schema)))
+        .clone()
 }
 
 fn encode_headers(headers: &[(String, Option<Vec<u8>>)]) -> String {

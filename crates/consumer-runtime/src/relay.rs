@@ -427,7 +427,7 @@ impl<DB: Backend> Relay<DB> {
                 if *stop.borrow() {
                     break;
                 }
-                match self.pass(lane, epoch).await {
+                match self.pass(lane, epoch, &owned).await {
                     Ok(Pass::Idle) => {}
                     Ok(Pass::Some) => {}
                     Ok(Pass::Full) => busy = true,
@@ -592,8 +592,9 @@ impl<DB: Backend> Relay<DB> {
         Ok(())
     }
 
-    /// Publishes one batch of a lane.
-    async fn pass(&self, lane: i32, epoch: i64) -> Result<Pass> {
+    /// Publishes one batch of a lane; `owned` (every lane held) is renewed while the batch
+    /// waits for the broker, so that a slow broker does not cost the relay its lanes.
+    async fn pass(&self, lane: i32, epoch: i64, owned: &BTreeMap<i32, i64>) -> Result<Pass> {
         let pool = self.store.pool();
         let context = "publishing outbox rows";
         let secs = self.lease.as_secs_f64();
@@ -625,7 +626,18 @@ impl<DB: Backend> Relay<DB> {
             .map_err(Error::db(context))?;
         tx.commit().await.map_err(Error::db(context))?;
 
-        let outcomes = self.send(&rows).await;
+        let outcomes = {
+            let send = self.send(&rows);
+            tokio::pin!(send);
+            let mut renew = tokio::time::interval(self.lease / 3);
+            renew.reset();
+            loop {
+                tokio::select! {
+                    outcomes = &mut send => break outcomes,
+                    _ = renew.tick() => self.renew_all(owned).await,
+                }
+            }
+        };
         self.stats
             .sent
             .fetch_add(rows.len() as u64, Ordering::Relaxed);
@@ -693,6 +705,21 @@ impl<DB: Backend> Relay<DB> {
         } else {
             Pass::Some
         })
+    }
+
+    /// Renews every lane of `owned`, logging (not acting on) failures: a lane lost shows at
+    /// the next mark or maintenance.
+    async fn renew_all(&self, owned: &BTreeMap<i32, i64>) {
+        let secs = self.lease.as_secs_f64();
+        for (&lane, &epoch) in owned {
+            let renewed = async {
+                let mut conn = self.store.pool().acquire().await?;
+                DB::outbox_renew(&mut conn, &self.q, lane, &self.instance, epoch, secs).await
+            };
+            if let Err(e) = renewed.await {
+                tracing::debug!(lane, error = %e, "relay: renewing a lane's lease failed");
+            }
+        }
     }
 
     /// Sends the rows in order and waits for every acknowledgement.
