@@ -1613,9 +1613,16 @@ async fn relay_publishes_the_outbox_and_trace_shows_the_whole_path() {
         "--poll-interval",
         "100ms",
     ];
-    let mut relay_args = vec!["relay"];
+    let mut relay_args = vec![
+        "relay",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ];
     relay_args.extend(relay_flags);
     let mut relay = spawn("relay", orders(&s.db_args(&relay_args)));
+    let addr = metrics_addr(&relay).await;
     let mut run = s.run("run", &QUICK_SESSION);
     wait_until(WAIT, "every outbox event applied", || async {
         s.applied().await.len() == ids.len()
@@ -1632,6 +1639,21 @@ async fn relay_publishes_the_outbox_and_trace_shows_the_whole_path() {
         status.stdout
     );
     assert!(status.stdout.contains("parked: 0"), "{}", status.stdout);
+    // The relay's metrics say the same: every row published, none left, none parked.
+    wait_until(WAIT, "the relay's gauges to show an empty outbox", || {
+        let text = scrape(&addr);
+        let ok = sample(&text, "outbox_published_total", &[]) == Some(ids.len() as f64)
+            && sample(&text, "outbox_backlog_rows", &[]) == Some(0.0)
+            && sample(&text, "outbox_parked_rows", &[]) == Some(0.0)
+            && sample(&text, "outbox_lanes_owned", &[]) == Some(4.0);
+        async move { ok }
+    })
+    .await;
+    let text = scrape(&addr);
+    assert!(
+        sample(&text, "outbox_publish_latency_seconds_count", &[]) == Some(ids.len() as f64),
+        "{text}"
+    );
 
     let trace = output("trace", orders(&s.db_args(&["trace", &ids[0]])));
     trace.assert_success("orders trace");
