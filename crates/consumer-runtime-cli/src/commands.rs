@@ -140,7 +140,7 @@ where
                 Some(addr) => Some(serve_metrics(&addr.0).await?),
                 None => None,
             };
-            let relay = build_relay(&store, &brokers, kafka, &relay)?;
+            let relay = build_relay(&store, &brokers, kafka, &relay, true)?;
             let stop = relay.shutdown_handle();
             let stats = relay.stats_handle();
             let signals = tokio::spawn(async move {
@@ -259,6 +259,7 @@ fn build_relay<DB: Backend>(
     brokers: &str,
     kafka: &BTreeMap<String, String>,
     o: &RelayOptions,
+    all_properties: bool,
 ) -> Result<Relay<DB>, CliError> {
     let mut b = Relay::builder(store.pool().clone())
         .schema(store.schema())
@@ -283,16 +284,33 @@ fn build_relay<DB: Backend>(
         b = b.instance(name);
     }
     for (k, v) in kafka {
-        // The consumer's properties that a producer does not take are left out.
-        if k.starts_with("security.")
-            || k.starts_with("sasl.")
-            || k.starts_with("ssl.")
-            || k == "client.id"
-        {
+        if all_properties || producer_property(k) {
             b = b.producer_config(k, v);
         }
     }
     Ok(b.build()?)
+}
+
+/// Whether a `-X` property of `run` also goes to the producer of `run --relay`: the
+/// connection's (security, SASL, SSL, client id, sockets) and the producer's own. (`relay`
+/// passes every `-X` property to its producer.)
+fn producer_property(key: &str) -> bool {
+    ["security.", "sasl.", "ssl.", "socket."]
+        .iter()
+        .any(|p| key.starts_with(p))
+        || [
+            "client.id",
+            "message.timeout.ms",
+            "request.timeout.ms",
+            "linger.ms",
+            "batch.size",
+            "batch.num.messages",
+            "compression.type",
+            "message.max.bytes",
+            "queue.buffering.max.messages",
+            "queue.buffering.max.kbytes",
+        ]
+        .contains(&key)
 }
 
 /// SIGINT or SIGTERM.
@@ -408,7 +426,13 @@ async fn run_consumer<H: Handler<DB>, DB: Backend>(
     let relay = match &run.relay {
         Some(o) => {
             let store = Store::new(pool.clone(), &options.schema)?;
-            Some(build_relay(&store, &options.brokers, &options.kafka, o)?)
+            Some(build_relay(
+                &store,
+                &options.brokers,
+                &options.kafka,
+                o,
+                false,
+            )?)
         }
         None => None,
     };
