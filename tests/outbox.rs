@@ -443,21 +443,34 @@ async fn notify_wakes_the_relay_before_its_poll() {
         stats.get().lanes == 1
     })
     .await;
-    // Let the first pass (and the listener's first wake-up) go by: the relay now sleeps.
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let ob = Outbox::new(&schema).unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    let id = ob
-        .publish(&mut tx, &Message::new(&topic).key("k").payload("now"))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
     let store = Store::new(pool.clone(), &schema).unwrap();
+    let write = |payload: &'static str| {
+        let (pool, ob, topic) = (pool.clone(), ob.clone(), topic.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let id = ob
+                .publish(&mut tx, &Message::new(&topic).key("k").payload(payload))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            id
+        }
+    };
+    // The first row may be found by the pass that the listener's start-up triggers; once it
+    // is published (and any wake-up left over is spent), the relay sleeps for 600 s.
+    let first = write("first").await;
+    wait_until(WAIT, "the first row to be published", || {
+        published(&store, std::slice::from_ref(&first))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = write("second").await;
     // Well under the 600 s poll: only the notification can have woken it.
     wait_until(
         Duration::from_secs(30),
         "the notified row to be published",
-        || published(&store, std::slice::from_ref(&id)),
+        || published(&store, std::slice::from_ref(&second)),
     )
     .await;
     stop.shutdown();
