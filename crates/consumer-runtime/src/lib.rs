@@ -60,6 +60,8 @@ mod event_id;
 mod handler;
 mod kafka;
 pub mod ledger;
+pub mod outbox;
+pub mod relay;
 pub mod replay;
 mod runtime;
 mod store;
