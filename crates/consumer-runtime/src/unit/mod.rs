@@ -481,6 +481,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         handle_record(
             &*self.config.handler,
             conn,
+            &self.key.group,
             p.message,
             id,
             event,
@@ -759,13 +760,14 @@ pub(crate) async fn claim_one<DB: Backend>(
 pub(crate) async fn handle_record<H: Handler<DB>, DB: Backend>(
     handler: &H,
     conn: &mut DB::Connection,
+    group: &str,
     message: &OwnedMessage,
     event_id: &str,
     event: H::Event,
     attempt: u32,
 ) -> Result<(), RecordFailure> {
     let record = Record::new(message, event_id);
-    match run_handler(handler, conn, record, event, attempt).await {
+    match run_handler(handler, conn, group, record, event, attempt).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(HandlerError::Retry { source, after })) => {
             Err(RecordFailure::Transient { source, after })
@@ -792,12 +794,16 @@ pub(crate) async fn handle_record<H: Handler<DB>, DB: Backend>(
     }
 }
 
-/// Runs `handler` for one record on `conn` as try `attempt` of its batch, catching a panic
-/// (`Err(message)`) and bounding it by [`Handler::timeout`] (a time-out is returned as the
-/// transient `Ok(Err(Retry…))`). `Ok(Err(…))` keeps the handler's own error.
+/// Runs `handler` for one record of `group` on `conn` as try `attempt` of its batch, catching
+/// a panic (`Err(message)`) and bounding it by [`Handler::timeout`] (a time-out is returned as
+/// the transient `Ok(Err(Retry…))`). `Ok(Err(…))` keeps the handler's own error.
+///
+/// The handler runs in a `record` span with the OpenTelemetry messaging attributes; with the
+/// `otel` feature, the record's `traceparent`/`tracestate` headers are its parent.
 pub(crate) async fn run_handler<H: Handler<DB>, DB: Backend>(
     handler: &H,
     conn: &mut DB::Connection,
+    group: &str,
     record: Record<'_>,
     event: H::Event,
     attempt: u32,
@@ -807,8 +813,18 @@ pub(crate) async fn run_handler<H: Handler<DB>, DB: Backend>(
         topic = %record.topic(),
         partition = record.partition(),
         offset = record.offset(),
-        event_id = %record.event_id()
+        event_id = %record.event_id(),
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.destination.name = %record.topic(),
+        messaging.destination.partition.id = %record.partition(),
+        messaging.kafka.offset = record.offset(),
+        messaging.consumer.group.name = group,
+        messaging.message.id = %record.event_id(),
     );
+    #[cfg(feature = "otel")]
+    crate::trace_context::adopt_parent(&span, record.headers());
     let limit = handler.timeout();
     let mut ctx = Context::new(conn, record, attempt);
     let call = tracing::Instrument::instrument(handler.handle(&mut ctx, event), span);
