@@ -166,6 +166,7 @@ async fn redrive_in<H: Handler<DB>, DB: Backend>(
         &event_id,
         event,
         1,
+        &q.schema,
     )
     .await
     {

@@ -234,6 +234,7 @@ pub async fn handle_in<H: Handler<DB>, DB: Backend>(
         Record::new(&message, &event_id),
         event,
         1,
+        crate::outbox::DEFAULT_SCHEMA,
     )
     .await
     {
