@@ -167,4 +167,106 @@ async fn the_record_span_is_a_child_of_the_producer_span_with_messaging_attribut
     }
 }
 
-suite!(the_record_span_is_a_child_of_the_producer_span_with_messaging_attributes);
+/// An event published through the outbox inside a `request` span: the row keeps the span's
+/// context, the relay sends it in a `relay` span that is the request span's child, and the
+/// consumer handles it in a `record` span that is the relay span's child: one trace runs
+/// producer → relay → consumer.
+async fn a_trace_runs_from_the_outbox_through_the_relay_to_the_consumer<DB: TestDb>()
+where
+    DB::Connection: consumer_runtime::outbox::OutboxConnection,
+{
+    use consumer_runtime::outbox::{self, Message};
+    use consumer_runtime::relay::Relay;
+
+    let exporter = exporter();
+    let pool = DB::pool().await;
+    let kafka = Kafka::new();
+    let topic = rand_name("relayed");
+    let group = rand_name("g");
+    kafka.create_topic(&topic, 1);
+
+    let mut requests: Vec<(String, TraceId, SpanId)> = Vec::new();
+    let mut records: Vec<Record> = Vec::new();
+    for i in 0..3 {
+        let id = format!("{topic}-{i}");
+        let request = tracing::info_span!("request", otel.kind = "server");
+        let sc = request.context().span().span_context().clone();
+        requests.push((id.clone(), sc.trace_id(), sc.span_id()));
+        let message = Message::new(&topic)
+            .key(format!("order-{i}"))
+            .json(&serde_json::json!({"id": id, "amount_cents": i}))
+            .unwrap()
+            .event_id(&id);
+        let mut tx = pool.begin().await.unwrap();
+        tracing::Instrument::instrument(outbox::publish(&mut *tx, &message), request)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        records.push((0, id, String::new()));
+    }
+
+    let relay = Relay::builder(pool.clone())
+        .brokers(kafka.bootstrap.clone())
+        .schema(SCHEMA)
+        .build()
+        .unwrap();
+    let (stop, stats) = (relay.shutdown_handle(), relay.stats_handle());
+    let relaying = tokio::spawn(relay.run());
+    wait_until(
+        Duration::from_secs(60),
+        "the relay to publish the rows",
+        || async { stats.get().published >= 3 },
+    )
+    .await;
+    stop.shutdown();
+    relaying.await.unwrap().unwrap();
+
+    let consumer = Consumer::start(&kafka, &pool, &topic, Counter::new(&group), |rt| rt);
+    consumer.catch_up_and_stop(&records).await;
+    assert_exactly_once(
+        &effect_counts(&pool, &group).await,
+        &records.iter().map(|r| r.1.clone()).collect::<Vec<_>>(),
+    );
+
+    let spans = exporter.get_finished_spans().unwrap();
+    let find = |name: &str, id: &str| -> &SpanData {
+        let found: Vec<&SpanData> = spans
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && attribute(s, "messaging.message.id") == Some(&Value::from(id.to_owned()))
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "one {name} span for {id}: {found:#?}");
+        found[0]
+    };
+    for (id, trace_id, request_id) in &requests {
+        let relay = find("relay", id);
+        let record = find("record", id);
+        assert_eq!(relay.span_kind, SpanKind::Producer);
+        assert_eq!(
+            relay.span_context.trace_id(),
+            *trace_id,
+            "{id}: the relay's trace"
+        );
+        assert_eq!(
+            relay.parent_span_id, *request_id,
+            "{id}: the relay's parent"
+        );
+        assert_eq!(
+            record.span_context.trace_id(),
+            *trace_id,
+            "{id}: the record's trace"
+        );
+        assert_eq!(
+            record.parent_span_id,
+            relay.span_context.span_id(),
+            "{id}: the record's parent is the relay span"
+        );
+    }
+}
+
+suite!(
+    the_record_span_is_a_child_of_the_producer_span_with_messaging_attributes,
+    a_trace_runs_from_the_outbox_through_the_relay_to_the_consumer,
+);

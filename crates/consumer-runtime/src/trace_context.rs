@@ -9,6 +9,10 @@
 //!   feature; the feature only adds the parent.
 //! - Producing: [`current_headers`] gives the `traceparent`/`tracestate` headers of the current
 //!   span, to put on a record you produce.
+//! - The outbox: [`outbox::publish`](crate::outbox::publish) stores the current span's context
+//!   in the row's headers (unless the message has a `traceparent` of its own), and the relay
+//!   sends each row in a `relay` span (kind producer) that is the child of that context and
+//!   the parent of the record's: a trace runs producer → relay → consumer.
 //!
 //! The spans reach an OpenTelemetry exporter through `tracing-opentelemetry`: the program
 //! installs `tracing_opentelemetry::layer()` in its subscriber (the library installs
@@ -113,6 +117,61 @@ pub fn headers_of(cx: &Context) -> Vec<(&'static str, String)> {
         headers.push((TRACESTATE, state));
     }
     headers
+}
+
+/// Headers as the outbox keeps them.
+type Headers = Vec<(String, Option<Vec<u8>>)>;
+
+fn has_traceparent(headers: &Headers) -> bool {
+    headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case(TRACEPARENT))
+}
+
+/// `headers` with the current span's context added, unless they carry a `traceparent` already
+/// (or there is no current span): what an outbox row stores.
+pub(crate) fn with_current(headers: &Headers) -> Headers {
+    let mut out = headers.clone();
+    if !has_traceparent(headers) {
+        for (name, value) in current_headers() {
+            out.push((name.to_owned(), Some(value.into_bytes())));
+        }
+    }
+    out
+}
+
+/// The headers the relay sends for an outbox row to `topic`: in a `relay` span (kind
+/// producer, child of the row's `traceparent` if it has one), the row's trace context is
+/// replaced by the relay span's, so that the consumer's `record` span is the relay span's
+/// child. Unchanged when no OpenTelemetry layer sees the span.
+pub(crate) fn relayed(topic: &str, event_id: &str, headers: Headers) -> Headers {
+    let span = tracing::debug_span!(
+        "relay",
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.destination.name = topic,
+        messaging.message.id = event_id,
+    );
+    adopt_parent(
+        &span,
+        headers.iter().map(|(n, v)| (n.as_str(), v.as_deref())),
+    );
+    let own = headers_of(&span.context());
+    if own.is_empty() {
+        return headers;
+    }
+    let mut out: Headers = headers
+        .into_iter()
+        .filter(|(n, _)| {
+            !n.eq_ignore_ascii_case(TRACEPARENT) && !n.eq_ignore_ascii_case(TRACESTATE)
+        })
+        .collect();
+    out.extend(
+        own.into_iter()
+            .map(|(n, v)| (n.to_owned(), Some(v.into_bytes()))),
+    );
+    out
 }
 
 #[cfg(test)]
