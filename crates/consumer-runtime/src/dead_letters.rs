@@ -14,7 +14,7 @@
 
 use crate::error::{Error, FailureKind, Result, error_chain};
 use crate::event_id::EventId;
-use crate::handler::Handler;
+use crate::handler::{Handler, Record};
 use crate::store::{Backend, CRATE, PartitionKey, Store};
 use crate::unit::{RecordFailure, claim_one, handle_record, identify};
 
@@ -162,8 +162,7 @@ async fn redrive_in<H: Handler<DB>, DB: Backend>(
         handler,
         &mut tx,
         &letter.group,
-        &message,
-        &event_id,
+        Record::new(&message, &event_id),
         event,
         1,
         &q.schema,

@@ -482,8 +482,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
             &*self.config.handler,
             conn,
             &self.key.group,
-            p.message,
-            id,
+            Record::new(p.message, id),
             event,
             self.attempt,
             &self.config.queries.schema,
@@ -755,20 +754,19 @@ pub(crate) async fn claim_one<DB: Backend>(
     Ok(!claimed.is_empty())
 }
 
-/// Runs `handler` for one claimed record on `conn`, as try `attempt`, and classifies how it
-/// failed: the handler's `Retry` and a run past [`Handler::timeout`] are transient; its
-/// `Reject` and a panic are permanent failures of the record (a panic is logged here).
+/// Runs `handler` for one claimed record of `group` on `conn`, as try `attempt`, and
+/// classifies how it failed: the handler's `Retry` and a run past [`Handler::timeout`] are
+/// transient; its `Reject` and a panic are permanent failures of the record (a panic is logged
+/// here).
 pub(crate) async fn handle_record<H: Handler<DB>, DB: Backend>(
     handler: &H,
     conn: &mut DB::Connection,
     group: &str,
-    message: &OwnedMessage,
-    event_id: &str,
+    record: Record<'_>,
     event: H::Event,
     attempt: u32,
     schema: &str,
 ) -> Result<(), RecordFailure> {
-    let record = Record::new(message, event_id);
     match run_handler(handler, conn, group, record, event, attempt, schema).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(HandlerError::Retry { source, after })) => {
@@ -781,10 +779,10 @@ pub(crate) async fn handle_record<H: Handler<DB>, DB: Backend>(
         })),
         Err(panic) => {
             tracing::error!(
-                topic = %message.topic(),
-                partition = message.partition(),
-                offset = message.offset(),
-                event_id,
+                topic = %record.topic(),
+                partition = record.partition(),
+                offset = record.offset(),
+                event_id = record.event_id(),
                 "{panic}"
             );
             Err(RecordFailure::Permanent(Failure {
