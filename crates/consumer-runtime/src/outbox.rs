@@ -379,15 +379,15 @@ impl Trace {
                 "  applied:   by group {} at {} from {}/{}/{}",
                 a.consumer_group, a.processed_at, a.topic, a.partition, a.offset
             ));
-            if let Some(row) = &self.outbox {
-                if let (Some(p), Some(o)) = (row.published_partition, row.published_offset) {
-                    if row.aggregatetype == a.topic && (p, o) != (a.partition, a.offset) {
-                        out.push(format!(
-                            "  duplicate: the copy at {}/{p}/{o} is a duplicate for group {}: its ledger suppresses it",
-                            row.aggregatetype, a.consumer_group
-                        ));
-                    }
-                }
+            if let Some(row) = &self.outbox
+                && let (Some(p), Some(o)) = (row.published_partition, row.published_offset)
+                && row.aggregatetype == a.topic
+                && (p, o) != (a.partition, a.offset)
+            {
+                out.push(format!(
+                    "  duplicate: the copy at {}/{p}/{o} is a duplicate for group {}: its ledger suppresses it",
+                    row.aggregatetype, a.consumer_group
+                ));
             }
         }
         out

@@ -463,10 +463,10 @@ impl<DB: Backend> Relay<DB> {
                     }
                 }
             }
-            if last_metrics.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
-                if self.refresh_metrics(owned.len()).await.is_ok() {
-                    last_metrics = Some(Instant::now());
-                }
+            if last_metrics.is_none_or(|t| t.elapsed() >= Duration::from_secs(2))
+                && self.refresh_metrics(owned.len()).await.is_ok()
+            {
+                last_metrics = Some(Instant::now());
             }
             if failed {
                 failures = failures.saturating_add(1);
