@@ -29,3 +29,36 @@ throughput:
 # replays against consumer processes, every event checked (e.g. `just chaos 50`).
 chaos trials="20":
     cargo run --release --bin chaos -- --trials {{trials}}
+
+
+# ---- A real broker: the behaviour suites against tansu ---------------------------------------
+# The suites run against any broker named by KAFKA_BROKERS (topics are created and deleted
+# through the admin API; the few tests whose faults only the mock can inject are skipped, saying
+# so). These recipes do it with tansu, a Kafka-protocol broker installed from crates.io.
+
+tansu_version := "0.6.0"
+tansu_root := env_var_or_default("TANSU_ROOT", justfile_directory() / "target/tansu")
+tansu_addr := "127.0.0.1:19092"
+
+# Installs tansu from crates.io into target/tansu (once; a long build).
+tansu-install:
+    test -x {{tansu_root}}/bin/tansu || cargo install tansu --version {{tansu_version}} --locked --features dynostore,postgres --root {{tansu_root}}
+
+# Starts tansu on 127.0.0.1:19092 in the background (log: target/tansu.log). storage is
+# `memory://tansu/` or a `postgres://…` URL of a database holding tansu's schema
+# (`etc/initdb.d/010-schema.sql` of tansu's repository at its tag v0.6.0).
+tansu-up storage="memory://tansu/": tansu-install
+    test ! -e target/tansu.pid || ! kill -0 $(cat target/tansu.pid) 2>/dev/null || { echo "tansu already runs (pid $(cat target/tansu.pid)); just tansu-down first" >&2; exit 1; }
+    nohup {{tansu_root}}/bin/tansu broker --listener-url tcp://{{tansu_addr}} --advertised-listener-url tcp://{{tansu_addr}} --storage-engine '{{storage}}' > target/tansu.log 2>&1 & echo $! > target/tansu.pid
+    for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/19092) 2>/dev/null && exit 0; sleep 0.1; done; echo "tansu did not listen on {{tansu_addr}}; see target/tansu.log" >&2; exit 1
+
+# Stops the tansu that tansu-up started.
+tansu-down:
+    test ! -e target/tansu.pid || kill $(cat target/tansu.pid) || true
+    rm -f target/tansu.pid
+
+# Installs and starts tansu, runs the behaviour suites against it, and stops it.
+test-tansu storage="memory://tansu/": (tansu-up storage)
+    KAFKA_BROKERS={{tansu_addr}} cargo test -p consumer-runtime --test runtime --test replay --test failures --test handler --test otel -- --test-threads=2; status=$?; \
+    KAFKA_BROKERS={{tansu_addr}} cargo test -p consumer-runtime-cli --test cli -- --test-threads=2 || status=1; \
+    {{just_executable()}} tansu-down; exit $status

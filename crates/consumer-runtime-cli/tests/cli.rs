@@ -677,6 +677,12 @@ async fn a_killed_consumer_s_partitions_are_taken_over_and_every_event_applied_o
 /// other test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_program_says_what_it_waits_for_and_goes_on_when_it_is_back() {
+    if testkit::mock_only(
+        "the_program_says_what_it_waits_for_and_goes_on_when_it_is_back",
+        "takes the only broker down",
+    ) {
+        return;
+    }
     use testkit::private_pg::{PrivatePostgres, Stop};
     let dir = std::env::temp_dir().join(rand_name("consumer-runtime-cli-pg"));
     let server =

@@ -14,7 +14,7 @@
 
 use crate::error::{Error, FailureKind, Result, error_chain};
 use crate::event_id::EventId;
-use crate::handler::Handler;
+use crate::handler::{Handler, Record};
 use crate::store::{Backend, CRATE, PartitionKey, Store};
 use crate::unit::{RecordFailure, claim_one, handle_record, identify};
 
@@ -158,7 +158,17 @@ async fn redrive_in<H: Handler<DB>, DB: Backend>(
         tx.commit().await.map_err(Error::db(context))?;
         return Ok(Redriven::AlreadyApplied { event_id });
     }
-    match handle_record(handler, &mut tx, &message, &event_id, event, 1, &q.schema).await {
+    match handle_record(
+        handler,
+        &mut tx,
+        &letter.group,
+        Record::new(&message, &event_id),
+        event,
+        1,
+        &q.schema,
+    )
+    .await
+    {
         Ok(()) => {
             tx.commit().await.map_err(Error::db(context))?;
             tracing::info!(id, topic = %letter.topic, partition = letter.partition, offset = letter.offset, %event_id, "dead letter redriven");

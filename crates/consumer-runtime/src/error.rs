@@ -121,6 +121,27 @@ pub enum Error {
         brokers: String,
     },
 
+    /// The brokers answered a lookup by time (ListOffsets by timestamp) with an offset that
+    /// the partition's own records contradict: the record there is earlier than the time, or
+    /// the record before it is not. The runtime refused to use the answer.
+    #[error(
+        "the Kafka brokers at {brokers} answered that the first record of {topic}/{partition} at or after {time} is at offset {answer}, but {contradiction}; refused (nothing was changed): the broker's lookup by time is wrong, so replay from an offset instead"
+    )]
+    BrokerAnswerContradicted {
+        /// The bootstrap servers.
+        brokers: String,
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// The time asked for, as RFC 3339.
+        time: String,
+        /// The offset the brokers answered.
+        answer: i64,
+        /// What the records say instead.
+        contradiction: String,
+    },
+
     /// A Kafka client operation failed.
     #[error("Kafka error while {context}: {source}")]
     Kafka {

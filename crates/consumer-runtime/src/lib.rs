@@ -67,6 +67,8 @@ mod runtime;
 mod store;
 pub mod telemetry;
 pub mod testing;
+#[cfg(feature = "otel")]
+pub mod trace_context;
 mod unit;
 mod util;
 

@@ -269,6 +269,9 @@ pub(crate) async fn write<DB: Backend>(
         // No order to keep: spread keyless rows over the lanes.
         None => crate::util::random_u64() as u32,
     };
+    #[cfg(feature = "otel")]
+    let headers = encode_headers(&crate::trace_context::with_current(&message.headers));
+    #[cfg(not(feature = "otel"))]
     let headers = encode_headers(&message.headers);
     let row = NewRow {
         id: message.event_id.as_deref(),

@@ -738,6 +738,8 @@ impl<DB: Backend> Relay<DB> {
             }
             match crate::store::dead_letter::decode_headers(&row.headers) {
                 Ok(list) => {
+                    #[cfg(feature = "otel")]
+                    let list = crate::trace_context::relayed(&row.aggregatetype, &row.id, list);
                     for (name, value) in &list {
                         headers = headers.insert(Header {
                             key: name,

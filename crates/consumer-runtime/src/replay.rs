@@ -746,7 +746,10 @@ impl Reader {
                 for s in &mut starts {
                     let low = lows[&s.partition];
                     s.offset = match by_time.get(&s.partition) {
-                        Some(&o) => o.clamp(low, s.high),
+                        Some(&answer) => {
+                            self.check_time_answer(topic, s.partition, low, s.high, t, answer)?;
+                            answer.clamp(low, s.high)
+                        }
                         None => self.search_time(topic, s.partition, low, s.high, t)?,
                     };
                 }
@@ -804,6 +807,81 @@ impl Reader {
                 warn!(error = %e, topic, "looking up offsets by time failed; searching the records instead");
                 HashMap::new()
             }
+        }
+    }
+
+    /// Checks the broker's `answer` to "the first offset of `topic`/`partition` at or after
+    /// time `t`" against the records themselves: the first record at or after the answer must
+    /// be stamped at or after `t`, and the last record before it earlier than `t`. A
+    /// contradiction is [`Error::BrokerAnswerContradicted`], naming the answer. Records
+    /// without a timestamp are not held against it.
+    fn check_time_answer(
+        &self,
+        topic: &str,
+        partition: i32,
+        low: i64,
+        high: i64,
+        t: i64,
+        answer: i64,
+    ) -> Result<()> {
+        let refuse = |contradiction: String| Error::BrokerAnswerContradicted {
+            brokers: self.brokers.clone(),
+            topic: topic.to_owned(),
+            partition,
+            time: format_rfc3339(t),
+            answer,
+            contradiction,
+        };
+        if answer > high {
+            return Err(refuse(format!("the partition's high watermark is {high}")));
+        }
+        let at = answer.clamp(low, high);
+        if at < high
+            && let Some((offset, Some(ts))) = self.record_at(topic, partition, at)?
+            && ts < t
+        {
+            return Err(refuse(format!(
+                "the record at offset {offset} is stamped {}, before that time",
+                format_rfc3339(ts)
+            )));
+        }
+        if at > low
+            && let Some((offset, Some(ts))) = self.record_before(topic, partition, low, at)?
+            && ts >= t
+        {
+            return Err(refuse(format!(
+                "the record before it, at offset {offset}, is stamped {}, not before that time",
+                format_rfc3339(ts)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The last record in `[low, offset)`: its offset and timestamp; `None` if there is none.
+    /// Looks back 1, 2, 4, … offsets, so that a gap (compaction, transaction markers) before
+    /// `offset` costs a few reads, not a scan from `low`.
+    fn record_before(
+        &self,
+        topic: &str,
+        partition: i32,
+        low: i64,
+        offset: i64,
+    ) -> Result<Option<(i64, Option<i64>)>> {
+        let mut back = 1i64;
+        loop {
+            let from = offset.saturating_sub(back).max(low);
+            self.assign(topic, partition, from)?;
+            let mut last = None;
+            while let Some(m) = self.next(topic, partition, from)? {
+                if m.offset() >= offset {
+                    break;
+                }
+                last = Some((m.offset(), m.timestamp().to_millis()));
+            }
+            if last.is_some() || from == low {
+                return Ok(last);
+            }
+            back = back.saturating_mul(2);
         }
     }
 
@@ -988,6 +1066,83 @@ fn format_rfc3339(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The check of a broker's answer to a lookup by time, against a real topic (librdkafka's
+    /// mock cluster, which stores and serves the records' timestamps but cannot look times
+    /// up itself): right answers pass, wrong ones are refused naming the answer.
+    #[test]
+    fn a_time_answer_that_the_records_contradict_is_refused_naming_it() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("times", 1, 1).unwrap();
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", cluster.bootstrap_servers());
+        let producer: BaseProducer = config.create().unwrap();
+        // Ten records one second apart: offset i is stamped t0 + i s.
+        let t0 = 1_700_000_000_000i64;
+        for i in 0..10i64 {
+            producer
+                .send(
+                    BaseRecord::<(), str>::to("times")
+                        .partition(0)
+                        .payload("{}")
+                        .timestamp(t0 + i * 1_000),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+        let reader = Reader::new(&config).unwrap();
+        let check = |t: i64, answer: i64| reader.check_time_answer("times", 0, 0, 10, t, answer);
+
+        for (t, answer) in [
+            (t0 + 4_500, 5),
+            (t0 + 5_000, 5),
+            (t0 - 1, 0),
+            (t0, 0),
+            (t0 + 9_000, 9),
+            (t0 + 60_000, 10),
+        ] {
+            check(t, answer).unwrap_or_else(|e| {
+                panic!(
+                    "the right answer {answer} for t0 + {} ms was refused: {e}",
+                    t - t0
+                )
+            });
+        }
+        for (t, answer, says) in [
+            // What tansu 0.6.0's memory engine answers for any time.
+            (t0 + 4_500, 0, "the record at offset 0 is stamped"),
+            (t0 + 4_500, 4, "the record at offset 4 is stamped"),
+            (
+                t0 + 4_500,
+                7,
+                "the record before it, at offset 6, is stamped",
+            ),
+            (
+                t0 + 4_500,
+                10,
+                "the record before it, at offset 9, is stamped",
+            ),
+            (t0 + 4_500, 11, "the partition's high watermark is 10"),
+        ] {
+            let err = check(t, answer).expect_err("a wrong answer must be refused");
+            assert!(
+                matches!(err, Error::BrokerAnswerContradicted { answer: a, partition: 0, .. } if a == answer),
+                "{err:?}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!(
+                    "times/0 at or after {} is at offset {answer}",
+                    format_rfc3339(t)
+                )) && text.contains(says),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn rfc3339_times_parse_to_utc_milliseconds() {

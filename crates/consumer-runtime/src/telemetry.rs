@@ -36,7 +36,12 @@
 //!   offsets rows).
 //!
 //! Spans (`tracing`, debug level): `batch` per batch attempt (topic, partition, first and last
-//! offset, size) and `record` per handler call (topic, partition, offset, event id).
+//! offset, size) and `record` per handler call (topic, partition, offset, event id, and the
+//! OpenTelemetry messaging attributes: `messaging.system`, `messaging.destination.name`,
+//! `messaging.destination.partition.id`, `messaging.kafka.offset`,
+//! `messaging.consumer.group.name`, `messaging.message.id`, `messaging.operation.type`). With
+//! the `otel` feature a record's `traceparent` header is the `record` span's parent (see
+//! `trace_context`).
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -238,6 +238,7 @@ pub async fn handle_in<H: Handler<DB>, DB: Backend>(
     match run_handler(
         handler,
         conn,
+        "test",
         Record::new(&message, &event_id),
         event,
         1,

@@ -3,7 +3,10 @@
 //! - [`Kafka`]: a librdkafka mock cluster in a child process ([`mock_broker`]), with the
 //!   faults tests inject (broker down and up, request errors), so that the mock cluster's
 //!   occasional abort fails the one test using it instead of the whole test binary. A test
-//!   binary that starts one invokes [`mock_broker_entry!`] at its root.
+//!   binary that starts one invokes [`mock_broker_entry!`] at its root. With `KAFKA_BROKERS`
+//!   set ([`BROKERS_ENV`]) it is that external broker instead: topics are created and deleted
+//!   through the admin API, and a test whose faults only the mock can inject returns early
+//!   saying so ([`mock_only`]).
 //! - [`produced`], [`events_with_duplicates`]: a test's topic, group and events.
 //! - [`TestDb`]: a real database per test (PostgreSQL or a fresh SQLite file) with the
 //!   non-idempotent `test_effects` table, and [`suite!`] to run a generic test on both.
@@ -28,7 +31,10 @@ pub use db::{
     TestDb, assert_exactly_once, effect_counts, ledger_rows, pg_pool, pg_pool_at, sqlite_pool,
     store, stored_offsets, wait_caught_up, wait_caught_up_within,
 };
-pub use kafka::{Kafka, Record, ends_of, events_with_duplicates, produced};
+pub use kafka::{
+    BROKERS_ENV, Kafka, Record, ends_of, events_with_duplicates, external_brokers, mock_only,
+    produced,
+};
 
 /// The runtime's schema in the tests.
 pub const SCHEMA: &str = "consumer_runtime";

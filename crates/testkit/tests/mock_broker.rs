@@ -48,6 +48,12 @@ fn an_aborted_mock_broker_is_an_error_naming_the_signal_not_the_end_of_the_test_
 
 #[test]
 fn the_mock_cluster_carries_out_the_faults_and_refuses_what_it_cannot() {
+    if testkit::mock_only(
+        "the_mock_cluster_carries_out_the_faults_and_refuses_what_it_cannot",
+        "tests the mock cluster's faults",
+    ) {
+        return;
+    }
     let kafka = Kafka::new();
     kafka.create_topic("faults", 1);
     kafka.broker_down();
@@ -71,6 +77,12 @@ fn the_mock_cluster_carries_out_the_faults_and_refuses_what_it_cannot() {
 /// instead of timing out (or taking the test binary down with it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_whose_broker_aborts_fails_its_test_at_once_saying_why() {
+    if testkit::mock_only(
+        "a_consumer_whose_broker_aborts_fails_its_test_at_once_saying_why",
+        "aborts the mock broker's process",
+    ) {
+        return;
+    }
     let pool = <Sqlite as TestDb>::pool().await;
     let (kafka, topic, group, records, _) = produced("abort", 1, 10, 0);
     let mut consumer = Consumer::start(&kafka, &pool, &topic, Counter::new(&group), |rt| rt);

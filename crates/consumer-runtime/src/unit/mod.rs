@@ -514,8 +514,8 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         handle_record(
             &*self.config.handler,
             conn,
-            p.message,
-            id,
+            &self.key.group,
+            Record::new(p.message, id),
             event,
             self.attempt,
             &self.config.queries.schema,
@@ -788,20 +788,20 @@ pub(crate) async fn claim_one<DB: Backend>(
     Ok(!claimed.is_empty())
 }
 
-/// Runs `handler` for one claimed record on `conn`, as try `attempt`, and classifies how it
-/// failed: the handler's `Retry` and a run past [`Handler::timeout`] are transient; its
-/// `Reject` and a panic are permanent failures of the record (a panic is logged here).
+/// Runs `handler` for one claimed record of `group` on `conn`, as try `attempt`, and
+/// classifies how it failed: the handler's `Retry` and a run past [`Handler::timeout`] are
+/// transient; its `Reject` and a panic are permanent failures of the record (a panic is logged
+/// here).
 pub(crate) async fn handle_record<H: Handler<DB>, DB: Backend>(
     handler: &H,
     conn: &mut DB::Connection,
-    message: &OwnedMessage,
-    event_id: &str,
+    group: &str,
+    record: Record<'_>,
     event: H::Event,
     attempt: u32,
     schema: &str,
 ) -> Result<(), RecordFailure> {
-    let record = Record::new(message, event_id);
-    match run_handler(handler, conn, record, event, attempt, schema).await {
+    match run_handler(handler, conn, group, record, event, attempt, schema).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(HandlerError::Retry { source, after })) => {
             Err(RecordFailure::Transient { source, after })
@@ -813,10 +813,10 @@ pub(crate) async fn handle_record<H: Handler<DB>, DB: Backend>(
         })),
         Err(panic) => {
             tracing::error!(
-                topic = %message.topic(),
-                partition = message.partition(),
-                offset = message.offset(),
-                event_id,
+                topic = %record.topic(),
+                partition = record.partition(),
+                offset = record.offset(),
+                event_id = record.event_id(),
                 "{panic}"
             );
             Err(RecordFailure::Permanent(Failure {
@@ -828,12 +828,16 @@ pub(crate) async fn handle_record<H: Handler<DB>, DB: Backend>(
     }
 }
 
-/// Runs `handler` for one record on `conn` as try `attempt` of its batch, catching a panic
-/// (`Err(message)`) and bounding it by [`Handler::timeout`] (a time-out is returned as the
-/// transient `Ok(Err(Retry…))`). `Ok(Err(…))` keeps the handler's own error.
+/// Runs `handler` for one record of `group` on `conn` as try `attempt` of its batch, catching
+/// a panic (`Err(message)`) and bounding it by [`Handler::timeout`] (a time-out is returned as
+/// the transient `Ok(Err(Retry…))`). `Ok(Err(…))` keeps the handler's own error.
+///
+/// The handler runs in a `record` span with the OpenTelemetry messaging attributes; with the
+/// `otel` feature, the record's `traceparent`/`tracestate` headers are its parent.
 pub(crate) async fn run_handler<H: Handler<DB>, DB: Backend>(
     handler: &H,
     conn: &mut DB::Connection,
+    group: &str,
     record: Record<'_>,
     event: H::Event,
     attempt: u32,
@@ -844,8 +848,18 @@ pub(crate) async fn run_handler<H: Handler<DB>, DB: Backend>(
         topic = %record.topic(),
         partition = record.partition(),
         offset = record.offset(),
-        event_id = %record.event_id()
+        event_id = %record.event_id(),
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.destination.name = %record.topic(),
+        messaging.destination.partition.id = %record.partition(),
+        messaging.kafka.offset = record.offset(),
+        messaging.consumer.group.name = group,
+        messaging.message.id = %record.event_id(),
     );
+    #[cfg(feature = "otel")]
+    crate::trace_context::adopt_parent(&span, record.headers());
     let limit = handler.timeout();
     let mut ctx = Context::new(conn, record, attempt).in_schema(schema);
     let call = tracing::Instrument::instrument(handler.handle(&mut ctx, event), span);
