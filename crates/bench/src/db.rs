@@ -52,6 +52,8 @@ pub(crate) trait BenchDb: Backend {
     async fn after_prefill(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()>;
     /// Drops everything the run created.
     async fn drop_all(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()>;
+    /// The pool, if it is PostgreSQL's (`server_limit` runs pgbench against it).
+    fn as_postgres(pool: &Pool<Self>) -> Option<&Pool<Postgres>>;
 }
 
 macro_rules! sink_for {
@@ -97,7 +99,7 @@ macro_rules! sink_for {
 sink_for!(Postgres);
 sink_for!(Sqlite);
 
-fn q(sql: String) -> SqlStr {
+pub(crate) fn q(sql: String) -> SqlStr {
     AssertSqlSafe(sql).into_sql_str()
 }
 
@@ -116,6 +118,10 @@ const EVENTS_COLUMNS: &str = r#"(
 impl BenchDb for Postgres {
     const LABEL: &'static str = "PostgreSQL";
     const POOL_SIZE: u32 = 8;
+
+    fn as_postgres(pool: &Pool<Self>) -> Option<&Pool<Postgres>> {
+        Some(pool)
+    }
 
     fn events_table(schema: &str) -> String {
         format!("{schema}.bench_events")
@@ -189,6 +195,10 @@ FROM generate_series($3::bigint, $4::bigint - 1) AS g"#
 impl BenchDb for Sqlite {
     const LABEL: &'static str = "SQLite";
     const POOL_SIZE: u32 = 4;
+
+    fn as_postgres(_: &Pool<Self>) -> Option<&Pool<Postgres>> {
+        None
+    }
 
     fn events_table(schema: &str) -> String {
         format!("{schema}_bench_events")
