@@ -77,7 +77,10 @@ pub use config::{
 pub use dead_letters::{DeadLetter, DeadLetters, HeaderList, Redriven};
 pub use error::{BoxError, Coordinates, Error, FailureKind, Result};
 pub use event_id::{EventId, EventIdFn};
-pub use handler::{Context, Decode, Handler, HandlerError, Json, Raw, Record, ResultExt, Text};
+pub use handler::{
+    Batch, BatchHandler, Batched, Context, Decode, Handler, HandlerError, Json, Raw, Record,
+    ResultExt, Text,
+};
 pub use replay::{PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress, ReplayRequest};
 pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats, StatsSnapshot};
 pub use store::{Backend, DatabaseKind, Store, StoredOffset, connect, migrate};
