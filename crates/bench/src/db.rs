@@ -3,7 +3,7 @@
 use consumer_runtime::sqlx::{
     self, AssertSqlSafe, Pool, Postgres, SqlSafeStr as _, SqlStr, Sqlite,
 };
-use consumer_runtime::{Backend, Context, Handler, HandlerError, Json};
+use consumer_runtime::{Backend, Batch, BatchHandler, Context, Handler, HandlerError, Json};
 
 /// The handler: one `INSERT` per event into the benchmark's table, through the runtime's
 /// transaction, with a few fields decoded from the JSON payload.
@@ -26,6 +26,134 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"#
     }
 }
 
+/// The batch handler: the same rows as [`Sink`], written with one `INSERT` per batch
+/// (PostgreSQL: `unnest` of one array per column; SQLite: `json_each` of one JSON array of rows).
+/// A record without an `order_id` is rejected by its index.
+pub(crate) struct BatchSink {
+    group: String,
+    insert: SqlStr,
+}
+
+impl BatchSink {
+    pub(crate) fn new<DB: BenchDb>(schema: &str, group: &str) -> BatchSink {
+        BatchSink {
+            group: group.to_owned(),
+            insert: q(DB::batch_insert(&DB::events_table(schema))),
+        }
+    }
+}
+
+/// The columns the sinks write, decoded from one event.
+struct Row<'e> {
+    order_id: &'e str,
+    amount_cents: i64,
+    items: i32,
+}
+
+fn row(event: &serde_json::Value) -> Option<Row<'_>> {
+    Some(Row {
+        order_id: event.get("order_id")?.as_str()?,
+        amount_cents: event
+            .get("amount_cents")
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or(0),
+        items: event
+            .get("items")
+            .and_then(serde_json::Value::as_array)
+            .map_or(0, |a| a.len() as i32),
+    })
+}
+
+impl BatchHandler<Postgres> for BatchSink {
+    type Event = Json<serde_json::Value>;
+
+    async fn handle_batch(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        batch: &Batch<'_, Self::Event>,
+    ) -> Result<(), HandlerError> {
+        let n = batch.len();
+        let (mut ids, mut partitions, mut offsets) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut orders, mut amounts, mut items, mut bytes) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (i, (record, Json(event))) in batch.iter().enumerate() {
+            let Some(r) = row(event) else {
+                batch.reject(i, "no order_id");
+                continue;
+            };
+            ids.push(record.event_id());
+            partitions.push(record.partition());
+            offsets.push(record.offset());
+            orders.push(r.order_id);
+            amounts.push(r.amount_cents);
+            items.push(r.items);
+            bytes.push(record.payload().map_or(0, |p| p.len() as i32));
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(self.insert.clone())
+            .bind(&self.group)
+            .bind(&ids)
+            .bind(&partitions)
+            .bind(&offsets)
+            .bind(&orders)
+            .bind(&amounts)
+            .bind(&items)
+            .bind(&bytes)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
+impl BatchHandler<Sqlite> for BatchSink {
+    type Event = Json<serde_json::Value>;
+
+    async fn handle_batch(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        batch: &Batch<'_, Self::Event>,
+    ) -> Result<(), HandlerError> {
+        // One JSON array of rows, `[[event_id, partition, offset, order_id, amount, items,
+        // bytes], …]`, bound as one text parameter.
+        let mut rows = Vec::with_capacity(batch.len());
+        for (i, (record, Json(event))) in batch.iter().enumerate() {
+            let Some(r) = row(event) else {
+                batch.reject(i, "no order_id");
+                continue;
+            };
+            rows.push(serde_json::json!([
+                record.event_id(),
+                record.partition(),
+                record.offset(),
+                r.order_id,
+                r.amount_cents,
+                r.items,
+                record.payload().map_or(0, <[u8]>::len),
+            ]));
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let rows = serde_json::Value::Array(rows).to_string();
+        sqlx::query(self.insert.clone())
+            .bind(&self.group)
+            .bind(rows)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
 /// What the benchmark needs of a database besides the runtime's [`Backend`].
 pub(crate) trait BenchDb: Backend {
     /// The database's name, for the output.
@@ -34,6 +162,8 @@ pub(crate) trait BenchDb: Backend {
     const POOL_SIZE: u32;
     /// The handler's table.
     fn events_table(schema: &str) -> String;
+    /// [`BatchSink`]'s one statement per batch into `table`.
+    fn batch_insert(table: &str) -> String;
     /// Creates the handler's table.
     async fn create_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()>;
     /// Empties the handler's table.
@@ -127,6 +257,13 @@ impl BenchDb for Postgres {
         format!("{schema}.bench_events")
     }
 
+    fn batch_insert(table: &str) -> String {
+        format!(
+            r#"INSERT INTO {table} (consumer_group, event_id, partition, "offset", order_id, amount_cents, items, payload_bytes)
+SELECT $1, r.* FROM unnest($2::text[], $3::int[], $4::bigint[], $5::text[], $6::bigint[], $7::int[], $8::int[]) AS r"#
+        )
+    }
+
     async fn create_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()> {
         let table = Self::events_table(schema);
         sqlx::query(q(format!("CREATE TABLE {table} {EVENTS_COLUMNS}")))
@@ -202,6 +339,14 @@ impl BenchDb for Sqlite {
 
     fn events_table(schema: &str) -> String {
         format!("{schema}_bench_events")
+    }
+
+    fn batch_insert(table: &str) -> String {
+        format!(
+            r#"INSERT INTO {table} (consumer_group, event_id, partition, "offset", order_id, amount_cents, items, payload_bytes)
+SELECT $1, r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, r.value ->> 4, r.value ->> 5, r.value ->> 6
+FROM json_each($2) AS r"#
+        )
     }
 
     async fn create_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()> {

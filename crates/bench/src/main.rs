@@ -35,10 +35,10 @@ use consumer_runtime::rdkafka::config::ClientConfig;
 use consumer_runtime::rdkafka::consumer::{BaseConsumer, Consumer};
 use consumer_runtime::rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use consumer_runtime::sqlx::{Pool, Postgres, Sqlite};
-use consumer_runtime::{DatabaseKind, Guarantee, Handler, Runtime, Store};
+use consumer_runtime::{Batched, DatabaseKind, Guarantee, Handler, Runtime, Store};
 use tokio::sync::Semaphore;
 
-use crate::db::{BenchDb, Sink};
+use crate::db::{BatchSink, BenchDb, Sink};
 use crate::report::{Outcome, RunInfo};
 use crate::workload::Workload;
 use testkit::mock_broker::{self, MockBroker};
@@ -53,15 +53,18 @@ const JOIN_LIMIT: Duration = Duration::from_secs(120);
 const STALL_LIMIT: Duration = Duration::from_secs(120);
 
 /// Every scenario, in the order they run (in each round of `--repeat`).
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 11] = [
     "raw_consume",
     "server_limit",
     "sql_only_limit",
+    "sql_only_batch_limit",
     "at_most_once",
     "at_least_once",
+    "at_least_once_batch",
     "effectively_once_per_message",
     "effectively_once",
     "replay_processed",
+    "effectively_once_batch",
 ];
 
 fn main() -> std::process::ExitCode {
@@ -279,6 +282,7 @@ impl<DB: BenchDb> Env<DB> {
 async fn run<DB: BenchDb>(args: &Args) -> anyhow::Result<()>
 where
     Sink: Handler<DB>,
+    Batched<BatchSink>: Handler<DB>,
 {
     let wall = Instant::now();
     let schema = format!("bench_{:08x}", workload::random_u64() as u32);
@@ -372,6 +376,7 @@ where
 async fn scenarios<DB: BenchDb>(env: &Env<DB>, args: &Args) -> anyhow::Result<Vec<Outcome>>
 where
     Sink: Handler<DB>,
+    Batched<BatchSink>: Handler<DB>,
 {
     let mut out = Vec::new();
     let eo_group = env.group("effectively_once");
@@ -387,6 +392,7 @@ where
                 runtime_scenario(
                     env,
                     "effectively_once_empty_ledger",
+                    Sink::new::<DB>(&env.schema, &format!("{eo_group}-empty")),
                     Guarantee::EffectivelyOnce,
                     BATCH,
                     false,
@@ -398,21 +404,44 @@ where
         prefill(env, &eo_group, args.ledger_rows).await?;
     }
     if args.wants("sql_only_limit") {
-        out.push(sql_only_limit(env).await?);
+        let group = env.group("sql_only_limit");
+        let sink = Sink::new::<DB>(&env.schema, &group);
+        out.push(sql_only_limit(env, "sql_only_limit", sink).await?);
     }
-    for (name, guarantee, batch) in [
-        ("at_most_once", Guarantee::AtMostOnce, BATCH),
-        ("at_least_once", Guarantee::AtLeastOnce, BATCH),
+    if args.wants("sql_only_batch_limit") {
+        let group = env.group("sql_only_batch_limit");
+        let sink = Batched(BatchSink::new::<DB>(&env.schema, &group));
+        out.push(sql_only_limit(env, "sql_only_batch_limit", sink).await?);
+    }
+    for (name, guarantee, batch, batched) in [
+        ("at_most_once", Guarantee::AtMostOnce, BATCH, false),
+        ("at_least_once", Guarantee::AtLeastOnce, BATCH, false),
+        ("at_least_once_batch", Guarantee::AtLeastOnce, BATCH, true),
         (
             "effectively_once_per_message",
             Guarantee::EffectivelyOnce,
             1,
+            false,
         ),
-        ("effectively_once", Guarantee::EffectivelyOnce, BATCH),
+        ("effectively_once", Guarantee::EffectivelyOnce, BATCH, false),
+        (
+            "effectively_once_batch",
+            Guarantee::EffectivelyOnce,
+            BATCH,
+            true,
+        ),
     ] {
         if args.wants(name) {
             let replay = name == "effectively_once" && args.wants("replay_processed");
-            out.extend(runtime_scenario(env, name, guarantee, batch, replay).await?);
+            let group = env.group(name);
+            let runs = if batched {
+                let sink = Batched(BatchSink::new::<DB>(&env.schema, &group));
+                runtime_scenario(env, name, sink, guarantee, batch, replay).await?
+            } else {
+                let sink = Sink::new::<DB>(&env.schema, &group);
+                runtime_scenario(env, name, sink, guarantee, batch, replay).await?
+            };
+            out.extend(runs);
         }
     }
     Ok(out)
@@ -717,16 +746,16 @@ async fn server_limit<DB: BenchDb>(env: &Env<DB>, url: &str) -> anyhow::Result<O
 /// the handler's inserts, the commit) on in-memory records in batches of [`BATCH`], every
 /// partition concurrently and at most as many transactions at once as the runtime allows, with
 /// no Kafka.
-async fn sql_only_limit<DB: BenchDb>(env: &Env<DB>) -> anyhow::Result<Outcome>
-where
-    Sink: Handler<DB>,
-{
-    let name = "sql_only_limit";
+async fn sql_only_limit<DB: BenchDb, H: Handler<DB>>(
+    env: &Env<DB>,
+    name: &str,
+    handler: H,
+) -> anyhow::Result<Outcome> {
     eprintln!("bench: {name}");
     DB::truncate_events(&env.pool, &env.schema).await?;
     let group = env.group(name);
     let store = Store::new(env.pool.clone(), &env.schema)?;
-    let handler = Arc::new(Sink::new::<DB>(&env.schema, &group));
+    let handler = Arc::new(handler);
     let permits = Arc::new(Semaphore::new(__bench::max_writers(&env.pool).max(1)));
     let ticker = Arc::new(Ticker::start(name, env.args_messages));
     let memory = Memory::reset();
@@ -879,16 +908,14 @@ where
 
 /// One runtime scenario (a fresh group); with `replay`, then rewinds that group to offset 0
 /// while its runtime runs and measures `replay_processed`.
-async fn runtime_scenario<DB: BenchDb>(
+async fn runtime_scenario<DB: BenchDb, H: Handler<DB>>(
     env: &Env<DB>,
     name: &str,
+    handler: H,
     guarantee: Guarantee,
     batch_size: usize,
     replay: bool,
-) -> anyhow::Result<Vec<Outcome>>
-where
-    Sink: Handler<DB>,
-{
+) -> anyhow::Result<Vec<Outcome>> {
     eprintln!("bench: {name} (guarantee {guarantee}, batch size {batch_size})");
     DB::truncate_events(&env.pool, &env.schema).await?;
     let group = env.group(name.trim_end_matches("_empty_ledger"));
@@ -897,7 +924,7 @@ where
     } else {
         group
     };
-    let runtime = Runtime::builder(Sink::new::<DB>(&env.schema, &group))
+    let runtime = Runtime::builder(handler)
         .pool(env.pool.clone())
         .brokers(&env.brokers)
         .group(&group)
