@@ -712,16 +712,8 @@ async fn server_limit<DB: BenchDb>(env: &Env<DB>, url: &str) -> anyhow::Result<O
     let group = env.group(name);
     let memory = Memory::reset();
     let cpu = Cpu::now();
-    let run = server::run(
-        pool,
-        url,
-        &env.schema,
-        &group,
-        TOPIC,
-        env.args_messages,
-        clients,
-    )
-    .await?;
+    let store = Store::new(pool.clone(), &env.schema)?;
+    let run = server::run(&store, url, &group, TOPIC, env.args_messages, clients).await?;
     let used = cpu.since();
     let mut outcome = memory.finish(
         name,
@@ -734,7 +726,7 @@ async fn server_limit<DB: BenchDb>(env: &Env<DB>, url: &str) -> anyhow::Result<O
         },
     );
     outcome.note = Some(format!(
-        "{name}: pgbench, {} clients, {} records per transaction (fence UPDATE, ledger claim of server-generated UUIDs, one multi-row sink INSERT, COMMIT); seconds from pgbench's tps; cpu_us_per_msg is pgbench's own CPU, peak_rss_mb this idle process's",
+        "{name}: pgbench, {} clients, {} records per transaction (the runtime's own fence and ledger claim of server-generated UUIDs, one multi-row sink INSERT, COMMIT); seconds from pgbench's tps; cpu_us_per_msg is pgbench's own CPU, peak_rss_mb this idle process's",
         run.clients,
         server::PER_TRANSACTION
     ));

@@ -3,13 +3,16 @@
 //! can do with one fence `UPDATE`, one ledger claim and one multi-row sink `INSERT` per
 //! 500-record transaction, at the runtime's concurrency.
 //!
-//! The statements mirror the runtime's (`store/postgres.rs`: `advance`, `claim_events`) and the
-//! batch sink's (`db.rs`); a change to either belongs here too.
+//! The fence and the claim are the runtime's own statements (taken from it, so that they follow
+//! any change to the ledger); the sink's `INSERT` writes the rows [`crate::db::BatchSink`]
+//! writes, from `generate_series` instead of bound arrays.
 
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
-use consumer_runtime::sqlx::{self, Pool, Postgres};
+use consumer_runtime::__bench;
+use consumer_runtime::Store;
+use consumer_runtime::sqlx::Postgres;
 
 /// Records per pgbench transaction: the runtime's default batch size.
 pub(crate) const PER_TRANSACTION: u64 = crate::BATCH as u64;
@@ -43,59 +46,90 @@ pub(crate) fn available() -> Result<String, String> {
     }
 }
 
-/// The script one pgbench transaction runs: `:client_id` is the partition, `:pos` the stored
-/// offset the fence expects (`-D pos=0` at the start; each transaction sets it for the next).
-fn script(schema: &str, group: &str, topic: &str) -> String {
-    let events = format!("{schema}.bench_events");
+/// `sql` with its `$n` placeholders replaced by `values[n - 1]` (highest first, so that `$1`
+/// does not eat the start of `$10`).
+fn bind_text(sql: &str, values: &[String]) -> String {
+    let mut out = sql.to_owned();
+    for (i, v) in values.iter().enumerate().rev() {
+        out = out.replace(&format!("${}", i + 1), v);
+    }
+    out
+}
+
+/// The script one pgbench transaction runs: the runtime's own fence and ledger claim (from
+/// [`__bench::unit_statements`], their parameters replaced by pgbench variables and
+/// server-side expressions) and the batch sink's one multi-row `INSERT`. `:client_id` is the
+/// partition, `:pos` its stored offset (`--define=pos=0` at the start; each transaction moves
+/// it on for the next).
+fn script(fence: &str, claim: &str, schema: &str, group: &str, topic: &str, epoch: i64) -> String {
     let n = PER_TRANSACTION;
+    let last = n - 1;
+    let lit = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let fence = bind_text(
+        fence,
+        &[
+            lit(group),
+            lit(topic),
+            ":client_id".to_owned(),
+            epoch.to_string(),
+            "(:pos)::bigint".to_owned(),
+            "(:next)::bigint".to_owned(),
+        ],
+    );
+    let claim = bind_text(
+        claim,
+        &[
+            lit(group),
+            lit(topic),
+            ":client_id".to_owned(),
+            format!("(SELECT array_agg(gen_random_uuid()::text) FROM generate_series(0, {last}))"),
+            format!("(SELECT array_agg((:pos)::bigint + g) FROM generate_series(0, {last}) AS g)"),
+        ],
+    );
+    let events = format!("{schema}.bench_events");
+    let group = lit(group);
     format!(
-        r#"BEGIN;
-UPDATE {schema}.consumer_offsets SET next_offset = next_offset + {n}, updated_at = now()
- WHERE consumer_group = '{group}' AND topic = '{topic}' AND partition = :client_id AND epoch = 1
-   AND next_offset IS NOT DISTINCT FROM :pos
- RETURNING next_offset - {n} AS first, next_offset AS pos \gset
-INSERT INTO {schema}.processed (consumer_group, event_id, topic, partition, "offset")
-SELECT '{group}', gen_random_uuid()::text, '{topic}', :client_id, :first + g FROM generate_series(0, {last}) AS g
-ON CONFLICT DO NOTHING
-RETURNING "offset";
+        r#"\set next :pos + {n}
+BEGIN;
+{fence};
+{claim};
 INSERT INTO {events} (consumer_group, event_id, partition, "offset", order_id, amount_cents, items, payload_bytes)
-SELECT '{group}', gen_random_uuid()::text, :client_id, :first + g, 'ord-' || (:first + g), (:first + g) * 7919 % 100000, 1 + g % 5, 400
+SELECT {group}, gen_random_uuid()::text, :client_id, (:pos)::bigint + g, 'ord-' || ((:pos)::bigint + g), ((:pos)::bigint + g) * 7919 % 100000, 1 + g % 5, 400
 FROM generate_series(0, {last}) AS g;
 COMMIT;
-"#,
-        last = n - 1
+\set pos :next
+"#
     )
 }
 
 /// Runs the script with `clients` clients until they have written at least `messages` records
 /// (whole transactions: rounded up to `clients × 500`). The group's offset rows are created
-/// here, one per client.
+/// first (through the runtime, at offset 0), one per client, and checked at the end: every
+/// fence must have matched.
 pub(crate) async fn run(
-    pool: &Pool<Postgres>,
+    store: &Store<Postgres>,
     url: &str,
-    schema: &str,
     group: &str,
     topic: &str,
     messages: u64,
     clients: u32,
 ) -> anyhow::Result<ServerRun> {
     let clients = clients.max(1);
-    for p in 0..clients {
-        sqlx::query(crate::db::q(format!(
-            "INSERT INTO {schema}.consumer_offsets (consumer_group, topic, partition, next_offset, epoch, owner, updated_at)
-VALUES ($1, $2, $3, 0, 1, 'pgbench', now())"
-        )))
-        .bind(group)
-        .bind(topic)
-        .bind(p as i32)
-        .execute(pool)
-        .await
-        .context("creating pgbench's offset rows")?;
+    let partitions: Vec<(i32, i64)> = (0..clients as i32).map(|p| (p, 0)).collect();
+    store.set_offsets(group, topic, &partitions).await?;
+    let rows = store.stored_offsets(group).await?;
+    let epoch = rows.first().map_or(1, |r| r.epoch);
+    if rows.len() != partitions.len() || rows.iter().any(|r| r.epoch != epoch) {
+        bail!("pgbench's offset rows were not created as expected: {rows:?}");
     }
     let per_client = messages.div_ceil(PER_TRANSACTION * u64::from(clients));
+    let (fence, claim) = __bench::unit_statements(store);
     let path = std::env::temp_dir().join(format!("{group}.pgbench.sql"));
-    std::fs::write(&path, script(schema, group, topic))
-        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(
+        &path,
+        script(&fence, &claim, store.schema(), group, topic, epoch),
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
     let url = url.to_owned();
     let script_path = path.clone();
     let (out, client_cpu_s) = tokio::task::spawn_blocking(move || {
@@ -134,6 +168,15 @@ VALUES ($1, $2, $3, 0, 1, 'pgbench', now())"
         bail!("pgbench processed {processed} of {expected} transactions:\n{stdout}{stderr}");
     }
     let messages = processed * PER_TRANSACTION;
+    let end = (per_client * PER_TRANSACTION) as i64;
+    let stored = store.stored_offsets(group).await?;
+    if let Some(r) = stored.iter().find(|r| r.next_offset != Some(end)) {
+        bail!(
+            "after pgbench, partition {} is at {:?}, not {end}: a fence did not match",
+            r.partition,
+            r.next_offset
+        );
+    }
     Ok(ServerRun {
         messages,
         seconds: processed as f64 / tps.max(1e-9),

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use super::bump;
-use super::partitions::{Control, Core, Slot};
+use super::partitions::{Control, Core, Slot, TopicPartition};
 use super::rebalance::{RuntimeContext, stop_workers};
 use crate::error::{Error, Result};
 use crate::handler::Handler;
@@ -92,7 +92,8 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
 
     fn route(&self, m: OwnedMessage) {
         let mut slots = self.core.slots.lock().expect("slots lock");
-        let Some(Slot::Active(a)) = slots.get_mut(&(m.topic().to_owned(), m.partition())) else {
+        let key: &dyn TopicPartition = &(m.topic(), m.partition());
+        let Some(Slot::Active(a)) = slots.get_mut(key) else {
             return;
         };
         if a.paused || !a.pending.is_empty() {
