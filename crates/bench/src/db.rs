@@ -6,7 +6,7 @@ use consumer_runtime::sqlx::{
 use consumer_runtime::{Backend, Batch, BatchHandler, Context, Handler, HandlerError, Json};
 
 /// The handler: one `INSERT` per event into the benchmark's table, through the runtime's
-/// transaction, with a few fields decoded from the JSON payload.
+/// transaction, with a few fields of the JSON payload ([`Order`]).
 pub(crate) struct Sink {
     group: String,
     insert: SqlStr,
@@ -43,29 +43,38 @@ impl BatchSink {
     }
 }
 
-/// The columns the sinks write, decoded from one event.
-struct Row<'e> {
-    order_id: &'e str,
+/// The event both sinks decode: the fields they write (the rest of the JSON is skipped, and
+/// the line items are only counted).
+#[derive(serde::Deserialize)]
+pub(crate) struct Order {
+    order_id: String,
+    #[serde(default)]
     amount_cents: i64,
+    #[serde(default, deserialize_with = "count")]
     items: i32,
 }
 
-fn row(event: &serde_json::Value) -> Option<Row<'_>> {
-    Some(Row {
-        order_id: event.get("order_id")?.as_str()?,
-        amount_cents: event
-            .get("amount_cents")
-            .and_then(serde_json::Value::as_i64)
-            .unwrap_or(0),
-        items: event
-            .get("items")
-            .and_then(serde_json::Value::as_array)
-            .map_or(0, |a| a.len() as i32),
-    })
+/// The length of a JSON array, without keeping its elements.
+fn count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    struct Count;
+    impl<'de> serde::de::Visitor<'de> for Count {
+        type Value = i32;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<i32, A::Error> {
+            let mut n = 0;
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        }
+    }
+    d.deserialize_seq(Count)
 }
 
 impl BatchHandler<Postgres> for BatchSink {
-    type Event = Json<serde_json::Value>;
+    type Event = Json<Order>;
 
     async fn handle_batch(
         &self,
@@ -84,17 +93,17 @@ impl BatchHandler<Postgres> for BatchSink {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        for (i, (record, Json(event))) in batch.iter().enumerate() {
-            let Some(r) = row(event) else {
-                batch.reject(i, "no order_id");
+        for (i, (record, Json(order))) in batch.iter().enumerate() {
+            if order.order_id.is_empty() {
+                batch.reject(i, "an empty order_id");
                 continue;
-            };
+            }
             ids.push(record.event_id());
             partitions.push(record.partition());
             offsets.push(record.offset());
-            orders.push(r.order_id);
-            amounts.push(r.amount_cents);
-            items.push(r.items);
+            orders.push(order.order_id.as_str());
+            amounts.push(order.amount_cents);
+            items.push(order.items);
             bytes.push(record.payload().map_or(0, |p| p.len() as i32));
         }
         if ids.is_empty() {
@@ -116,7 +125,7 @@ impl BatchHandler<Postgres> for BatchSink {
 }
 
 impl BatchHandler<Sqlite> for BatchSink {
-    type Event = Json<serde_json::Value>;
+    type Event = Json<Order>;
 
     async fn handle_batch(
         &self,
@@ -125,26 +134,32 @@ impl BatchHandler<Sqlite> for BatchSink {
     ) -> Result<(), HandlerError> {
         // One JSON array of rows, `[[event_id, partition, offset, order_id, amount, items,
         // bytes], …]`, bound as one text parameter.
-        let mut rows = Vec::with_capacity(batch.len());
-        for (i, (record, Json(event))) in batch.iter().enumerate() {
-            let Some(r) = row(event) else {
-                batch.reject(i, "no order_id");
+        let mut rows = Vec::with_capacity(2 + batch.len() * 96);
+        rows.push(b'[');
+        for (i, (record, Json(order))) in batch.iter().enumerate() {
+            if order.order_id.is_empty() {
+                batch.reject(i, "an empty order_id");
                 continue;
-            };
-            rows.push(serde_json::json!([
+            }
+            if rows.len() > 1 {
+                rows.push(b',');
+            }
+            let row = (
                 record.event_id(),
                 record.partition(),
                 record.offset(),
-                r.order_id,
-                r.amount_cents,
-                r.items,
+                &order.order_id,
+                order.amount_cents,
+                order.items,
                 record.payload().map_or(0, <[u8]>::len),
-            ]));
+            );
+            serde_json::to_writer(&mut rows, &row).map_err(HandlerError::reject)?;
         }
-        if rows.is_empty() {
+        if rows.len() == 1 {
             return Ok(());
         }
-        let rows = serde_json::Value::Array(rows).to_string();
+        rows.push(b']');
+        let rows = String::from_utf8(rows).map_err(HandlerError::reject)?;
         sqlx::query(self.insert.clone())
             .bind(&self.group)
             .bind(rows)
@@ -189,34 +204,25 @@ pub(crate) trait BenchDb: Backend {
 macro_rules! sink_for {
     ($db:ty) => {
         impl Handler<$db> for Sink {
-            type Event = Json<serde_json::Value>;
+            type Event = Json<Order>;
 
             async fn handle(
                 &self,
                 ctx: &mut Context<'_, $db>,
-                Json(event): Json<serde_json::Value>,
+                Json(order): Json<Order>,
             ) -> Result<(), HandlerError> {
                 let record = ctx.record();
-                let order_id = event
-                    .get("order_id")
-                    .and_then(serde_json::Value::as_str)
-                    .ok_or_else(|| HandlerError::reject("no order_id"))?;
-                let amount = event
-                    .get("amount_cents")
-                    .and_then(serde_json::Value::as_i64)
-                    .unwrap_or(0);
-                let items = event
-                    .get("items")
-                    .and_then(serde_json::Value::as_array)
-                    .map_or(0, |a| a.len() as i32);
+                if order.order_id.is_empty() {
+                    return Err(HandlerError::reject("an empty order_id"));
+                }
                 sqlx::query(self.insert.clone())
                     .bind(&self.group)
                     .bind(record.event_id())
                     .bind(record.partition())
                     .bind(record.offset())
-                    .bind(order_id)
-                    .bind(amount)
-                    .bind(items)
+                    .bind(&order.order_id)
+                    .bind(order.amount_cents)
+                    .bind(order.items)
                     .bind(record.payload().map_or(0, |p| p.len() as i32))
                     .execute(ctx.conn())
                     .await?;
