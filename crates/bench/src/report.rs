@@ -316,7 +316,7 @@ pub(crate) fn report(outcomes: &[Outcome], info: &RunInfo<'_>) -> anyhow::Result
     for v in &verdicts {
         match (v.ratio, v.met) {
             (Some(r), Some(met)) => println!(
-                "  {:<58} ratio {r:>7.2}  {}",
+                "  {:<58} ratio {r:>7.3}  {}",
                 v.line,
                 if met { "met" } else { "NOT MET" }
             ),
@@ -384,7 +384,7 @@ pub(crate) fn report(outcomes: &[Outcome], info: &RunInfo<'_>) -> anyhow::Result
             .map(|v| {
                 serde_json::json!({
                     "target": v.line,
-                    "ratio": v.ratio.map(|r| (r * 100.0).round() / 100.0),
+                    "ratio": v.ratio.map(|r| (r * 1000.0).round() / 1000.0),
                     "met": v.met,
                 })
             })
