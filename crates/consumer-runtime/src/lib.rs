@@ -47,6 +47,11 @@
 //! the handler itself may run more than once (see [`Handler`]). The event's format is explicit
 //! ([`Json`], [`Text`], [`Raw`] or your own [`Decode`]), and [`testing`] runs a handler against
 //! a real database without Kafka.
+//!
+//! To write a whole batch with one statement, implement [`BatchHandler`] instead: one call per
+//! partition batch with every newly claimed record, poison records isolated inside the
+//! transaction ([`Batch::reject`], or by splitting a failed batch), and
+//! [`Runtime::batch_builder`] (or [`Batched`] wherever a [`Handler`] is expected).
 
 pub mod config;
 pub mod dead_letters;

@@ -123,9 +123,11 @@ impl<'a, E> Batch<'a, E> {
 /// - `Ok(())`: the batch commits, except the records named by [`Batch::reject`], which are
 ///   parked and unclaimed in the same transaction.
 /// - [`HandlerError::Retry`] (or a call past [`timeout`](BatchHandler::timeout)): the whole
-///   batch rolls back and is retried after the retry policy's backoff. No record is to blame,
-///   so the policy's `max_attempts` does not park one: the batch is retried until it succeeds
-///   (use [`Batch::attempt`] to give up on a record with [`Batch::reject`]).
+///   batch rolls back and is retried after the retry policy's backoff. After the policy's
+///   `max_attempts` tries the batch is split as for a rejection below, with a retry counting as
+///   a failure: the halves that succeed commit, and a record whose call still asks for a retry
+///   when it is alone is parked as `retries_exhausted`. A failure of the database itself is
+///   retried without limit, as for a [`Handler`].
 /// - [`HandlerError::Reject`] or a panic, a failure that names no record: the batch rolls back
 ///   and is split in halves, each run in a fresh transaction (a fresh call) that commits and
 ///   advances the offset over its half, recursively, until the failing record is alone; that
@@ -219,14 +221,12 @@ impl<DB: Backend, B: BatchHandler<DB>> Handler<DB> for Batched<B> {
         true
     }
 
-    fn __handle_batch<'b>(
+    async fn __handle_batch<'b>(
         &self,
         conn: &mut DB::Connection,
         batch: Batch<'b, B::Event>,
-    ) -> impl Future<Output = (Result<(), HandlerError>, Batch<'b, B::Event>)> + Send {
-        async move {
-            let result = self.0.handle_batch(conn, &batch).await;
-            (result, batch)
-        }
+    ) -> (Result<(), HandlerError>, Batch<'b, B::Event>) {
+        let result = self.0.handle_batch(conn, &batch).await;
+        (result, batch)
     }
 }

@@ -18,6 +18,13 @@
 //! crash between halves resumes after the last committed one. A poison record among `n`
 //! costs about `2·log2(n)` extra calls; records that fail alone are parked, everything else
 //! commits once.
+//!
+//! A retry is blamed on no record either: it rolls the batch back for the worker to retry
+//! with backoff, counted against the batch's first record. When the worker's retry policy
+//! gives up on that record ([`PartitionWriter::give_up`]), the next write of the batch runs in
+//! search mode: a retry then counts as a failure naming no record, so the batch is split the
+//! same way and the record whose call still asks for a retry alone is parked as
+//! `retries_exhausted`.
 
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
@@ -68,13 +75,19 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
             parked: Vec::new(),
             commit: Duration::ZERO,
         };
+        // The retry policy gave up on this batch (its call kept asking for a retry): a retry is
+        // now a failure naming no record, and splitting finds the record that keeps failing.
+        let exhausted = match self.park {
+            true => self.given_up.first().map(|(_, f)| f.attempts),
+            false => None,
+        };
         // Runs still to do, as ranges of `prepared`, the next one last.
         let mut pending = vec![(0, prepared.len())];
         while let Some((lo, hi)) = pending.pop() {
             let run = &mut prepared[lo..hi];
             let end = run.last().map(|p| p.message.offset() + 1);
             let run_fence = fence.and(end);
-            match self.batch_attempt(run, run_fence, ledger).await {
+            match self.batch_attempt(run, run_fence, ledger, exhausted).await {
                 Ok(None) => return Ok(None),
                 Ok(Some(done)) => {
                     total.applied += done.applied;
@@ -123,11 +136,14 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
 
     /// One transaction over `run`: open it (fence, claim), park the records known to fail,
     /// call the batch handler once with the newly claimed rest, park what it rejected, commit.
+    /// `exhausted`: the attempts after which the retry policy gave up on the batch, if it did;
+    /// then a retry counts as a failure naming no record (`retries_exhausted`).
     async fn batch_attempt(
         &self,
         run: &mut [Prepared<'_, H::Event>],
         fence: Option<i64>,
         ledger: bool,
+        exhausted: Option<u32>,
     ) -> Result<Option<Applied>, Abort> {
         let cfg = &*self.config;
         let Some((mut tx, claimed)) = self.open(run, fence, ledger).await? else {
@@ -196,11 +212,20 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
 
         let failure = match result {
             Ok(()) => None,
+            Err(Failed::Retry { source, .. }) if let Some(attempts) = exhausted => Some(Failure {
+                kind: FailureKind::RetriesExhausted,
+                error: format!(
+                    "{} (its batch failed {attempts} times)",
+                    error_chain(source.as_ref())
+                ),
+                attempts,
+            }),
             Err(Failed::Retry { source, after }) => {
                 let _ = tx.rollback().await;
                 return Err(Abort::Batch(BatchError::Transient {
-                    // No record is to blame: the whole batch is retried.
-                    at: None,
+                    // The retry policy counts attempts against the batch's first record; once
+                    // it gives up (`give_up`), the batch is searched for the culprit.
+                    at: Some(self.coordinates(first)),
                     infrastructure: crate::error::is_infrastructure(source.as_ref()),
                     after,
                     source,

@@ -11,7 +11,10 @@
 //! COMMIT
 //! ```
 //!
-//! The other guarantees split this transaction in two (see [`Guarantee`]).
+//! The other guarantees split this transaction in two (see [`Guarantee`]). A batch handler
+//! ([`Batched`](crate::handler::Batched)) is called once with all the newly claimed records
+//! instead of once per record, and isolates its failures by splitting the batch: see
+//! `unit/batch.rs`.
 //!
 //! The file reads top-down: [`PartitionWriter::write`], the three guarantees, the handler
 //! transaction (`run`, with its fast and slow paths and the steps they share: opening the
@@ -604,7 +607,8 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
             };
             out.push(prepared);
         }
-        if self.park && !self.given_up.is_empty() {
+        // A batch handler's given-up batch is searched for its culprit instead (`unit::batch`).
+        if self.park && !self.given_up.is_empty() && !self.config.handler.__is_batch() {
             for p in &mut out {
                 if let Some((_, f)) = self.given_up.iter().find(|(o, _)| *o == p.message.offset())
                     && p.failure.is_none()
@@ -828,7 +832,7 @@ pub(crate) async fn run_handler<H: Handler<DB>, DB: Backend>(
     }
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         format!("the handler panicked: {s}")
     } else if let Some(s) = payload.downcast_ref::<String>() {

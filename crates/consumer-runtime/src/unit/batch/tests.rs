@@ -29,6 +29,9 @@ enum Poison {
     RejectCall,
     /// A panic, after writing every record's effect.
     Panic,
+    /// `Err(Retry)` for the whole call, after writing every record's effect: a record that
+    /// never stops failing.
+    Retry,
 }
 
 /// The test batch handler: applies the non-idempotent effect for every record of its batch
@@ -42,8 +45,11 @@ struct BatchCounter {
     /// Calls still to answer with `Retry` (after writing the effects).
     retries: Arc<Mutex<u32>>,
     /// The event ids and the attempt of each call, in order.
-    calls: Arc<Mutex<Vec<(Vec<String>, u32)>>>,
+    calls: Arc<Mutex<Calls>>,
 }
+
+/// Each call's event ids and attempt.
+type Calls = Vec<(Vec<String>, u32)>;
 
 impl BatchCounter {
     fn new(group: &str, poison: &[String], mode: Poison) -> Self {
@@ -56,7 +62,7 @@ impl BatchCounter {
         }
     }
 
-    fn calls(&self) -> Vec<(Vec<String>, u32)> {
+    fn calls(&self) -> Calls {
         self.calls.lock().unwrap().clone()
     }
 }
@@ -104,6 +110,7 @@ impl<DB: TestDb> BatchHandler<DB> for BatchCounter {
         match (poisoned, self.mode) {
             (true, Poison::RejectCall) => Err(HandlerError::reject("test rejects the batch")),
             (true, Poison::Panic) => panic!("test panics on the batch"),
+            (true, Poison::Retry) => Err(HandlerError::retry("test fails the batch")),
             _ => Ok(()),
         }
     }
@@ -188,7 +195,30 @@ async fn poison_is_isolated<DB: TestDb>(mode: Poison, n: i64, bad: &[i64]) -> Ba
     let poison = ids(&group, bad.iter().copied());
     let handler = BatchCounter::new(&group, &poison, mode);
     let mut w = writer(&pool, &handler, Guarantee::EffectivelyOnce, &key, claim);
-    let outcome = w.write(&batch_of(&key.topic, &group, n)).await.unwrap();
+    let batch = batch_of(&key.topic, &group, n);
+    if mode == Poison::Retry {
+        // The worker's retry loop with `max_attempts = 3`: three rolled-back tries, then it
+        // gives up on the batch's first record, which sends the batch into the search.
+        for attempt in 1..=3 {
+            w.set_attempt(attempt);
+            match w.write(&batch).await {
+                Err(BatchError::Transient {
+                    at: Some(at),
+                    infrastructure: false,
+                    ..
+                }) => {
+                    assert_eq!(at.offset, 0);
+                    assert!(effect_counts(&pool, &group).await.is_empty());
+                    if attempt == 3 {
+                        w.give_up(&at, "test fails the batch (after 3 attempts)".into(), 3);
+                    }
+                }
+                other => panic!("attempt {attempt}: {other:?}"),
+            }
+        }
+        w.set_attempt(1);
+    }
+    let outcome = w.write(&batch).await.unwrap();
     let good = n as usize - bad.len();
     assert_eq!(
         outcome,
@@ -207,15 +237,17 @@ async fn poison_is_isolated<DB: TestDb>(mode: Poison, n: i64, bad: &[i64]) -> Ba
     assert_eq!(parked_offsets, bad, "{mode:?}: {letters:?}");
     let kind = match mode {
         Poison::Panic => FailureKind::Panicked,
+        Poison::Retry => FailureKind::RetriesExhausted,
         _ => FailureKind::Rejected,
     };
     for l in &letters {
         assert_eq!(l.kind, kind, "{l:?}");
-        assert_eq!(l.attempts, 1);
+        assert_eq!(l.attempts, if mode == Poison::Retry { 3 } else { 1 });
         let expected = match mode {
             Poison::RejectIndex => format!("test rejects {}", l.event_id.as_deref().unwrap()),
             Poison::RejectCall => "test rejects the batch".to_owned(),
             Poison::Panic => "test panics on the batch".to_owned(),
+            Poison::Retry => "test fails the batch (its batch failed 3 times)".to_owned(),
         };
         assert!(l.error.contains(&expected), "{}", l.error);
         assert!(!in_ledger(&pool, &group, l.event_id.as_deref().unwrap()).await);
@@ -348,10 +380,10 @@ async fn a_retry_rolls_the_batch_back_and_the_next_try_commits<DB: TestDb>() {
         matches!(
             err,
             BatchError::Transient {
-                at: None,
+                at: Some(ref at),
                 infrastructure: false,
                 ..
-            }
+            } if at.offset == 0
         ),
         "{err:?}"
     );
@@ -458,7 +490,15 @@ async fn a_parked_record_of_a_batch_handler_is_redriven_once<DB: TestDb>() {
     assert!(parked(&pool, &group).await.is_empty());
 }
 
+async fn a_call_that_never_stops_asking_for_a_retry_parks_its_culprit_after_max_attempts<
+    DB: TestDb,
+>() {
+    poison_is_isolated::<DB>(Poison::Retry, 9, &[4]).await;
+    poison_is_isolated::<DB>(Poison::Retry, 1, &[0]).await;
+}
+
 suite!(
+    a_call_that_never_stops_asking_for_a_retry_parks_its_culprit_after_max_attempts,
     one_call_receives_the_newly_claimed_records_in_offset_order,
     rejected_indices_are_parked_in_the_one_transaction,
     a_rejected_call_isolates_poison_first_middle_and_last,
