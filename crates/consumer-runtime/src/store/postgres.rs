@@ -147,13 +147,8 @@ impl_backend! {
         // and carry a mark that tells `begin` so: its transactions then start with a plain
         // BEGIN. (A pool built by hand gets them in every transaction's BEGIN instead.)
         let options = options.options([FROM_CONNECT_OPTION]);
-        // No ping before each acquire: it is a round trip of its own before every transaction's
-        // BEGIN. sqlx still pings each connection when it goes back to the pool, and a
-        // connection that broke while idle fails its transaction's first statement, which the
-        // runtime rolls back and retries like any database error.
         sqlx::postgres::PgPoolOptions::new()
             .max_connections(max_connections)
-            .test_before_acquire(false)
             .acquire_timeout(std::time::Duration::from_secs(10))
             .after_connect(|conn, _| {
                 Box::pin(async move {

@@ -139,11 +139,8 @@ impl_backend! {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(30));
-        // No ping before each acquire (a hop to the connection's thread and back before every
-        // transaction); sqlx still pings a connection when it goes back to the pool.
         sqlx::sqlite::SqlitePoolOptions::new()
             .max_connections(max_connections)
-            .test_before_acquire(false)
             .connect_with(options)
             .await
     }
