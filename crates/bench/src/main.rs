@@ -1,7 +1,7 @@
 //! `bench`: the throughput and peak memory of consumer-runtime's delivery guarantees.
 //!
 //! ```sh
-//! cargo run --release --bin bench -- --messages 200000 --partitions 8 \
+//! cargo run --release --bin bench -- --messages 200000 --partitions 8 --repeat 3 \
 //!     [--database-url postgres://postgres@127.0.0.1:5432/test] [--ledger-rows K] --json FILE
 //! ```
 //!
@@ -9,9 +9,12 @@
 //! librdkafka mock cluster hosted in a child process (this program re-executed with
 //! `--mock-broker P`, so that the topic the broker holds does not count in the consumer's
 //! resident memory), then measures, in one run on one database,
-//! each scenario of [`SCENARIOS`] with a handler that inserts one row per event. It prints a
-//! table and the targets (PostgreSQL, N = 200,000, P = 8) as met / not met, and writes the same
-//! as JSON.
+//! each scenario of [`SCENARIOS`] with a handler that inserts one row per event (`_batch`
+//! scenarios: a batch handler that inserts the whole batch with one statement), and
+//! `server_limit`, the same SQL run by `pgbench` on the server. With `--repeat K` every
+//! scenario runs K times, interleaved. It prints every run, each scenario's median and range,
+//! and the targets (PostgreSQL, N = 200,000, P = 8) as met / not met on ratios of medians, and
+//! writes the same as JSON.
 //!
 //! Runtime scenarios are timed from their first commit (the mock broker's group join takes
 //! about 3 s and is not throughput) until the stored offsets reach the end of every partition;
