@@ -3,10 +3,10 @@
 use consumer_runtime::sqlx::{
     self, AssertSqlSafe, Pool, Postgres, SqlSafeStr as _, SqlStr, Sqlite,
 };
-use consumer_runtime::{Backend, Context, Handler, HandlerError, Json};
+use consumer_runtime::{Backend, Batch, BatchHandler, Context, Handler, HandlerError, Json};
 
 /// The handler: one `INSERT` per event into the benchmark's table, through the runtime's
-/// transaction, with a few fields decoded from the JSON payload.
+/// transaction, with a few fields of the JSON payload ([`Order`]).
 pub(crate) struct Sink {
     group: String,
     insert: SqlStr,
@@ -26,6 +26,149 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"#
     }
 }
 
+/// The batch handler: the same rows as [`Sink`], written with one `INSERT` per batch
+/// (PostgreSQL: `unnest` of one array per column; SQLite: `json_each` of one JSON array of rows).
+/// A record without an `order_id` is rejected by its index.
+pub(crate) struct BatchSink {
+    group: String,
+    insert: SqlStr,
+}
+
+impl BatchSink {
+    pub(crate) fn new<DB: BenchDb>(schema: &str, group: &str) -> BatchSink {
+        BatchSink {
+            group: group.to_owned(),
+            insert: q(DB::batch_insert(&DB::events_table(schema))),
+        }
+    }
+}
+
+/// The event both sinks decode: the fields they write (the rest of the JSON is skipped, and
+/// the line items are only counted).
+#[derive(serde::Deserialize)]
+pub(crate) struct Order {
+    order_id: String,
+    #[serde(default)]
+    amount_cents: i64,
+    #[serde(default, deserialize_with = "count")]
+    items: i32,
+}
+
+/// The length of a JSON array, without keeping its elements.
+fn count<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    struct Count;
+    impl<'de> serde::de::Visitor<'de> for Count {
+        type Value = i32;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<i32, A::Error> {
+            let mut n = 0;
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        }
+    }
+    d.deserialize_seq(Count)
+}
+
+impl BatchHandler<Postgres> for BatchSink {
+    type Event = Json<Order>;
+
+    async fn handle_batch(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        batch: &Batch<'_, Self::Event>,
+    ) -> Result<(), HandlerError> {
+        let n = batch.len();
+        let (mut ids, mut partitions, mut offsets) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut orders, mut amounts, mut items, mut bytes) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for (i, (record, Json(order))) in batch.iter().enumerate() {
+            if order.order_id.is_empty() {
+                batch.reject(i, "an empty order_id");
+                continue;
+            }
+            ids.push(record.event_id());
+            partitions.push(record.partition());
+            offsets.push(record.offset());
+            orders.push(order.order_id.as_str());
+            amounts.push(order.amount_cents);
+            items.push(order.items);
+            bytes.push(record.payload().map_or(0, |p| p.len() as i32));
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(self.insert.clone())
+            .bind(&self.group)
+            .bind(&ids)
+            .bind(&partitions)
+            .bind(&offsets)
+            .bind(&orders)
+            .bind(&amounts)
+            .bind(&items)
+            .bind(&bytes)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
+impl BatchHandler<Sqlite> for BatchSink {
+    type Event = Json<Order>;
+
+    async fn handle_batch(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        batch: &Batch<'_, Self::Event>,
+    ) -> Result<(), HandlerError> {
+        // One JSON array of rows, `[[event_id, partition, offset, order_id, amount, items,
+        // bytes], …]`, bound as one text parameter.
+        let mut rows = Vec::with_capacity(2 + batch.len() * 96);
+        rows.push(b'[');
+        for (i, (record, Json(order))) in batch.iter().enumerate() {
+            if order.order_id.is_empty() {
+                batch.reject(i, "an empty order_id");
+                continue;
+            }
+            if rows.len() > 1 {
+                rows.push(b',');
+            }
+            let row = (
+                record.event_id(),
+                record.partition(),
+                record.offset(),
+                &order.order_id,
+                order.amount_cents,
+                order.items,
+                record.payload().map_or(0, <[u8]>::len),
+            );
+            serde_json::to_writer(&mut rows, &row).map_err(HandlerError::reject)?;
+        }
+        if rows.len() == 1 {
+            return Ok(());
+        }
+        rows.push(b']');
+        let rows = String::from_utf8(rows).map_err(HandlerError::reject)?;
+        sqlx::query(self.insert.clone())
+            .bind(&self.group)
+            .bind(rows)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
 /// What the benchmark needs of a database besides the runtime's [`Backend`].
 pub(crate) trait BenchDb: Backend {
     /// The database's name, for the output.
@@ -34,6 +177,8 @@ pub(crate) trait BenchDb: Backend {
     const POOL_SIZE: u32;
     /// The handler's table.
     fn events_table(schema: &str) -> String;
+    /// [`BatchSink`]'s one statement per batch into `table`.
+    fn batch_insert(table: &str) -> String;
     /// Creates the handler's table.
     async fn create_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()>;
     /// Empties the handler's table.
@@ -52,39 +197,32 @@ pub(crate) trait BenchDb: Backend {
     async fn after_prefill(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()>;
     /// Drops everything the run created.
     async fn drop_all(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()>;
+    /// The pool, if it is PostgreSQL's (`server_limit` runs pgbench against it).
+    fn as_postgres(pool: &Pool<Self>) -> Option<&Pool<Postgres>>;
 }
 
 macro_rules! sink_for {
     ($db:ty) => {
         impl Handler<$db> for Sink {
-            type Event = Json<serde_json::Value>;
+            type Event = Json<Order>;
 
             async fn handle(
                 &self,
                 ctx: &mut Context<'_, $db>,
-                Json(event): Json<serde_json::Value>,
+                Json(order): Json<Order>,
             ) -> Result<(), HandlerError> {
                 let record = ctx.record();
-                let order_id = event
-                    .get("order_id")
-                    .and_then(serde_json::Value::as_str)
-                    .ok_or_else(|| HandlerError::reject("no order_id"))?;
-                let amount = event
-                    .get("amount_cents")
-                    .and_then(serde_json::Value::as_i64)
-                    .unwrap_or(0);
-                let items = event
-                    .get("items")
-                    .and_then(serde_json::Value::as_array)
-                    .map_or(0, |a| a.len() as i32);
+                if order.order_id.is_empty() {
+                    return Err(HandlerError::reject("an empty order_id"));
+                }
                 sqlx::query(self.insert.clone())
                     .bind(&self.group)
                     .bind(record.event_id())
                     .bind(record.partition())
                     .bind(record.offset())
-                    .bind(order_id)
-                    .bind(amount)
-                    .bind(items)
+                    .bind(&order.order_id)
+                    .bind(order.amount_cents)
+                    .bind(order.items)
                     .bind(record.payload().map_or(0, |p| p.len() as i32))
                     .execute(ctx.conn())
                     .await?;
@@ -97,7 +235,7 @@ macro_rules! sink_for {
 sink_for!(Postgres);
 sink_for!(Sqlite);
 
-fn q(sql: String) -> SqlStr {
+pub(crate) fn q(sql: String) -> SqlStr {
     AssertSqlSafe(sql).into_sql_str()
 }
 
@@ -117,8 +255,19 @@ impl BenchDb for Postgres {
     const LABEL: &'static str = "PostgreSQL";
     const POOL_SIZE: u32 = 8;
 
+    fn as_postgres(pool: &Pool<Self>) -> Option<&Pool<Postgres>> {
+        Some(pool)
+    }
+
     fn events_table(schema: &str) -> String {
         format!("{schema}.bench_events")
+    }
+
+    fn batch_insert(table: &str) -> String {
+        format!(
+            r#"INSERT INTO {table} (consumer_group, event_id, partition, "offset", order_id, amount_cents, items, payload_bytes)
+SELECT $1, r.* FROM unnest($2::text[], $3::int[], $4::bigint[], $5::text[], $6::bigint[], $7::int[], $8::int[]) AS r"#
+        )
     }
 
     async fn create_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()> {
@@ -197,8 +346,20 @@ impl BenchDb for Sqlite {
     const LABEL: &'static str = "SQLite";
     const POOL_SIZE: u32 = 4;
 
+    fn as_postgres(_: &Pool<Self>) -> Option<&Pool<Postgres>> {
+        None
+    }
+
     fn events_table(schema: &str) -> String {
         format!("{schema}_bench_events")
+    }
+
+    fn batch_insert(table: &str) -> String {
+        format!(
+            r#"INSERT INTO {table} (consumer_group, event_id, partition, "offset", order_id, amount_cents, items, payload_bytes)
+SELECT $1, r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, r.value ->> 4, r.value ->> 5, r.value ->> 6
+FROM json_each($2) AS r"#
+        )
     }
 
     async fn create_events(pool: &Pool<Self>, schema: &str) -> anyhow::Result<()> {

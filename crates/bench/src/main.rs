@@ -1,7 +1,7 @@
 //! `bench`: the throughput and peak memory of consumer-runtime's delivery guarantees.
 //!
 //! ```sh
-//! cargo run --release --bin bench -- --messages 200000 --partitions 8 \
+//! cargo run --release --bin bench -- --messages 200000 --partitions 8 --repeat 3 \
 //!     [--database-url postgres://postgres@127.0.0.1:5432/test] [--ledger-rows K] --json FILE
 //! ```
 //!
@@ -9,9 +9,12 @@
 //! librdkafka mock cluster hosted in a child process (this program re-executed with
 //! `--mock-broker P`, so that the topic the broker holds does not count in the consumer's
 //! resident memory), then measures, in one run on one database,
-//! each scenario of [`SCENARIOS`] with a handler that inserts one row per event. It prints a
-//! table and the targets (PostgreSQL, N = 200,000, P = 8) as met / not met, and writes the same
-//! as JSON.
+//! each scenario of [`SCENARIOS`] with a handler that inserts one row per event (`_batch`
+//! scenarios: a batch handler that inserts the whole batch with one statement), and
+//! `server_limit`, the same SQL run by `pgbench` on the server. With `--repeat K` every
+//! scenario runs K times, interleaved. It prints every run, each scenario's median and range,
+//! and the targets (PostgreSQL, N = 200,000, P = 8) as met / not met on ratios of medians, and
+//! writes the same as JSON.
 //!
 //! Runtime scenarios are timed from their first commit (the mock broker's group join takes
 //! about 3 s and is not throughput) until the stored offsets reach the end of every partition;
@@ -20,11 +23,13 @@
 //! (PostgreSQL) or table prefix (SQLite) `bench_<random>` dropped at the end.
 
 mod db;
+mod report;
 mod retention;
+mod server;
 mod workload;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -34,31 +39,36 @@ use consumer_runtime::rdkafka::config::ClientConfig;
 use consumer_runtime::rdkafka::consumer::{BaseConsumer, Consumer};
 use consumer_runtime::rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use consumer_runtime::sqlx::{Pool, Postgres, Sqlite};
-use consumer_runtime::{DatabaseKind, Guarantee, Handler, Runtime, Store};
+use consumer_runtime::{Batched, DatabaseKind, Guarantee, Handler, Runtime, Store};
 use tokio::sync::Semaphore;
 
-use crate::db::{BenchDb, Sink};
+use crate::db::{BatchSink, BenchDb, Sink};
+use crate::report::{Outcome, RunInfo};
 use crate::workload::Workload;
 use testkit::mock_broker::{self, MockBroker};
 
 const TOPIC: &str = "bench-orders";
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-/// The runtime's default batch size, used by `sql_only_limit` too.
+/// The runtime's default batch size, used by `sql_only_limit` and `server_limit` too.
 const BATCH: usize = 500;
 /// How long a scenario may wait for its first commit (the group join) before giving up.
 const JOIN_LIMIT: Duration = Duration::from_secs(120);
 /// How long a scenario may go without any progress before the benchmark gives up.
 const STALL_LIMIT: Duration = Duration::from_secs(120);
 
-/// Every scenario, in the order they run.
-const SCENARIOS: [&str; 7] = [
+/// Every scenario, in the order they run (in each round of `--repeat`).
+const SCENARIOS: [&str; 11] = [
     "raw_consume",
+    "server_limit",
     "sql_only_limit",
+    "sql_only_batch_limit",
     "at_most_once",
     "at_least_once",
+    "at_least_once_batch",
     "effectively_once_per_message",
     "effectively_once",
     "replay_processed",
+    "effectively_once_batch",
 ];
 
 fn main() -> std::process::ExitCode {
@@ -148,6 +158,10 @@ struct Cli {
         value_parser = clap::builder::PossibleValuesParser::new(SCENARIOS)
     )]
     scenarios: Vec<String>,
+    /// Run every scenario K times, interleaved (all scenarios, then all again, …), and report
+    /// each one's median and range; the targets' ratios are ratios of medians.
+    #[arg(long, value_name = "K", default_value = "1", value_parser = whole_number)]
+    repeat: u64,
     /// Write the results as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<std::path::PathBuf>,
@@ -173,6 +187,7 @@ struct Args {
     kind: DatabaseKind,
     ledger_rows: u64,
     scenarios: Vec<String>,
+    repeat: u32,
     json: Option<std::path::PathBuf>,
     rss_baseline: Option<std::path::PathBuf>,
     retention: retention::RetentionArgs,
@@ -204,6 +219,7 @@ impl Args {
             url: cli.database_url,
             ledger_rows: cli.ledger_rows,
             scenarios,
+            repeat: u32::try_from(cli.repeat).context("--repeat is too large")?,
             json: cli.json,
             rss_baseline: cli.rss_baseline,
             retention: cli.retention,
@@ -214,30 +230,19 @@ impl Args {
         if args.messages == 0 || args.partitions <= 0 {
             bail!("--messages and --partitions must be positive");
         }
+        if args.repeat == 0 {
+            bail!("--repeat must be at least 1");
+        }
+        if args.repeat > 1 && args.ledger_rows > 0 {
+            bail!(
+                "--ledger-rows measures one pair of runs (empty, then pre-filled ledger); use it without --repeat"
+            );
+        }
         Ok(args)
     }
 
     fn wants(&self, scenario: &str) -> bool {
         self.scenarios.iter().any(|s| s == scenario)
-    }
-}
-
-/// One measured scenario.
-struct Outcome {
-    scenario: String,
-    messages: u64,
-    seconds: f64,
-    peak_rss_mb: f64,
-    start_rss_mb: f64,
-    /// CPU seconds of this process (all threads) during the timed window.
-    process_cpu_s: f64,
-    /// How busy the whole machine's CPUs were during the timed window, percent.
-    machine_busy_pct: f64,
-}
-
-impl Outcome {
-    fn rate(&self) -> f64 {
-        self.messages as f64 / self.seconds.max(1e-9)
     }
 }
 
@@ -254,11 +259,38 @@ struct Env<DB: BenchDb> {
     workload: Workload,
     /// Each partition's end offset.
     ends: Vec<i64>,
+    /// The `--repeat` round under way (1-based).
+    round: AtomicU32,
+    /// Notes for the report (a scenario skipped, and why), each once.
+    notes: std::sync::Mutex<Vec<String>>,
+}
+
+impl<DB: BenchDb> Env<DB> {
+    fn note(&self, note: String) {
+        let mut notes = self.notes.lock().expect("notes lock");
+        if !notes.contains(&note) {
+            notes.push(note);
+        }
+    }
+
+    fn round(&self) -> u32 {
+        self.round.load(Ordering::Relaxed)
+    }
+
+    /// The consumer group (and ledger scope) of `scenario` in this round: a fresh one for
+    /// every run.
+    fn group(&self, scenario: &str) -> String {
+        match self.round() {
+            1 => format!("{}-{scenario}", self.schema),
+            r => format!("{}-{scenario}-r{r}", self.schema),
+        }
+    }
 }
 
 async fn run<DB: retention::RetentionDb>(args: &Args) -> anyhow::Result<()>
 where
     Sink: Handler<DB>,
+    Batched<BatchSink>: Handler<DB>,
 {
     let wall = Instant::now();
     let schema = format!("bench_{:08x}", workload::random_u64() as u32);
@@ -302,8 +334,24 @@ where
         brokers,
         workload,
         ends,
+        round: AtomicU32::new(1),
+        notes: std::sync::Mutex::new(Vec::new()),
     };
-    let result = scenarios(&env, args).await;
+    let mut result = Ok(Vec::new());
+    for round in 1..=args.repeat {
+        env.round.store(round, Ordering::Relaxed);
+        if args.repeat > 1 {
+            eprintln!("bench: round {round} of {}", args.repeat);
+        }
+        match (scenarios(&env, args).await, &mut result) {
+            (Ok(mut outcomes), Ok(all)) => all.append(&mut outcomes),
+            (Err(e), _) => {
+                result = Err(e);
+                break;
+            }
+            (Ok(_), Err(_)) => unreachable!("the loop stops at the first error"),
+        }
+    }
     if let Err(e) = DB::drop_all(&env.pool, &env.schema).await {
         eprintln!("bench: could not drop {}: {e:#}", env.schema);
     }
@@ -315,7 +363,20 @@ where
     }
     drop(cluster);
 
-    report(&outcomes, args, DB::LABEL)?;
+    report::report(
+        &outcomes,
+        &RunInfo {
+            label: DB::LABEL,
+            kind: args.kind,
+            messages: args.messages,
+            partitions: args.partitions,
+            repeat: args.repeat,
+            ledger_rows: args.ledger_rows,
+            json: args.json.as_deref(),
+            rss_baseline: args.rss_baseline.as_deref(),
+            notes: &env.notes.lock().expect("notes lock"),
+        },
+    )?;
     println!("wall time {:.1} s", wall.elapsed().as_secs_f64());
     Ok(())
 }
@@ -326,14 +387,18 @@ async fn scenarios<DB: retention::RetentionDb>(
 ) -> anyhow::Result<Vec<Outcome>>
 where
     Sink: Handler<DB>,
+    Batched<BatchSink>: Handler<DB>,
 {
     if args.retention.retention {
         return retention::scenarios(env, &args.retention).await;
     }
     let mut out = Vec::new();
-    let eo_group = format!("{}-effectively_once", env.schema);
+    let eo_group = env.group("effectively_once");
     if args.wants("raw_consume") {
         out.push(raw_consume(env).await?);
+    }
+    if args.wants("server_limit") {
+        out.extend(server_limit(env, &args.url).await?);
     }
     if args.ledger_rows > 0 {
         if args.wants("effectively_once") {
@@ -341,6 +406,7 @@ where
                 runtime_scenario(
                     env,
                     "effectively_once_empty_ledger",
+                    Sink::new::<DB>(&env.schema, &format!("{eo_group}-empty")),
                     Guarantee::EffectivelyOnce,
                     BATCH,
                     false,
@@ -352,21 +418,44 @@ where
         prefill(env, &eo_group, args.ledger_rows).await?;
     }
     if args.wants("sql_only_limit") {
-        out.push(sql_only_limit(env).await?);
+        let group = env.group("sql_only_limit");
+        let sink = Sink::new::<DB>(&env.schema, &group);
+        out.push(sql_only_limit(env, "sql_only_limit", sink).await?);
     }
-    for (name, guarantee, batch) in [
-        ("at_most_once", Guarantee::AtMostOnce, BATCH),
-        ("at_least_once", Guarantee::AtLeastOnce, BATCH),
+    if args.wants("sql_only_batch_limit") {
+        let group = env.group("sql_only_batch_limit");
+        let sink = Batched(BatchSink::new::<DB>(&env.schema, &group));
+        out.push(sql_only_limit(env, "sql_only_batch_limit", sink).await?);
+    }
+    for (name, guarantee, batch, batched) in [
+        ("at_most_once", Guarantee::AtMostOnce, BATCH, false),
+        ("at_least_once", Guarantee::AtLeastOnce, BATCH, false),
+        ("at_least_once_batch", Guarantee::AtLeastOnce, BATCH, true),
         (
             "effectively_once_per_message",
             Guarantee::EffectivelyOnce,
             1,
+            false,
         ),
-        ("effectively_once", Guarantee::EffectivelyOnce, BATCH),
+        ("effectively_once", Guarantee::EffectivelyOnce, BATCH, false),
+        (
+            "effectively_once_batch",
+            Guarantee::EffectivelyOnce,
+            BATCH,
+            true,
+        ),
     ] {
         if args.wants(name) {
             let replay = name == "effectively_once" && args.wants("replay_processed");
-            out.extend(runtime_scenario(env, name, guarantee, batch, replay).await?);
+            let group = env.group(name);
+            let runs = if batched {
+                let sink = Batched(BatchSink::new::<DB>(&env.schema, &group));
+                runtime_scenario(env, name, sink, guarantee, batch, replay).await?
+            } else {
+                let sink = Sink::new::<DB>(&env.schema, &group);
+                runtime_scenario(env, name, sink, guarantee, batch, replay).await?
+            };
+            out.extend(runs);
         }
     }
     Ok(out)
@@ -387,16 +476,25 @@ impl Memory {
         }
     }
 
-    fn finish(&self, scenario: &str, messages: u64, seconds: f64, cpu: CpuUsed) -> Outcome {
+    fn finish(
+        &self,
+        scenario: &str,
+        round: u32,
+        messages: u64,
+        seconds: f64,
+        cpu: CpuUsed,
+    ) -> Outcome {
         let peak = status_kb("VmHWM:").unwrap_or(0);
         Outcome {
             scenario: scenario.to_owned(),
+            round,
             messages,
             seconds,
             peak_rss_mb: peak as f64 / 1024.0,
             start_rss_mb: self.start_kb as f64 / 1024.0,
             process_cpu_s: cpu.process_s,
             machine_busy_pct: cpu.machine_busy_pct,
+            note: None,
         }
     }
 }
@@ -554,7 +652,7 @@ async fn raw_consume<DB: BenchDb>(env: &Env<DB>) -> anyhow::Result<Outcome> {
     let memory = Memory::reset();
     let cpu = Cpu::now();
     let brokers = env.brokers.clone();
-    let group = format!("{}-{name}", env.schema);
+    let group = env.group(name);
     let partitions = env.partitions;
     let (count, secs) = tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, f64)> {
         let consumer: BaseConsumer = ClientConfig::new()
@@ -596,23 +694,74 @@ async fn raw_consume<DB: BenchDb>(env: &Env<DB>) -> anyhow::Result<Outcome> {
     })
     .await??;
     drop(ticker);
-    Ok(memory.finish(name, count, secs, cpu.since()))
+    Ok(memory.finish(name, env.round(), count, secs, cpu.since()))
+}
+
+/// The batch unit of work's SQL run by `pgbench` on the server ([`server`]); `None` (and a note)
+/// when it cannot run: on SQLite, or without `pgbench`.
+async fn server_limit<DB: BenchDb>(env: &Env<DB>, url: &str) -> anyhow::Result<Option<Outcome>> {
+    let name = "server_limit";
+    let Some(pool) = DB::as_postgres(&env.pool) else {
+        env.note(format!(
+            "{name} skipped: it runs pgbench, which needs PostgreSQL"
+        ));
+        return Ok(None);
+    };
+    let version = match server::available() {
+        Ok(v) => v,
+        Err(why) => {
+            eprintln!("bench: {name} skipped: {why}");
+            env.note(format!("{name} skipped: {why}"));
+            return Ok(None);
+        }
+    };
+    let clients =
+        u32::try_from(__bench::max_writers(&env.pool).min(env.partitions.max(1) as usize))
+            .unwrap_or(1);
+    eprintln!(
+        "bench: {name} ({version}, {clients} clients, {} records per transaction)",
+        server::PER_TRANSACTION
+    );
+    DB::truncate_events(&env.pool, &env.schema).await?;
+    let group = env.group(name);
+    let memory = Memory::reset();
+    let cpu = Cpu::now();
+    let store = Store::new(pool.clone(), &env.schema)?;
+    let run = server::run(&store, url, &group, TOPIC, env.args_messages, clients).await?;
+    let used = cpu.since();
+    let mut outcome = memory.finish(
+        name,
+        env.round(),
+        run.messages,
+        run.seconds,
+        CpuUsed {
+            process_s: run.client_cpu_s,
+            machine_busy_pct: used.machine_busy_pct,
+        },
+    );
+    outcome.note = Some(format!(
+        "{name}: pgbench, {} clients, {} records per transaction (the runtime's own fence and ledger claim of server-generated UUIDs, one multi-row sink INSERT, COMMIT); seconds from pgbench's tps; cpu_us_per_msg is pgbench's own CPU, peak_rss_mb this idle process's",
+        run.clients,
+        server::PER_TRANSACTION
+    ));
+    check_rows(env, name, run.messages).await?;
+    Ok(Some(outcome))
 }
 
 /// The runtime's exact per-batch SQL (the unit of work's write, [`Writer::write`]: the fence, the ledger claim,
 /// the handler's inserts, the commit) on in-memory records in batches of [`BATCH`], every
 /// partition concurrently and at most as many transactions at once as the runtime allows, with
 /// no Kafka.
-async fn sql_only_limit<DB: BenchDb>(env: &Env<DB>) -> anyhow::Result<Outcome>
-where
-    Sink: Handler<DB>,
-{
-    let name = "sql_only_limit";
+async fn sql_only_limit<DB: BenchDb, H: Handler<DB>>(
+    env: &Env<DB>,
+    name: &str,
+    handler: H,
+) -> anyhow::Result<Outcome> {
     eprintln!("bench: {name}");
     DB::truncate_events(&env.pool, &env.schema).await?;
-    let group = format!("{}-{name}", env.schema);
+    let group = env.group(name);
     let store = Store::new(env.pool.clone(), &env.schema)?;
-    let handler = Arc::new(Sink::new::<DB>(&env.schema, &group));
+    let handler = Arc::new(handler);
     let permits = Arc::new(Semaphore::new(__bench::max_writers(&env.pool).max(1)));
     let ticker = Arc::new(Ticker::start(name, env.args_messages));
     let memory = Memory::reset();
@@ -654,7 +803,7 @@ where
     let secs = started.elapsed().as_secs_f64();
     let cpu = cpu.since();
     drop(ticker);
-    let outcome = memory.finish(name, applied as u64, secs, cpu);
+    let outcome = memory.finish(name, env.round(), applied as u64, secs, cpu);
     check_rows(env, name, env.args_messages).await?;
     Ok(outcome)
 }
@@ -765,25 +914,23 @@ where
 
 /// One runtime scenario (a fresh group); with `replay`, then rewinds that group to offset 0
 /// while its runtime runs and measures `replay_processed`.
-async fn runtime_scenario<DB: BenchDb>(
+async fn runtime_scenario<DB: BenchDb, H: Handler<DB>>(
     env: &Env<DB>,
     name: &str,
+    handler: H,
     guarantee: Guarantee,
     batch_size: usize,
     replay: bool,
-) -> anyhow::Result<Vec<Outcome>>
-where
-    Sink: Handler<DB>,
-{
+) -> anyhow::Result<Vec<Outcome>> {
     eprintln!("bench: {name} (guarantee {guarantee}, batch size {batch_size})");
     DB::truncate_events(&env.pool, &env.schema).await?;
-    let group = format!("{}-{}", env.schema, name.trim_end_matches("_empty_ledger"));
+    let group = env.group(name.trim_end_matches("_empty_ledger"));
     let group = if name.ends_with("_empty_ledger") {
         format!("{group}-empty")
     } else {
         group
     };
-    let runtime = Runtime::builder(Sink::new::<DB>(&env.schema, &group))
+    let runtime = Runtime::builder(handler)
         .pool(env.pool.clone())
         .brokers(&env.brokers)
         .group(&group)
@@ -809,7 +956,7 @@ where
             time_until_caught_up(env, &group, &ticker, &mut task, &stats, env.args_messages)
                 .await?;
         drop(ticker);
-        out.push(memory.finish(name, messages, secs, cpu));
+        out.push(memory.finish(name, env.round(), messages, secs, cpu));
         summary(name, &stats);
         check_rows(env, name, env.args_messages).await?;
         if replay {
@@ -826,7 +973,7 @@ where
             let (messages, secs, cpu) =
                 time_until_caught_up(env, &group, &ticker, &mut task, &stats, target).await?;
             drop(ticker);
-            out.push(memory.finish(name, messages, secs, cpu));
+            out.push(memory.finish(name, env.round(), messages, secs, cpu));
             let skipped = stats.snapshot().duplicates - before;
             summary(name, &stats);
             if skipped != env.args_messages {
@@ -893,144 +1040,5 @@ async fn prefill<DB: BenchDb>(env: &Env<DB>, group: &str, k: u64) -> anyhow::Res
         "bench: ledger pre-filled in {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    Ok(())
-}
-
-/// The growth of each scenario's peak RSS from an earlier run's JSON (fewer messages) to this run.
-fn rss_growth(outcomes: &[Outcome], path: &std::path::Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the RSS baseline {}", path.display()))?;
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a bench JSON file", path.display()))?;
-    for o in outcomes {
-        let Some(base) = rows
-            .iter()
-            .find(|r| r["scenario"].as_str() == Some(o.scenario.as_str()))
-        else {
-            continue;
-        };
-        let (Some(base_mb), Some(base_n)) =
-            (base["peak_rss_mb"].as_f64(), base["messages"].as_u64())
-        else {
-            continue;
-        };
-        let growth = 100.0 * (o.peak_rss_mb / base_mb.max(1e-9) - 1.0);
-        let line = format!(
-            "peak RSS grows < 20%: {} {}k -> {}k",
-            o.scenario,
-            base_n / 1000,
-            o.messages / 1000
-        );
-        println!(
-            "  {line:<58} {base_mb:.1} -> {:.1} MB  {growth:>+6.1}%  {}",
-            o.peak_rss_mb,
-            if growth < 20.0 { "met" } else { "NOT MET" }
-        );
-    }
-    Ok(())
-}
-
-/// Prints the table and the targets, and writes the JSON file.
-fn report(outcomes: &[Outcome], args: &Args, label: &str) -> anyhow::Result<()> {
-    println!();
-    println!(
-        "{label}, {} messages, {} partitions{}; runtime scenarios timed from their first commit (the mock broker's ~3 s group join excluded)",
-        args.messages,
-        args.partitions,
-        if args.ledger_rows > 0 {
-            format!(", ledger pre-filled with {} rows", args.ledger_rows)
-        } else {
-            String::new()
-        }
-    );
-    println!(
-        "{:<32} {:>10} {:>9} {:>11} {:>12} {:>13} {:>15} {:>13}",
-        "scenario",
-        "messages",
-        "seconds",
-        "msgs_per_s",
-        "peak_rss_mb",
-        "start_rss_mb",
-        "cpu_us_per_msg",
-        "machine_busy%"
-    );
-    for o in outcomes {
-        println!(
-            "{:<32} {:>10} {:>9.2} {:>11.0} {:>12.1} {:>13.1} {:>15.1} {:>13.0}",
-            o.scenario,
-            o.messages,
-            o.seconds,
-            o.rate(),
-            o.peak_rss_mb,
-            o.start_rss_mb,
-            1e6 * o.process_cpu_s / o.messages.max(1) as f64,
-            o.machine_busy_pct
-        );
-    }
-    println!(
-        "(peak_rss_mb is the process's VmHWM during the scenario, the consumer's and the harness's (the mock broker runs in a child process); start_rss_mb is the RSS when the scenario started; cpu_us_per_msg is this process's CPU time (all threads: Kafka client, runtime, handler, sqlx, and SQLite itself, which runs in-process; not a PostgreSQL server's) per message in the timed window; machine_busy% is the whole machine's CPU use then ({} CPUs))",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    println!();
-    println!("targets (PostgreSQL, N = 200,000, P = 8):");
-    let rate = |name: &str| {
-        outcomes
-            .iter()
-            .find(|o| o.scenario == name)
-            .map(Outcome::rate)
-    };
-    let ratio = |a: &str, factor: f64, b: &str| {
-        let line = format!("{a} >= {factor} x {b}");
-        match (rate(a), rate(b)) {
-            (Some(x), Some(y)) => {
-                let r = x / y;
-                let verdict = if r >= factor { "met" } else { "NOT MET" };
-                println!("  {line:<58} ratio {r:>7.2}  {verdict}");
-            }
-            _ => println!("  {line:<58} not measured in this run"),
-        }
-    };
-    ratio("effectively_once", 0.8, "sql_only_limit");
-    ratio("effectively_once", 25.0, "effectively_once_per_message");
-    ratio("effectively_once", 0.85, "at_least_once");
-    ratio("replay_processed", 1.5, "effectively_once");
-    if args.ledger_rows > 0 {
-        ratio("effectively_once", 0.8, "effectively_once_empty_ledger");
-    } else {
-        println!(
-            "  {:<58} run with --ledger-rows 10000000",
-            "effectively_once (10M-row ledger) >= 0.8 x empty ledger"
-        );
-    }
-    let peak = outcomes.iter().map(|o| o.peak_rss_mb).fold(0.0, f64::max);
-    println!(
-        "  {:<58} peak  {peak:>7.1}  {}",
-        "peak RSS < 150 MB",
-        if peak < 150.0 { "met" } else { "NOT MET" }
-    );
-    match &args.rss_baseline {
-        Some(path) => rss_growth(outcomes, path)?,
-        None => println!(
-            "  {:<58} run --messages 1000000 --rss-baseline <the --json of a --messages 100000 run>",
-            "peak RSS grows < 20% from N=100k to N=1M"
-        ),
-    }
-    if let Some(path) = &args.json {
-        let rows: Vec<serde_json::Value> = outcomes
-            .iter()
-            .map(|o| {
-                serde_json::json!({
-                    "scenario": o.scenario,
-                    "messages": o.messages,
-                    "seconds": (o.seconds * 1000.0).round() / 1000.0,
-                    "msgs_per_s": o.rate().round(),
-                    "peak_rss_mb": (o.peak_rss_mb * 10.0).round() / 10.0,
-                })
-            })
-            .collect();
-        let text = serde_json::to_string_pretty(&rows)?;
-        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-        println!("wrote {}", path.display());
-    }
     Ok(())
 }

@@ -139,6 +139,10 @@ where
         super::runtime_scenario(
             env,
             "effectively_once_empty_ledger",
+            Sink::new::<DB>(
+                &env.schema,
+                &format!("{}-empty", env.group("effectively_once")),
+            ),
             Guarantee::EffectivelyOnce,
             BATCH,
             false,
@@ -309,7 +313,7 @@ where
             env.args_messages
         );
     }
-    Ok(memory.finish(name, messages, secs, cpu))
+    Ok(memory.finish(name, env.round(), messages, secs, cpu))
 }
 
 /// Seconds to remove `rows` ledger rows by dropping their generation, and by one `DELETE`, in a

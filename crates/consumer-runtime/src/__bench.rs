@@ -65,3 +65,16 @@ impl<H: Handler<DB>, DB: Backend> Writer<H, DB> {
 pub fn max_writers<DB: Backend>(pool: &Pool<DB>) -> usize {
     DB::max_writers(pool, CRATE)
 }
+
+/// The runtime's own statements of the batch unit of work on `store`, for the benchmark's
+/// `server_limit` (which runs them with pgbench): the fence (`$1` group, `$2` topic, `$3`
+/// partition, `$4` epoch, `$5` the expected stored offset, `$6` the new one) and the ledger
+/// claim (`$1` group, `$2` topic, `$3` partition, `$4` the ids as `text[]`, `$5` their offsets
+/// as `bigint[]`).
+pub fn unit_statements<DB: Backend>(store: &Store<DB>) -> (String, String) {
+    let q = store.queries();
+    (
+        q.advance.as_str().to_owned(),
+        q.claim_events.as_str().to_owned(),
+    )
+}

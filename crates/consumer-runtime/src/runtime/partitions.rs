@@ -67,6 +67,45 @@ pub(super) struct Active {
     pub(super) stalled: bool,
 }
 
+/// A slot's key, `(topic, partition)`, seen as borrowed parts, so that the poll thread can look
+/// a record's slot up without allocating its topic: `slots.get_mut(&(topic, p) as &dyn
+/// TopicPartition)`. Both forms hash as `(&str, i32)` does, as `Borrow` requires.
+pub(super) trait TopicPartition {
+    fn parts(&self) -> (&str, i32);
+}
+
+impl TopicPartition for (String, i32) {
+    fn parts(&self) -> (&str, i32) {
+        (&self.0, self.1)
+    }
+}
+
+impl TopicPartition for (&str, i32) {
+    fn parts(&self) -> (&str, i32) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn TopicPartition + 'a> for (String, i32) {
+    fn borrow(&self) -> &(dyn TopicPartition + 'a) {
+        self
+    }
+}
+
+impl std::hash::Hash for dyn TopicPartition + '_ {
+    fn hash<S: std::hash::Hasher>(&self, state: &mut S) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for dyn TopicPartition + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn TopicPartition + '_ {}
+
 pub(super) enum Slot {
     Active(Active),
     /// No worker: the partition is paused until `retry_at`, then claimed again —
@@ -326,6 +365,22 @@ mod tests {
     use sqlx::Postgres;
 
     use crate::runtime::test_handler::Nothing;
+
+    #[test]
+    fn a_record_finds_its_partitions_slot_by_borrowed_topic_and_no_other() {
+        let mut slots: HashMap<(String, i32), u32> = HashMap::new();
+        slots.insert(("orders".to_owned(), 3), 1);
+        slots.insert(("orders".to_owned(), 4), 2);
+        slots.insert(("payments".to_owned(), 3), 3);
+        let key: &dyn TopicPartition = &("orders", 4);
+        assert_eq!(slots.get(key), Some(&2));
+        *slots
+            .get_mut(&("payments", 3) as &dyn TopicPartition)
+            .unwrap() += 10;
+        assert_eq!(slots[&("payments".to_owned(), 3)], 13);
+        assert_eq!(slots.get(&("orders", 5) as &dyn TopicPartition), None);
+        assert_eq!(slots.get(&("order", 3) as &dyn TopicPartition), None);
+    }
 
     /// The threads of this process named `consumer-poll`.
     fn poll_threads() -> usize {

@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 
 use super::bump;
 use super::gaps::Gap;
-use super::partitions::{Claimed, Control, Core, LOCKED_RETRY, Slot};
+use super::partitions::{Claimed, Control, Core, LOCKED_RETRY, Slot, TopicPartition};
 use super::rebalance::{RuntimeContext, stop_workers};
 use crate::error::{Error, Result};
 use crate::handler::Handler;
@@ -106,7 +106,8 @@ impl<H: Handler<DB>, DB: Backend> PollThread<H, DB> {
 
     fn route(&self, m: OwnedMessage) {
         let mut slots = self.core.slots.lock().expect("slots lock");
-        let Some(Slot::Active(a)) = slots.get_mut(&(m.topic().to_owned(), m.partition())) else {
+        let key: &dyn TopicPartition = &(m.topic(), m.partition());
+        let Some(Slot::Active(a)) = slots.get_mut(key) else {
             return;
         };
         let offset = m.offset();
