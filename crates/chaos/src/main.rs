@@ -15,6 +15,7 @@
 
 mod consumer;
 mod harness;
+mod pipeline;
 mod rng;
 
 use std::process::ExitCode;
@@ -89,9 +90,25 @@ pub(crate) struct Options {
     /// The faults to inject, comma-separated: kill (SIGKILL a consumer and start a
     /// replacement), zombie (SIGSTOP one past the session timeout, then SIGCONT), pg (restart
     /// the private PostgreSQL, fast or immediate), replay (replay from earliest while the
-    /// consumers run).
-    #[arg(long, value_delimiter = ',', default_value = "kill,zombie,pg,replay", value_parser = ["kill", "zombie", "pg", "replay"])]
+    /// consumers run); with --pipeline also broker (the broker down for 2 to 4 s), and kill
+    /// and zombie hit relays too (a relay frozen past its lane lease). Default:
+    /// kill,zombie,pg,replay, or kill,zombie,pg,broker with --pipeline.
+    #[arg(long, value_delimiter = ',', value_parser = ["kill", "zombie", "pg", "replay", "broker"])]
     faults: Vec<String>,
+
+    /// The transactional outbox end to end: events enter topic `in`; consumer service A
+    /// applies each (a non-idempotent effect) and writes an outbox row in the same
+    /// transaction; --relays relay processes publish the outbox to topic `mid`; consumer
+    /// service B applies each `mid` event (a non-idempotent effect). Checks that every `in`
+    /// event has exactly one effect in A and one in B and that per-key order holds in `mid`,
+    /// and reports the relays' duplicates in `mid` (expected; B's ledger suppresses them).
+    /// --consumers is then the count of each service's consumers.
+    #[arg(long)]
+    pipeline: bool,
+
+    /// Relay processes in --pipeline mode.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
+    relays: u32,
 
     /// The consumers' delivery guarantee, passed to `run --guarantee`. Only for showing that
     /// the check can fail: at-least-once applies producer duplicates, replayed records and a
@@ -126,8 +143,27 @@ fn main() -> ExitCode {
             }
         };
     }
-    let options = Options::parse();
-    match harness::run(options) {
+    let mut options = Options::parse();
+    if options.faults.is_empty() {
+        let default: &[&str] = if options.pipeline {
+            &["kill", "zombie", "pg", "broker"]
+        } else {
+            &["kill", "zombie", "pg", "replay"]
+        };
+        options.faults = default.iter().map(|f| (*f).to_owned()).collect();
+    }
+    if !options.pipeline && options.faults.iter().any(|f| f == "broker") {
+        eprintln!(
+            "error: the broker fault is injected only with --pipeline; drop it from --faults or add --pipeline"
+        );
+        return ExitCode::from(2);
+    }
+    let result = if options.pipeline {
+        pipeline::run(options)
+    } else {
+        harness::run(options)
+    };
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
