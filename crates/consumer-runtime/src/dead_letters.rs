@@ -158,7 +158,7 @@ async fn redrive_in<H: Handler<DB>, DB: Backend>(
         tx.commit().await.map_err(Error::db(context))?;
         return Ok(Redriven::AlreadyApplied { event_id });
     }
-    match handle_record(handler, &mut tx, &message, &event_id, event, 1).await {
+    match handle_record(handler, &mut tx, &message, &event_id, event, 1, &q.schema).await {
         Ok(()) => {
             tx.commit().await.map_err(Error::db(context))?;
             tracing::info!(id, topic = %letter.topic, partition = letter.partition, offset = letter.offset, %event_id, "dead letter redriven");

@@ -188,14 +188,41 @@ pub struct Context<'a, DB: sqlx::Database> {
     conn: &'a mut DB::Connection,
     record: Record<'a>,
     attempt: u32,
+    schema: &'a str,
 }
 
-impl<'a, DB: sqlx::Database> Context<'a, DB> {
+impl<'a, DB: Backend> Context<'a, DB> {
     pub(crate) fn new(conn: &'a mut DB::Connection, record: Record<'a>, attempt: u32) -> Self {
         Context {
             conn,
             record,
             attempt,
+            schema: crate::outbox::DEFAULT_SCHEMA,
+        }
+    }
+
+    /// The runtime's schema, where [`Context::publish`] writes its outbox rows.
+    pub(crate) fn in_schema(mut self, schema: &'a str) -> Self {
+        self.schema = schema;
+        self
+    }
+
+    /// Writes `message` as an outbox row in this transaction (the runtime's schema): it
+    /// commits with the handler's other writes, the ledger row and the offset, and the
+    /// [relay](crate::relay) publishes it after that, with its event id (returned here) in
+    /// the `event-id` header. Consume, write and emit are then one transaction; if the
+    /// handler runs again after a rollback, only the last run's rows exist.
+    ///
+    /// A message without a topic is rejected; a database error is retried (see
+    /// [`HandlerError`]).
+    pub async fn publish(
+        &mut self,
+        message: &crate::outbox::Message,
+    ) -> Result<String, HandlerError> {
+        match crate::outbox::write::<DB>(self.conn, self.schema, message).await {
+            Ok(id) => Ok(id),
+            Err(crate::error::Error::Database { source, .. }) => Err(source.into()),
+            Err(other) => Err(HandlerError::reject(other)),
         }
     }
 

@@ -54,6 +54,8 @@ pub mod error;
 mod event_id;
 mod handler;
 mod kafka;
+pub mod outbox;
+pub mod relay;
 pub mod replay;
 mod runtime;
 mod store;

@@ -227,7 +227,15 @@ pub async fn handle_in<H: Handler<DB>, DB: Backend>(
             crate::error::error_chain(e.as_ref())
         ))
     })?;
-    match run_handler(handler, conn, Record::new(&message, &event_id), event, 1).await {
+    match run_handler(
+        handler,
+        conn,
+        Record::new(&message, &event_id),
+        event,
+        1,
+        crate::outbox::DEFAULT_SCHEMA,
+    )
+    .await {
         Ok(result) => result,
         Err(panic) => Err(HandlerError::reject(panic)),
     }

@@ -7,6 +7,7 @@
 pub(crate) mod dead_letter;
 #[macro_use]
 mod dialect;
+pub(crate) mod outbox;
 mod postgres;
 mod sqlite;
 
@@ -86,7 +87,7 @@ impl std::fmt::Display for DatabaseKind {
 /// A database the runtime can keep its ledger and offsets in: [`sqlx::Postgres`] or
 /// [`sqlx::Sqlite`]. It is sealed: a marker naming the database in `Handler<DB>`,
 /// `Runtime<H, DB>` and [`Store<DB>`]; the SQL behind it is the crate's own.
-pub trait Backend: sqlx::Database + sealed::Sealed + Dialect {
+pub trait Backend: sqlx::Database + sealed::Sealed + Dialect + outbox::OutboxSql {
     /// Which database this is.
     const KIND: DatabaseKind;
 }

@@ -485,6 +485,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
             id,
             event,
             self.attempt,
+            &self.config.queries.schema,
         )
         .await
     }
@@ -763,9 +764,10 @@ pub(crate) async fn handle_record<H: Handler<DB>, DB: Backend>(
     event_id: &str,
     event: H::Event,
     attempt: u32,
+    schema: &str,
 ) -> Result<(), RecordFailure> {
     let record = Record::new(message, event_id);
-    match run_handler(handler, conn, record, event, attempt).await {
+    match run_handler(handler, conn, record, event, attempt, schema).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(HandlerError::Retry { source, after })) => {
             Err(RecordFailure::Transient { source, after })
@@ -801,6 +803,7 @@ pub(crate) async fn run_handler<H: Handler<DB>, DB: Backend>(
     record: Record<'_>,
     event: H::Event,
     attempt: u32,
+    schema: &str,
 ) -> Result<Result<(), HandlerError>, String> {
     let span = tracing::debug_span!(
         "record",
@@ -810,7 +813,7 @@ pub(crate) async fn run_handler<H: Handler<DB>, DB: Backend>(
         event_id = %record.event_id()
     );
     let limit = handler.timeout();
-    let mut ctx = Context::new(conn, record, attempt);
+    let mut ctx = Context::new(conn, record, attempt).in_schema(schema);
     let call = tracing::Instrument::instrument(handler.handle(&mut ctx, event), span);
     match tokio::time::timeout(limit, AssertUnwindSafe(call).catch_unwind()).await {
         Ok(Ok(result)) => Ok(result),
