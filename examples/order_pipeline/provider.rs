@@ -7,7 +7,7 @@
 //!
 //! Its flakiness is deliberate: it can charge and then drop the connection before the answer
 //! (the caller cannot tell whether the charge happened, and must retry with the same key), and
-//! it can refuse a call with 503 before charging. Both are set per provider.
+//! it can refuse a call with 503 before charging. Each hits the first call of one key in n.
 //!
 //! Hand-rolled on tokio's `TcpListener` (one request per connection, `Connection: close`), so
 //! that the example needs no HTTP dependency.
@@ -45,6 +45,8 @@ struct Charge {
 #[derive(Default)]
 struct State {
     by_key: HashMap<String, Charge>,
+    /// Keys refused once with 503.
+    refused_once: std::collections::HashSet<String>,
     ledger: Ledger,
 }
 
@@ -61,13 +63,23 @@ impl Drop for Provider {
     }
 }
 
-/// How often the provider misbehaves, as "every n-th new charge" (0: never).
+/// How often the provider misbehaves: for one key in n (chosen by the key's hash), on the
+/// key's first call only (0: never). A retry of that call then goes through.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Flakiness {
-    /// Every n-th new charge is made, then its connection is closed without an answer.
+    /// The charge is made, then the connection is closed without an answer.
     pub(crate) drop_answer_every: u64,
-    /// Every n-th request is refused with 503 before anything is charged.
+    /// The call is refused with 503 before anything is charged.
     pub(crate) refuse_every: u64,
+}
+
+/// A small stable hash (FNV-1a) that picks the keys the provider misbehaves on.
+pub(crate) fn pick(key: &str, every: u64) -> bool {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    every > 0 && h % every == 0
 }
 
 impl Provider {
@@ -149,16 +161,14 @@ fn decide(request: &Request, state: &Mutex<State>, flakiness: Flakiness) -> Answ
         if charge.body != request.body {
             return Answer::Respond(
                 422,
-                r#"{"error":"this Idempotency-Key was used with another request body"}"#
-                    .to_owned(),
+                r#"{"error":"this Idempotency-Key was used with another request body"}"#.to_owned(),
             );
         }
         let body = format!(r#"{{"charge_id":"{}","replayed":true}}"#, charge.charge_id);
         state.ledger.replays += 1;
         return Answer::Respond(200, body);
     }
-    let n = state.ledger.requests;
-    if flakiness.refuse_every > 0 && n % flakiness.refuse_every == 0 {
+    if pick(&key, flakiness.refuse_every) && state.refused_once.insert(key.clone()) {
         state.ledger.refused += 1;
         return Answer::Respond(
             503,
@@ -172,6 +182,8 @@ fn decide(request: &Request, state: &Mutex<State>, flakiness: Flakiness) -> Answ
         );
     };
     let charge_id = format!("ch_{}", state.by_key.len() + 1);
+    // Only the key's first charge gets here: a retry is answered from `by_key` above.
+    let drop_answer = pick(&format!("drop:{key}"), flakiness.drop_answer_every);
     *state.ledger.charges.entry(order_id).or_default() += 1;
     state.by_key.insert(
         key,
@@ -180,8 +192,7 @@ fn decide(request: &Request, state: &Mutex<State>, flakiness: Flakiness) -> Answ
             charge_id: charge_id.clone(),
         },
     );
-    let new_charges = state.by_key.len() as u64;
-    if flakiness.drop_answer_every > 0 && new_charges % flakiness.drop_answer_every == 0 {
+    if drop_answer {
         state.ledger.dropped_answers += 1;
         return Answer::Drop;
     }
