@@ -169,13 +169,98 @@ impl Handler for ChaosHandler {
 
 /// Writes service A's outbox row for `mid` in the handler's transaction.
 async fn emit(
-    _ctx: &mut Context<'_, Postgres>,
-    _topic: &str,
-    _key: &str,
-    _payload: String,
+    ctx: &mut Context<'_, Postgres>,
+    topic: &str,
+    key: &str,
+    payload: String,
 ) -> Result<(), HandlerError> {
-    // Filled in with the outbox's API once it is merged.
+    let message = consumer_runtime::outbox::Message::new(topic)
+        .key(key)
+        .payload(payload.into_bytes());
+    ctx.publish(&message).await?;
     Ok(())
+}
+
+/// `chaos relay --database-url URL -b BROKERS --schema S --lanes N --lease-ms MS` (hidden):
+/// one relay process of `chaos --pipeline`, the library's [`Relay`] until SIGTERM or SIGINT.
+///
+/// [`Relay`]: consumer_runtime::relay::Relay
+pub(crate) fn relay_main(args: Vec<OsString>) -> ExitCode {
+    match relay(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn relay(args: Vec<OsString>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .init();
+    let mut url = None;
+    let mut brokers = None;
+    let mut schema = "consumer_runtime".to_owned();
+    let mut lanes = consumer_runtime::relay::DEFAULT_LANES;
+    let mut lease = Duration::from_secs(10);
+    let mut args = args.into_iter().map(|a| a.to_string_lossy().into_owned());
+    while let Some(flag) = args.next() {
+        let mut value = || {
+            args.next()
+                .with_context(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--database-url" => url = Some(value()?),
+            "-b" | "--brokers" => brokers = Some(value()?),
+            "--schema" => schema = value()?,
+            "--lanes" => lanes = value()?.parse().context("--lanes wants a whole number")?,
+            "--lease-ms" => {
+                lease = Duration::from_millis(
+                    value()?.parse().context("--lease-ms wants a whole number")?,
+                )
+            }
+            other => anyhow::bail!(
+                "unknown flag `{other}`; chaos relay takes --database-url, -b, --schema, --lanes, --lease-ms"
+            ),
+        }
+    }
+    let url = url.context("chaos relay needs --database-url")?;
+    let brokers = brokers.context("chaos relay needs -b BROKERS")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let pool = consumer_runtime::connect::<Postgres>(&url, 4).await?;
+        let relay = consumer_runtime::relay::Relay::builder(pool)
+            .brokers(brokers)
+            .schema(schema)
+            .lanes(lanes)
+            .lease(lease)
+            .poll_interval(Duration::from_millis(200))
+            .build()?;
+        let stop = relay.shutdown_handle();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            if let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                stop.shutdown();
+            }
+        });
+        relay.run().await?;
+        anyhow::Ok(())
+    })
 }
 
 /// Runs the consumer program with `args` (everything after `chaos consumer`).

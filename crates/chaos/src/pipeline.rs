@@ -31,7 +31,7 @@ use crate::Options;
 use crate::consumer::{ENV_DELAY_US, ENV_MID_TOPIC, ENV_ROLE, ENV_SCHEMA};
 use crate::harness::{
     HEARTBEAT, INTERRUPTED, Proc, Rec, SESSION_TIMEOUT, WAVE_GAP, WAVES, World, last_lines,
-    produce, seed_of, spawn,
+    produce, seed_of, spawn_as,
 };
 use crate::rng::{Rng, mix};
 use testkit::mock_broker::{BrokerCommand, MockBroker};
@@ -671,7 +671,7 @@ impl<'w> PTrial<'w> {
     fn outbox_backlog(&self) -> Option<i64> {
         let w = self.world;
         let sql = format!(
-            "SELECT count(*) FROM {}.outbox WHERE topic = $1 AND published_at IS NULL",
+            "SELECT count(*) FROM {}.outbox WHERE aggregatetype = $1 AND published_at IS NULL AND parked_at IS NULL",
             w.schema
         );
         w.rt.block_on(
@@ -690,7 +690,7 @@ impl<'w> PTrial<'w> {
         let log = self.dir.join(format!("{}-{number}.log", part.name()));
         let client_id = format!("client.id=pipe-{}-{}-{number}", self.trial, part.name());
         let session = format!("session.timeout.ms={}", SESSION_TIMEOUT.as_millis());
-        let lease = format!("{}ms", RELAY_LEASE.as_millis());
+        let lease = RELAY_LEASE.as_millis().to_string();
         let lanes = LANES.to_string();
         let batch_size = self.rng.pick(&[1u32, 10, 50, 200]).to_string();
         let (group, topic, role) = match part {
@@ -699,7 +699,6 @@ impl<'w> PTrial<'w> {
             Part::Relay => (&self.group_a, &self.in_topic, ""),
         };
         let mut args: Vec<&str> = vec![
-            if part == Part::Relay { "relay" } else { "run" },
             "--database-url",
             &w.url,
             "-b",
@@ -708,8 +707,9 @@ impl<'w> PTrial<'w> {
             &w.schema,
         ];
         if part == Part::Relay {
-            args.extend(["--lanes", &lanes, "--lease", &lease, "-X", &client_id]);
+            args.extend(["--lanes", &lanes, "--lease-ms", &lease]);
         } else {
+            args.insert(0, "run");
             args.extend([
                 "-g",
                 group,
@@ -735,7 +735,12 @@ impl<'w> PTrial<'w> {
             (ENV_ROLE, role.to_owned()),
             (ENV_MID_TOPIC, self.mid_topic.clone()),
         ];
-        let child = spawn(&w.exe, &log, &args, &env)?;
+        let mode = if part == Part::Relay {
+            "relay"
+        } else {
+            "consumer"
+        };
+        let child = spawn_as(&w.exe, mode, &log, &args, &env)?;
         let what = if part == Part::Relay {
             String::new()
         } else {
