@@ -20,6 +20,7 @@
 //! (PostgreSQL) or table prefix (SQLite) `bench_<random>` dropped at the end.
 
 mod db;
+mod relay;
 mod workload;
 
 use std::sync::Arc;
@@ -144,7 +145,7 @@ struct Cli {
         long,
         value_name = "A,B,…",
         value_delimiter = ',',
-        value_parser = clap::builder::PossibleValuesParser::new(SCENARIOS)
+        value_parser = clap::builder::PossibleValuesParser::new(SCENARIOS.iter().chain(&relay::SCENARIOS))
     )]
     scenarios: Vec<String>,
     /// Write the results as JSON.
@@ -251,9 +252,10 @@ struct Env<DB: BenchDb> {
     ends: Vec<i64>,
 }
 
-async fn run<DB: BenchDb>(args: &Args) -> anyhow::Result<()>
+async fn run<DB: relay::RelayDb>(args: &Args) -> anyhow::Result<()>
 where
     Sink: Handler<DB>,
+    DB::Connection: consumer_runtime::outbox::OutboxConnection,
 {
     let wall = Instant::now();
     let schema = format!("bench_{:08x}", workload::random_u64() as u32);
@@ -311,13 +313,15 @@ where
     drop(cluster);
 
     report(&outcomes, args, DB::LABEL)?;
+    relay::targets(&outcomes);
     println!("wall time {:.1} s", wall.elapsed().as_secs_f64());
     Ok(())
 }
 
-async fn scenarios<DB: BenchDb>(env: &Env<DB>, args: &Args) -> anyhow::Result<Vec<Outcome>>
+async fn scenarios<DB: relay::RelayDb>(env: &Env<DB>, args: &Args) -> anyhow::Result<Vec<Outcome>>
 where
     Sink: Handler<DB>,
+    DB::Connection: consumer_runtime::outbox::OutboxConnection,
 {
     let mut out = Vec::new();
     let eo_group = format!("{}-effectively_once", env.schema);
@@ -358,6 +362,7 @@ where
             out.extend(runtime_scenario(env, name, guarantee, batch, replay).await?);
         }
     }
+    out.extend(relay::scenarios(env, |s| args.wants(s)).await?);
     Ok(out)
 }
 

@@ -210,10 +210,7 @@ fn relay(args: Vec<OsString>) -> anyhow::Result<()> {
     let mut lease = Duration::from_secs(10);
     let mut args = args.into_iter().map(|a| a.to_string_lossy().into_owned());
     while let Some(flag) = args.next() {
-        let mut value = || {
-            args.next()
-                .with_context(|| format!("{flag} needs a value"))
-        };
+        let mut value = || args.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--database-url" => url = Some(value()?),
             "-b" | "--brokers" => brokers = Some(value()?),
@@ -221,7 +218,9 @@ fn relay(args: Vec<OsString>) -> anyhow::Result<()> {
             "--lanes" => lanes = value()?.parse().context("--lanes wants a whole number")?,
             "--lease-ms" => {
                 lease = Duration::from_millis(
-                    value()?.parse().context("--lease-ms wants a whole number")?,
+                    value()?
+                        .parse()
+                        .context("--lease-ms wants a whole number")?,
                 )
             }
             other => anyhow::bail!(

@@ -103,7 +103,7 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
         };
         total.add(&result);
         println!(
-            "trial {trial}/{} seed={trial_seed} events={} producer_dups={} kills={} frozen_relays={} frozen_consumers={} pg_restarts={} broker_outages={} mid_records={} mid_duplicates={} order_violations={} lost={} duplicated={} wall={:.1}s",
+            "trial {trial}/{} seed={trial_seed} events={} producer_dups={} kills={} frozen_relays={} frozen_consumers={} pg_restarts={} broker_outages={} relay_lanes_fenced={} consumer_commits_fenced={} exits={} mid_records={} mid_duplicates={} order_violations={} lost={} duplicated={} wall={:.1}s",
             opts.trials,
             opts.events,
             result.dups,
@@ -112,6 +112,9 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
             result.frozen_consumers,
             result.pg_restarts,
             result.outages,
+            result.relay_fenced,
+            result.fenced,
+            result.exits,
             result.mid_records,
             result.mid_duplicates,
             result.order_violations,
@@ -186,6 +189,10 @@ struct Outcome {
     pg_restarts: String,
     outages: u32,
     exits: u32,
+    /// Lanes a relay lost to another (its log's "lost the lane" lines).
+    relay_fenced: usize,
+    /// Consumers' stale commits refused.
+    fenced: usize,
     mid_records: u64,
     mid_duplicates: u64,
     order_violations: u64,
@@ -595,7 +602,11 @@ impl<'w> PTrial<'w> {
         }
         let schedule = t.schedule.join("\n") + "\n";
         let _ = std::fs::write(t.dir.join("schedule.txt"), schedule);
+        let relay_fenced = t.count_in_logs("relay-", "lost the lane to another relay");
+        let fenced = t.count_in_logs("consumer-", "commit fenced");
         Ok(Outcome {
+            relay_fenced,
+            fenced,
             dir: t.dir.clone(),
             dups,
             kills,
@@ -849,6 +860,23 @@ impl<'w> PTrial<'w> {
             }
         }
         self.procs.clear();
+    }
+
+    /// Lines containing `needle` in this trial's logs whose names start with `prefix`.
+    fn count_in_logs(&self, prefix: &str, needle: &str) -> usize {
+        std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(needle))
+                    .count()
+            })
+            .sum()
     }
 
     /// This trial's rows of an effects table: event id → applications.
