@@ -53,7 +53,7 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
         .filter(|f| *f != "replay")
         .collect();
     println!(
-        "chaos --pipeline: seed={seed} trials={} events={} partitions={} consumers={}+{} relays={} lanes={LANES} faults={} database={}{}",
+        "chaos --pipeline: seed={seed} trials={} events={} partitions={} consumers={}+{} relays={} lanes={LANES} faults={} guarantee={} database={}{}",
         opts.trials,
         opts.events,
         opts.partitions,
@@ -61,6 +61,7 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
         opts.consumers,
         opts.relays,
         faults.join(","),
+        opts.guarantee,
         if world.pg.is_some() {
             "private PostgreSQL"
         } else {
@@ -732,6 +733,8 @@ impl<'w> PTrial<'w> {
                 "5ms",
                 "--max-attempts",
                 "unlimited",
+                "--guarantee",
+                &self.opts.guarantee,
                 "-X",
                 &session,
                 "-X",
@@ -1080,4 +1083,51 @@ fn read_topic(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<M
         records.extend(rs);
     }
     Ok(Mid { records })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(partition: i32, id: &str, key: &str, seq: u64) -> MidRecord {
+        MidRecord {
+            partition,
+            event_id: Some(id.to_owned()),
+            key: key.to_owned(),
+            seq,
+            src: format!("src-{id}"),
+        }
+    }
+
+    #[test]
+    fn a_republished_batch_is_counted_as_duplicates_not_as_disorder() {
+        // The relay sent 1, 2, 3, crashed before marking 2 and 3, and sent 2, 3, 4 again.
+        let mid = Mid {
+            records: vec![
+                rec(0, "e1", "k", 1),
+                rec(0, "e2", "k", 2),
+                rec(0, "e3", "k", 3),
+                rec(0, "e2", "k", 2),
+                rec(0, "e3", "k", 3),
+                rec(0, "e4", "k", 4),
+            ],
+        };
+        let v = mid.verdict();
+        assert_eq!((v.records, v.duplicates, v.order_violations, v.sources), (6, 2, 0, 4));
+    }
+
+    #[test]
+    fn a_first_occurrence_after_a_later_event_of_its_key_is_a_violation() {
+        let mid = Mid {
+            records: vec![
+                rec(0, "e1", "k", 0),
+                rec(0, "e3", "k", 2),
+                rec(0, "e2", "k", 1),
+                rec(1, "f1", "other", 0),
+            ],
+        };
+        let v = mid.verdict();
+        assert_eq!(v.order_violations, 1);
+        assert_eq!(v.duplicates, 0);
+    }
 }
