@@ -131,6 +131,8 @@ impl FromStr for MetricsAddr {
 }
 
 /// The subcommands.
+// Parsed once per process: the size of `run`'s flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub(super) enum Command {
     /// Consume the topics and run the handler for every record, until SIGINT or SIGTERM
@@ -169,6 +171,100 @@ pub(super) enum Command {
         arg_required_else_help = true
     )]
     DeadLetters(DeadLettersArgs),
+    /// Publish the transactional outbox to Kafka until SIGINT or SIGTERM: rows the
+    /// application or a handler wrote with `outbox::publish` / `ctx.publish`.
+    ///
+    /// At least once, with an idempotent producer (enable.idempotence=true, acks=all); a row
+    /// is marked published (with the partition and offset the broker returned) only after its
+    /// acknowledgement. Rows of one key go out in commit order. Run several for scale-out:
+    /// they share the outbox's lanes, each lane leased by one relay and fenced by an epoch.
+    /// `run --relay` does the same inside the consumer.
+    Relay(RelayArgs),
+    /// Show an event's whole path by its event id: written to the outbox at, published to
+    /// topic/partition/offset (how many times sent), applied by which consumer group at when
+    /// and from where, or a copy suppressed as a duplicate.
+    Trace(TraceArgs),
+    /// Show the outbox's lanes and backlog, list the rows the relay parked as
+    /// unpublishable, or put one back.
+    #[command(subcommand_required = true, arg_required_else_help = true)]
+    Outbox(OutboxArgs),
+}
+
+/// The relay's settings, for `relay` and `run --relay`.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Outbox relay")]
+pub(super) struct RelayOptions {
+    /// How many lanes the outbox is split into (by key hash); fixed by the first relay, and
+    /// every relay of the outbox must pass the same. [default: 16]
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub(super) lanes: Option<usize>,
+
+    /// Outbox rows read and sent per lane and pass. [default: 500]
+    #[arg(long, value_name = "N", value_parser = parse_positive)]
+    pub(super) relay_batch_size: Option<usize>,
+
+    /// How long a lane's lease lasts without renewal: a relay that crashed or froze loses its
+    /// lanes after this, e.g. 10s. [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(super) lease: Option<Duration>,
+
+    /// How often the relay looks for rows without a notification (PostgreSQL's NOTIFY wakes
+    /// it at once). [default: 1s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(super) poll_interval: Option<Duration>,
+
+    /// Keep published rows this long (for `trace`) before deleting them in bounded batches,
+    /// e.g. 1h. [default: 0s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(super) keep_published: Option<Duration>,
+
+    /// This relay's name in the lane leases. [default: relay-PID-RANDOM]
+    #[arg(long, value_name = "NAME")]
+    pub(super) relay_instance: Option<String>,
+
+    /// Do not LISTEN for the writers' notifications (PostgreSQL): poll only.
+    #[arg(long)]
+    pub(super) no_listen: bool,
+}
+
+/// `relay`'s flags.
+#[derive(Debug, Args)]
+pub(super) struct RelayArgs {
+    #[command(flatten)]
+    pub(super) relay: RelayOptions,
+
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (the outbox_* series). [default:
+    /// off] [env: CONSUMER_METRICS_ADDR] [config: metrics_addr]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(super) metrics_addr: Option<MetricsAddr>,
+}
+
+/// `trace`'s argument.
+#[derive(Debug, Args)]
+pub(super) struct TraceArgs {
+    /// The event id (the `event-id` header of the record; what `outbox::publish` returned).
+    #[arg(value_name = "EVENT_ID")]
+    pub(super) event_id: String,
+}
+
+/// `outbox`' subcommands.
+#[derive(Debug, Args)]
+pub(super) struct OutboxArgs {
+    #[command(subcommand)]
+    pub(super) action: OutboxCommand,
+}
+
+/// What `outbox` does.
+#[derive(Debug, Subcommand)]
+pub(super) enum OutboxCommand {
+    /// Each lane: the relay that holds it, its epoch and lease, its unpublished rows and the
+    /// age of the oldest; then the number of parked rows.
+    Status,
+    /// The rows the relay parked because they can never be published (an unknown or invalid
+    /// topic, a record too large), with the error.
+    Parked,
+    /// Put a parked row back for the relay to publish, once its cause is fixed.
+    Retry(TraceArgs),
 }
 
 /// `dead-letters`' subcommands.
@@ -373,6 +469,14 @@ pub(super) struct RunArgs {
     /// CONSUMER_METRICS_INTERVAL] [config: metrics_refresh]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub(super) metrics_interval: Option<Duration>,
+
+    /// Also relay the outbox to Kafka in this process (what the `relay` command does), with
+    /// the relay flags below.
+    #[arg(long)]
+    pub(super) relay: bool,
+
+    #[command(flatten)]
+    pub(super) relay_options: RelayOptions,
 }
 
 impl GlobalArgs {

@@ -12,12 +12,13 @@ use tracing::{info, warn};
 
 use consumer_runtime::dead_letters::{DeadLetter, Redriven};
 use consumer_runtime::error::redact_url;
+use consumer_runtime::relay::Relay;
 use consumer_runtime::{
     Backend, ConsumerOptions, Error, EventId, Handler, PartitionReplay, ReplayMode, ReplayProgress,
     ReplayRequest, Runtime, Store, StoredOffset, connect,
 };
 
-use crate::args::{EventIdArg, show_properties};
+use crate::args::{EventIdArg, RelayOptions, show_properties};
 use crate::settings::{
     Action, DEFAULT_CONCURRENCY, DeadLetters, PurgeTarget, RedriveTarget, ReplaySettings,
     RunSettings, Settings,
@@ -129,6 +130,203 @@ where
             let store = open::<DB>(&database_url, schema, TOOL_POOL).await?;
             dead_letters_command(app, &store, action).await
         }
+        Action::Relay {
+            brokers,
+            relay,
+            metrics_addr,
+        } => {
+            let store = open::<DB>(&database_url, schema, RELAY_POOL).await?;
+            let _server = match &metrics_addr {
+                Some(addr) => Some(serve_metrics(&addr.0).await?),
+                None => None,
+            };
+            let relay = build_relay(&store, &brokers, kafka, &relay, true)?;
+            let stop = relay.shutdown_handle();
+            let stats = relay.stats_handle();
+            let signals = tokio::spawn(async move {
+                shutdown_signal().await;
+                info!("relay: stopping (signal)");
+                stop.shutdown();
+            });
+            let result = relay.run().await;
+            signals.abort();
+            result?;
+            let s = stats.get();
+            info!(
+                published = s.published,
+                sent = s.sent,
+                parked = s.parked,
+                fenced_lanes = s.fenced,
+                "relay stopped"
+            );
+            Ok(())
+        }
+        Action::Trace { event_id } => {
+            let store = open::<DB>(&database_url, schema, TOOL_POOL).await?;
+            let trace = store.trace(&event_id).await?;
+            if trace.outbox.is_none() && trace.applied.is_empty() {
+                return Err(CliError::Usage(format!(
+                    "no event `{event_id}` in the outbox or the ledger of schema `{schema}`; check the id (the record's `event-id` header) and --schema"
+                )));
+            }
+            for line in trace.lines() {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Action::OutboxStatus => {
+            let store = open::<DB>(&database_url, schema, TOOL_POOL).await?;
+            let leases = store.outbox_leases().await?;
+            let lanes = u32::try_from(leases.len()).unwrap_or(u32::MAX).max(1);
+            let backlog = store.outbox_backlog(lanes).await?;
+            let table: Vec<Vec<String>> = leases
+                .iter()
+                .map(|l| {
+                    let b = backlog.iter().find(|b| b.lane == i64::from(l.lane));
+                    vec![
+                        l.lane.to_string(),
+                        l.owner.clone().unwrap_or_else(|| "-".into()),
+                        l.epoch.to_string(),
+                        l.lease_until.clone().unwrap_or_else(|| "-".into()),
+                        b.map_or(0, |b| b.rows).to_string(),
+                        b.and_then(|b| b.oldest)
+                            .map_or_else(|| "-".into(), |s| format!("{s:.1}s")),
+                    ]
+                })
+                .collect();
+            if leases.is_empty() {
+                let pending: i64 = backlog.iter().map(|b| b.rows).sum();
+                println!("no relay has run on this outbox yet; {pending} unpublished rows");
+            } else {
+                print!(
+                    "{}",
+                    render_table(
+                        &["lane", "owner", "epoch", "lease_until", "backlog", "oldest"],
+                        &table
+                    )
+                );
+            }
+            println!("parked: {}", store.outbox_parked().await?.len());
+            Ok(())
+        }
+        Action::OutboxParked => {
+            let store = open::<DB>(&database_url, schema, TOOL_POOL).await?;
+            let rows = store.outbox_parked().await?;
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.id.clone(),
+                        r.aggregatetype.clone(),
+                        r.aggregateid.clone().unwrap_or_else(|| "-".into()),
+                        r.parked_at.clone().unwrap_or_default(),
+                        r.error
+                            .clone()
+                            .unwrap_or_default()
+                            .lines()
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                render_table(&["event_id", "topic", "key", "parked_at", "error"], &table)
+            );
+            Ok(())
+        }
+        Action::OutboxRetry { event_id } => {
+            let store = open::<DB>(&database_url, schema, TOOL_POOL).await?;
+            if store.outbox_retry(&event_id).await? {
+                println!("outbox row {event_id} is queued again for the relay");
+                Ok(())
+            } else {
+                Err(CliError::Usage(format!(
+                    "no parked outbox row has event id `{event_id}`; see `outbox parked`"
+                )))
+            }
+        }
+    }
+}
+
+/// Connections for a relay: reads, the lease and mark transactions, the listener.
+const RELAY_POOL: u32 = 4;
+
+/// A relay over `store`'s outbox with the command line's settings.
+fn build_relay<DB: Backend>(
+    store: &Store<DB>,
+    brokers: &str,
+    kafka: &BTreeMap<String, String>,
+    o: &RelayOptions,
+    all_properties: bool,
+) -> Result<Relay<DB>, CliError> {
+    let mut b = Relay::builder(store.pool().clone())
+        .schema(store.schema())
+        .brokers(brokers)
+        .listen(!o.no_listen);
+    if let Some(n) = o.lanes {
+        b = b.lanes(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+    if let Some(n) = o.relay_batch_size {
+        b = b.batch_size(n);
+    }
+    if let Some(d) = o.lease {
+        b = b.lease(d);
+    }
+    if let Some(d) = o.poll_interval {
+        b = b.poll_interval(d);
+    }
+    if let Some(d) = o.keep_published {
+        b = b.keep_published(d);
+    }
+    if let Some(name) = &o.relay_instance {
+        b = b.instance(name);
+    }
+    for (k, v) in kafka {
+        if all_properties || producer_property(k) {
+            b = b.producer_config(k, v);
+        }
+    }
+    Ok(b.build()?)
+}
+
+/// Whether a `-X` property of `run` also goes to the producer of `run --relay`: the
+/// connection's (security, SASL, SSL, client id, sockets) and the producer's own. (`relay`
+/// passes every `-X` property to its producer.)
+fn producer_property(key: &str) -> bool {
+    ["security.", "sasl.", "ssl.", "socket."]
+        .iter()
+        .any(|p| key.starts_with(p))
+        || [
+            "client.id",
+            "message.timeout.ms",
+            "request.timeout.ms",
+            "linger.ms",
+            "batch.size",
+            "batch.num.messages",
+            "compression.type",
+            "message.max.bytes",
+            "queue.buffering.max.messages",
+            "queue.buffering.max.kbytes",
+        ]
+        .contains(&key)
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -201,7 +399,9 @@ async fn run_consumer<H: Handler<DB>, DB: Backend>(
 ) -> Result<(), CliError> {
     let concurrency = options.concurrency.unwrap_or(DEFAULT_CONCURRENCY);
     // The claims on assignment and the epoch watcher need connections besides the writers.
-    let pool_size = u32::try_from(concurrency).unwrap_or(u32::MAX - 2) + 2;
+    let pool_size = u32::try_from(concurrency).unwrap_or(u32::MAX - 8) + 2;
+    // `--relay`: the relay's reads, lease and mark transactions, and its listener.
+    let pool_size = pool_size + if run.relay.is_some() { RELAY_POOL } else { 0 };
     info!(
         database = %redact_url(url),
         brokers = %options.brokers,
@@ -223,13 +423,43 @@ async fn run_consumer<H: Handler<DB>, DB: Backend>(
             None
         }
     };
+    let relay = match &run.relay {
+        Some(o) => {
+            let store = Store::new(pool.clone(), &options.schema)?;
+            Some(build_relay(
+                &store,
+                &options.brokers,
+                &options.kafka,
+                o,
+                false,
+            )?)
+        }
+        None => None,
+    };
     let builder = Runtime::<H, DB>::builder(app.handler)
         .pool(pool)
         .options(options)
         .event_id(event_id(run.event_id, app.event_id));
     let runtime = builder.build()?;
     let stats = runtime.stats();
-    runtime.run().await?;
+    let relay = relay.map(|relay| {
+        let stop = relay.shutdown_handle();
+        (stop, tokio::spawn(relay.run()))
+    });
+    let result = runtime.run().await;
+    if let Some((stop, task)) = relay {
+        stop.shutdown();
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "the outbox relay stopped with an error");
+                result?;
+                return Err(e.into());
+            }
+            Err(e) => warn!(error = %e, "the outbox relay task failed"),
+        }
+    }
+    result?;
     let stats = stats.snapshot();
     info!(
         applied = stats.applied,

@@ -511,6 +511,22 @@ Examples:
   {p} replay -b kafka:9092 -g {p} -t {p} --from earliest --rebuild   # re-runs the handler!"
                 ),
             ),
+            (
+                "relay",
+                format!(
+                    "Examples:
+  {p} relay --database-url {url} -b kafka:9092
+  {p} relay -b kafka:9092 --lanes 16 --keep-published 1h --metrics-addr 0.0.0.0:9101
+  {p} run -b kafka:9092 -g {p} -t {p} --relay        # consume and relay in one process"
+                ),
+            ),
+            (
+                "trace",
+                format!(
+                    "Examples:
+  {p} trace 5f0c9a1e-2b7d-4c1a-9e3f-0a6b8d2c4e71"
+                ),
+            ),
         ]
     }
 

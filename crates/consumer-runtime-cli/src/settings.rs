@@ -20,7 +20,7 @@ use toml::de::{DeTable, ValueDeserializer};
 use crate::CliError;
 use crate::args::{
     Cli, Command, DeadLettersCommand, EventIdArg, LogFormat, MetricsAddr, OffsetsAction,
-    clean_topics,
+    OutboxCommand, RelayOptions, clean_topics,
 };
 use consumer_runtime::ConsumerOptions;
 use consumer_runtime::ReplayFrom;
@@ -119,6 +119,19 @@ pub(super) enum Action {
     },
     Replay(ReplaySettings),
     DeadLetters(DeadLetters),
+    Relay {
+        brokers: String,
+        relay: RelayOptions,
+        metrics_addr: Option<MetricsAddr>,
+    },
+    Trace {
+        event_id: String,
+    },
+    OutboxStatus,
+    OutboxParked,
+    OutboxRetry {
+        event_id: String,
+    },
 }
 
 /// `dead-letters`' subcommands, resolved.
@@ -170,6 +183,8 @@ pub(super) struct RunSettings {
     pub(super) event_id: Option<EventIdArg>,
     /// `--metrics-addr`: serve Prometheus metrics there.
     pub(super) metrics_addr: Option<MetricsAddr>,
+    /// `--relay`: relay the outbox in the same process, with these settings.
+    pub(super) relay: Option<RelayOptions>,
 }
 
 /// `replay`'s settings.
@@ -490,6 +505,7 @@ pub(super) fn resolve(
             let run = RunSettings {
                 event_id: event_id(r.event_id.take()),
                 metrics_addr: layers.layered(addr_flag, ENV_METRICS_ADDR, keys.metrics_addr)?,
+                relay: r.relay.then(|| std::mem::take(&mut r.relay_options)),
             };
             r.overlay(&mut options);
 
@@ -623,6 +639,21 @@ pub(super) fn resolve(
                 DeadLetters::Purge(target)
             }
         }),
+        Command::Relay(r) => Action::Relay {
+            brokers: brokers(&options)?,
+            relay: r.relay,
+            metrics_addr: layers.layered(r.metrics_addr, ENV_METRICS_ADDR, keys.metrics_addr)?,
+        },
+        Command::Trace(t) => Action::Trace {
+            event_id: t.event_id,
+        },
+        Command::Outbox(o) => match o.action {
+            OutboxCommand::Status => Action::OutboxStatus,
+            OutboxCommand::Parked => Action::OutboxParked,
+            OutboxCommand::Retry(t) => Action::OutboxRetry {
+                event_id: t.event_id,
+            },
+        },
     };
     Ok(Settings {
         database_url,

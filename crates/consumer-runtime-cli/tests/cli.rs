@@ -441,8 +441,18 @@ fn owner_pid(owner: &str) -> Option<u32> {
 #[tokio::test]
 async fn migrate_then_run_applies_every_order_event_exactly_once() {
     let s = Setup::new(4).await;
-    // `migrate` names the runtime's schema version and the app's, and can run again.
-    for version in ["20261123000001", "20261123000002"] {
+    // `migrate` names the runtime's schema version (its newest migration) and the app's, and
+    // can run again.
+    let runtime =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations/postgres"))
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                Some(name.split_once('_')?.0.to_owned())
+            })
+            .max()
+            .expect("the runtime's migrations");
+    for version in [runtime.as_str(), "20261123000002"] {
         assert!(
             s.migrate.stdout.contains(version),
             "`migrate` does not name version {version}:\n{}",
@@ -1575,4 +1585,151 @@ async fn demo_session() {
     ]);
     show(&["run", "--config", "orders.toml", "--batch-size", "0"]);
     drop(pool);
+}
+
+/// Writes order events (partition ignored, event id, payload) to the outbox of `s`'s schema in
+/// one transaction, keyed by order, with the events' own ids as event ids.
+async fn write_outbox(s: &Setup, records: &[(i32, String, String)]) {
+    use consumer_runtime::outbox::{Message, Outbox};
+    let ob = Outbox::new(&s.schema).unwrap();
+    let mut tx = s.pool.begin().await.unwrap();
+    for (_, id, payload) in records {
+        let order = id.rsplit_once("-v").unwrap().0;
+        let message = Message::new(&s.topic)
+            .key(order)
+            .payload(payload.clone())
+            .event_id(id);
+        ob.publish(&mut tx, &message).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+/// `relay` publishes the outbox (written in the application's transaction) to the topic, the
+/// consumer applies every event exactly once, `outbox status` shows the lanes leased by the
+/// relay, and `trace` shows each event's path: written, published to topic/partition/offset,
+/// applied by the group. `run --relay` does both in one process.
+#[tokio::test]
+async fn relay_publishes_the_outbox_and_trace_shows_the_whole_path() {
+    let s = Setup::new(2).await;
+    let (records, ids) = order_events(&s.topic, 5, 2, 0);
+    write_outbox(&s, &records).await;
+    let relay_flags = [
+        "--brokers",
+        &s.kafka.bootstrap,
+        "--lanes",
+        "4",
+        "--keep-published",
+        "1h",
+        "--poll-interval",
+        "100ms",
+    ];
+    let mut relay_args = vec![
+        "relay",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ];
+    relay_args.extend(relay_flags);
+    let mut relay = spawn("relay", orders(&s.db_args(&relay_args)));
+    let addr = metrics_addr(&relay).await;
+    let mut run = s.run("run", &QUICK_SESSION);
+    wait_until(WAIT, "every outbox event applied", || async {
+        s.applied().await.len() == ids.len()
+    })
+    .await;
+
+    let status = output("outbox-status", orders(&s.db_args(&["outbox", "status"])));
+    status.assert_success("orders outbox status");
+    let lanes = table(&status.stdout, "lane");
+    assert_eq!(lanes.len(), 4, "{}", status.stdout);
+    assert!(
+        lanes.iter().all(|l| l["owner"].starts_with("relay-")),
+        "{}",
+        status.stdout
+    );
+    assert!(status.stdout.contains("parked: 0"), "{}", status.stdout);
+    // The relay's metrics say the same: every row published, none left, none parked.
+    wait_until(WAIT, "the relay's gauges to show an empty outbox", || {
+        let text = scrape(&addr);
+        let ok = sample(&text, "outbox_published_total", &[]) == Some(ids.len() as f64)
+            && sample(&text, "outbox_backlog_rows", &[]) == Some(0.0)
+            && sample(&text, "outbox_parked_rows", &[]) == Some(0.0)
+            && sample(&text, "outbox_lanes_owned", &[]) == Some(4.0);
+        async move { ok }
+    })
+    .await;
+    let text = scrape(&addr);
+    assert!(
+        sample(&text, "outbox_publish_latency_seconds_count", &[]) == Some(ids.len() as f64),
+        "{text}"
+    );
+
+    let trace = output("trace", orders(&s.db_args(&["trace", &ids[0]])));
+    trace.assert_success("orders trace");
+    for needle in [
+        "written:".to_owned(),
+        format!("to {}/", s.topic),
+        "sent 1 time".to_owned(),
+        format!("applied:   by group {}", s.group),
+    ] {
+        assert!(
+            trace.stdout.contains(&needle),
+            "no `{needle}` in:\n{}",
+            trace.stdout
+        );
+    }
+    let unknown = output(
+        "trace-unknown",
+        orders(&s.db_args(&["trace", "no-such-event"])),
+    );
+    assert_eq!(unknown.status.code(), Some(2), "{}", unknown.stderr);
+    assert!(
+        unknown.stderr.contains("no event `no-such-event`"),
+        "{}",
+        unknown.stderr
+    );
+
+    relay.terminate();
+    relay
+        .wait(WAIT)
+        .assert_success("orders relay stopped by SIGTERM");
+    run.terminate();
+    run.wait(WAIT)
+        .assert_success("orders run stopped by SIGTERM");
+    assert_exactly_once(&s.applied().await, &ids);
+    s.assert_all_shipped(5).await;
+
+    // `run --relay`: one process consumes and relays.
+    let order = format!("{}-o9", s.topic);
+    let placed = (
+        0,
+        format!("{order}-v1"),
+        format!(
+            r#"{{"type":"placed","order_id":"{order}","version":1,"customer":"c-9","total_cents":900}}"#
+        ),
+    );
+    write_outbox(&s, std::slice::from_ref(&placed)).await;
+    let mut extra = vec!["--relay"];
+    extra.extend(&relay_flags[2..]);
+    extra.extend(QUICK_SESSION);
+    let mut both = s.run("run-relay", &extra);
+    wait_until(
+        WAIT,
+        "the event relayed and applied by one process",
+        || async { s.applied().await.get(&placed.1) == Some(&1) },
+    )
+    .await;
+    both.terminate();
+    both.wait(WAIT)
+        .assert_success("orders run --relay stopped by SIGTERM");
+    let trace = output("trace-2", orders(&s.db_args(&["trace", &placed.1])));
+    assert!(
+        trace
+            .stdout
+            .contains(&format!("applied:   by group {}", s.group)),
+        "{}",
+        trace.stdout
+    );
+    s.drop_schema().await;
 }

@@ -96,8 +96,9 @@ impl Message {
 
     /// The payload as the JSON of `value`.
     pub fn json<T: serde::Serialize + ?Sized>(self, value: &T) -> Result<Message> {
-        let bytes = serde_json::to_vec(value)
-            .map_err(|e| Error::Config(format!("the outbox payload is not JSON-serializable: {e}")))?;
+        let bytes = serde_json::to_vec(value).map_err(|e| {
+            Error::Config(format!("the outbox payload is not JSON-serializable: {e}"))
+        })?;
         Ok(self.payload(bytes))
     }
 
@@ -134,8 +135,7 @@ impl Message {
         }
         if self.event_id.as_deref() == Some("") {
             return Err(Error::Config(
-                "an outbox message's event id is empty; leave it unset for a fresh UUID"
-                    .to_owned(),
+                "an outbox message's event id is empty; leave it unset for a fresh UUID".to_owned(),
             ));
         }
         if self.headers.iter().any(|(n, _)| n == EVENT_ID_HEADER) {
@@ -250,7 +250,10 @@ impl Outbox {
 /// Writes `message` as an outbox row in the runtime's default schema (`consumer_runtime`),
 /// inside the caller's transaction; returns its event id. See [`Outbox::publish`] (and
 /// [`Outbox::new`] for another schema).
-pub async fn publish<C: OutboxConnection + ?Sized>(conn: &mut C, message: &Message) -> Result<String> {
+pub async fn publish<C: OutboxConnection + ?Sized>(
+    conn: &mut C,
+    message: &Message,
+) -> Result<String> {
     Outbox::default().publish(conn, message).await
 }
 
@@ -260,7 +263,7 @@ pub(crate) async fn write<DB: Backend>(
     message: &Message,
 ) -> Result<String> {
     message.check()?;
-    let q = DB::outbox_queries(schema);
+    let q = queries::<DB>(schema);
     let hash = match &message.key {
         Some(key) => key_hash(key.as_bytes()),
         // No order to keep: spread keyless rows over the lanes.
@@ -281,6 +284,27 @@ pub(crate) async fn write<DB: Backend>(
         .map_err(Error::db("writing an outbox row"))
 }
 
+/// The outbox statements of `DB` for `schema`, built once per process and schema (a writer
+/// calls [`publish`] for every event).
+fn queries<DB: Backend>(schema: &str) -> std::sync::Arc<crate::store::outbox::OutboxQueries> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    // Keyed by (is PostgreSQL, schema).
+    type Cache = Mutex<HashMap<(bool, String), Arc<crate::store::outbox::OutboxQueries>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    cache
+        .entry((
+            matches!(DB::KIND, crate::DatabaseKind::Postgres),
+            schema.to_owned(),
+        ))
+        .or_insert_with(|| Arc::new(DB::outbox_queries(schema)))
+        .clone()
+}
+
 fn encode_headers(headers: &[(String, Option<Vec<u8>>)]) -> String {
     use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
     let mut owned = OwnedHeaders::new_with_capacity(headers.len());
@@ -290,7 +314,15 @@ fn encode_headers(headers: &[(String, Option<Vec<u8>>)]) -> String {
             value: value.as_deref(),
         });
     }
-    let message = OwnedMessage::new(None, None, String::new(), Timestamp::NotAvailable, 0, 0, Some(owned));
+    let message = OwnedMessage::new(
+        None,
+        None,
+        String::new(),
+        Timestamp::NotAvailable,
+        0,
+        0,
+        Some(owned),
+    );
     crate::store::dead_letter::encode_headers(&message)
 }
 
@@ -365,15 +397,15 @@ impl Trace {
                 "  applied:   by group {} at {} from {}/{}/{}",
                 a.consumer_group, a.processed_at, a.topic, a.partition, a.offset
             ));
-            if let Some(row) = &self.outbox {
-                if let (Some(p), Some(o)) = (row.published_partition, row.published_offset) {
-                    if row.aggregatetype == a.topic && (p, o) != (a.partition, a.offset) {
-                        out.push(format!(
-                            "  duplicate: the copy at {}/{p}/{o} is a duplicate for group {}: its ledger suppresses it",
-                            row.aggregatetype, a.consumer_group
-                        ));
-                    }
-                }
+            if let Some(row) = &self.outbox
+                && let (Some(p), Some(o)) = (row.published_partition, row.published_offset)
+                && row.aggregatetype == a.topic
+                && (p, o) != (a.partition, a.offset)
+            {
+                out.push(format!(
+                    "  duplicate: the copy at {}/{p}/{o} is a duplicate for group {}: its ledger suppresses it",
+                    row.aggregatetype, a.consumer_group
+                ));
             }
         }
         out
@@ -446,7 +478,10 @@ mod tests {
     #[test]
     fn a_message_without_topic_or_with_its_own_event_id_header_is_refused() {
         assert!(Message::new("").check().is_err());
-        let err = Message::new("t").header("event-id", "x").check().unwrap_err();
+        let err = Message::new("t")
+            .header("event-id", "x")
+            .check()
+            .unwrap_err();
         assert!(err.to_string().contains("Message::event_id"), "{err}");
         assert!(Message::new("t").event_id("").check().is_err());
         assert!(Message::new("t").key("k").header("h", "v").check().is_ok());

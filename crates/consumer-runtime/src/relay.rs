@@ -203,7 +203,9 @@ impl<DB: Backend> RelayBuilder<DB> {
             )));
         }
         if self.batch == 0 {
-            return Err(Error::Config("the relay's batch size must be at least 1".into()));
+            return Err(Error::Config(
+                "the relay's batch size must be at least 1".into(),
+            ));
         }
         if self.lease < Duration::from_millis(300) {
             return Err(Error::Config(format!(
@@ -228,7 +230,9 @@ impl<DB: Backend> RelayBuilder<DB> {
         for (k, v) in &self.producer {
             config.set(k, v);
         }
-        let producer: FutureProducer = config.create().map_err(Error::kafka("creating the relay's producer"))?;
+        let producer: FutureProducer = config
+            .create()
+            .map_err(Error::kafka("creating the relay's producer"))?;
         let instance = self.instance.unwrap_or_else(|| {
             format!(
                 "relay-{}-{:08x}",
@@ -423,7 +427,7 @@ impl<DB: Backend> Relay<DB> {
                 if *stop.borrow() {
                     break;
                 }
-                match self.pass(lane, epoch).await {
+                match self.pass(lane, epoch, &owned).await {
                     Ok(Pass::Idle) => {}
                     Ok(Pass::Some) => {}
                     Ok(Pass::Full) => busy = true,
@@ -459,10 +463,10 @@ impl<DB: Backend> Relay<DB> {
                     }
                 }
             }
-            if last_metrics.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
-                if self.refresh_metrics(owned.len()).await.is_ok() {
-                    last_metrics = Some(Instant::now());
-                }
+            if last_metrics.is_none_or(|t| t.elapsed() >= Duration::from_secs(2))
+                && self.refresh_metrics(owned.len()).await.is_ok()
+            {
+                last_metrics = Some(Instant::now());
             }
             if failed {
                 failures = failures.saturating_add(1);
@@ -487,7 +491,8 @@ impl<DB: Backend> Relay<DB> {
             listener.abort();
         }
         for (lane, epoch) in owned {
-            let _ = DB::outbox_release(self.store.pool(), &self.q, lane, &self.instance, epoch).await;
+            let _ =
+                DB::outbox_release(self.store.pool(), &self.q, lane, &self.instance, epoch).await;
         }
         let _ = DB::outbox_leave(self.store.pool(), &self.q, &self.instance).await;
         self.stats.lanes.store(0, Ordering::Relaxed);
@@ -505,24 +510,33 @@ impl<DB: Backend> Relay<DB> {
     async fn init_lanes(&self) -> Result<()> {
         let pool = self.store.pool();
         let context = "setting up the outbox's lanes";
-        let existing = DB::outbox_lanes_count(pool, &self.q)
-            .await
-            .map_err(Error::db(context))?;
-        if existing != 0 && existing != i64::from(self.lanes) {
-            return Err(Error::Config(format!(
+        let count = || async {
+            DB::outbox_lanes_count(pool, &self.q)
+                .await
+                .map_err(Error::db(context))
+        };
+        let mismatch = |existing: i64| {
+            Error::Config(format!(
                 "the outbox in `{}` has {existing} lanes, but this relay was given {}; pass --lanes {existing} \
                  (every relay of an outbox uses the outbox's lane count)",
                 self.q.schema, self.lanes
-            )));
+            ))
+        };
+        let existing = count().await?;
+        if existing == i64::from(self.lanes) {
+            return Ok(());
         }
-        if existing == 0 {
-            for lane in 0..self.lanes as i32 {
-                DB::outbox_lane_init(pool, &self.q, lane)
-                    .await
-                    .map_err(Error::db(context))?;
-            }
+        if existing != 0 {
+            return Err(mismatch(existing));
         }
-        Ok(())
+        // The first relay: create the lanes (relays starting together create the same ones).
+        DB::outbox_lane_init(pool, &self.q, self.lanes as i32)
+            .await
+            .map_err(Error::db(context))?;
+        match count().await? {
+            n if n == i64::from(self.lanes) => Ok(()),
+            n => Err(mismatch(n)),
+        }
     }
 
     /// Renews the lanes held, and takes or gives lanes so that every live relay holds its
@@ -578,8 +592,9 @@ impl<DB: Backend> Relay<DB> {
         Ok(())
     }
 
-    /// Publishes one batch of a lane.
-    async fn pass(&self, lane: i32, epoch: i64) -> Result<Pass> {
+    /// Publishes one batch of a lane; `owned` (every lane held) is renewed while the batch
+    /// waits for the broker, so that a slow broker does not cost the relay its lanes.
+    async fn pass(&self, lane: i32, epoch: i64, owned: &BTreeMap<i32, i64>) -> Result<Pass> {
         let pool = self.store.pool();
         let context = "publishing outbox rows";
         let secs = self.lease.as_secs_f64();
@@ -611,7 +626,18 @@ impl<DB: Backend> Relay<DB> {
             .map_err(Error::db(context))?;
         tx.commit().await.map_err(Error::db(context))?;
 
-        let outcomes = self.send(&rows).await;
+        let outcomes = {
+            let send = self.send(&rows);
+            tokio::pin!(send);
+            let mut renew = tokio::time::interval(self.lease / 3);
+            renew.reset();
+            loop {
+                tokio::select! {
+                    outcomes = &mut send => break outcomes,
+                    _ = renew.tick() => self.renew_all(owned).await,
+                }
+            }
+        };
         self.stats
             .sent
             .fetch_add(rows.len() as u64, Ordering::Relaxed);
@@ -679,6 +705,21 @@ impl<DB: Backend> Relay<DB> {
         } else {
             Pass::Some
         })
+    }
+
+    /// Renews every lane of `owned`, logging (not acting on) failures: a lane lost shows at
+    /// the next mark or maintenance.
+    async fn renew_all(&self, owned: &BTreeMap<i32, i64>) {
+        let secs = self.lease.as_secs_f64();
+        for (&lane, &epoch) in owned {
+            let renewed = async {
+                let mut conn = self.store.pool().acquire().await?;
+                DB::outbox_renew(&mut conn, &self.q, lane, &self.instance, epoch, secs).await
+            };
+            if let Err(e) = renewed.await {
+                tracing::debug!(lane, error = %e, "relay: renewing a lane's lease failed");
+            }
+        }
     }
 
     /// Sends the rows in order and waits for every acknowledgement.

@@ -235,7 +235,8 @@ pub async fn handle_in<H: Handler<DB>, DB: Backend>(
         1,
         crate::outbox::DEFAULT_SCHEMA,
     )
-    .await {
+    .await
+    {
         Ok(result) => result,
         Err(panic) => Err(HandlerError::reject(panic)),
     }

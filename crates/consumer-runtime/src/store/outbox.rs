@@ -214,12 +214,12 @@ pub trait OutboxSql: sqlx::Database {
         q: &OutboxQueries,
         row: &NewRow<'_>,
     ) -> Result<String, sqlx::Error>;
-    async fn outbox_lanes_count(pool: &Pool<Self>, q: &OutboxQueries)
-    -> Result<i64, sqlx::Error>;
+    async fn outbox_lanes_count(pool: &Pool<Self>, q: &OutboxQueries) -> Result<i64, sqlx::Error>;
+    /// Creates lanes `0..lanes` (those missing), in one statement.
     async fn outbox_lane_init(
         pool: &Pool<Self>,
         q: &OutboxQueries,
-        lane: i32,
+        lanes: i32,
     ) -> Result<(), sqlx::Error>;
     async fn outbox_acquire(
         pool: &Pool<Self>,
@@ -250,8 +250,11 @@ pub trait OutboxSql: sqlx::Database {
         me: &str,
         lease_secs: f64,
     ) -> Result<i64, sqlx::Error>;
-    async fn outbox_leave(pool: &Pool<Self>, q: &OutboxQueries, me: &str)
-    -> Result<(), sqlx::Error>;
+    async fn outbox_leave(
+        pool: &Pool<Self>,
+        q: &OutboxQueries,
+        me: &str,
+    ) -> Result<(), sqlx::Error>;
     async fn outbox_leases(
         pool: &Pool<Self>,
         q: &OutboxQueries,
@@ -296,8 +299,7 @@ pub trait OutboxSql: sqlx::Database {
         q: &OutboxQueries,
         lanes: i64,
     ) -> Result<Vec<LaneBacklog>, sqlx::Error>;
-    async fn outbox_parked_count(pool: &Pool<Self>, q: &OutboxQueries)
-    -> Result<i64, sqlx::Error>;
+    async fn outbox_parked_count(pool: &Pool<Self>, q: &OutboxQueries) -> Result<i64, sqlx::Error>;
     async fn outbox_parked(
         pool: &Pool<Self>,
         q: &OutboxQueries,
@@ -368,16 +370,18 @@ macro_rules! impl_outbox {
                 pool: &Pool<Self>,
                 q: &OutboxQueries,
             ) -> Result<i64, sqlx::Error> {
-                sqlx::query_scalar(q.lanes_count.clone()).fetch_one(pool).await
+                sqlx::query_scalar(q.lanes_count.clone())
+                    .fetch_one(pool)
+                    .await
             }
 
             async fn outbox_lane_init(
                 pool: &Pool<Self>,
                 q: &OutboxQueries,
-                lane: i32,
+                lanes: i32,
             ) -> Result<(), sqlx::Error> {
                 sqlx::query(q.lane_init.clone())
-                    .bind(lane)
+                    .bind(lanes)
                     .execute(pool)
                     .await
                     .map(drop)
@@ -443,7 +447,9 @@ macro_rules! impl_outbox {
                     .bind(lease_secs)
                     .execute(pool)
                     .await?;
-                sqlx::query_scalar(q.live_relays.clone()).fetch_one(pool).await
+                sqlx::query_scalar(q.live_relays.clone())
+                    .fetch_one(pool)
+                    .await
             }
 
             async fn outbox_leave(
@@ -451,7 +457,11 @@ macro_rules! impl_outbox {
                 q: &OutboxQueries,
                 me: &str,
             ) -> Result<(), sqlx::Error> {
-                sqlx::query(q.leave.clone()).bind(me).execute(pool).await.map(drop)
+                sqlx::query(q.leave.clone())
+                    .bind(me)
+                    .execute(pool)
+                    .await
+                    .map(drop)
             }
 
             async fn outbox_leases(
@@ -623,7 +633,7 @@ const PG: Templates = Templates {
     insert: "INSERT INTO {s}outbox (id, aggregatetype, aggregateid, type, payload, headers, key_hash)
         VALUES (COALESCE($1, gen_random_uuid()::text), $2, $3, $4, $5, $6, $7) RETURNING id",
     lanes_count: "SELECT count(*) FROM {s}outbox_lanes",
-    lane_init: "INSERT INTO {s}outbox_lanes (lane) VALUES ($1) ON CONFLICT (lane) DO NOTHING",
+    lane_init: "INSERT INTO {s}outbox_lanes (lane) SELECT generate_series(0, $1 - 1) ON CONFLICT (lane) DO NOTHING",
     acquire: "UPDATE {s}outbox_lanes SET owner = $2, epoch = epoch + 1,
         lease_until = now() + make_interval(secs => $3), updated_at = now()
         WHERE lane = $1 AND (owner IS NULL OR lease_until IS NULL OR lease_until < now()) RETURNING epoch",
@@ -690,7 +700,8 @@ const SQLITE: Templates = Templates {
             substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6)))), $2, $3, $4, $5, $6, $7)
         RETURNING id",
     lanes_count: "SELECT count(*) FROM {s}outbox_lanes",
-    lane_init: "INSERT INTO {s}outbox_lanes (lane) VALUES ($1) ON CONFLICT (lane) DO NOTHING",
+    lane_init: "WITH RECURSIVE n(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM n WHERE x + 1 < $1)
+        INSERT INTO {s}outbox_lanes (lane) SELECT x FROM n WHERE true ON CONFLICT (lane) DO NOTHING",
     acquire: concat!(
         "UPDATE {s}outbox_lanes SET owner = $2, epoch = epoch + 1, lease_until = ",
         sqlite_now!("'+' || $3 || ' seconds'"),
@@ -761,10 +772,7 @@ const SQLITE: Templates = Templates {
         WHERE event_id = $1 ORDER BY processed_at, consumer_group"#,
 };
 
-async fn pg_notify(
-    conn: &mut sqlx::PgConnection,
-    q: &OutboxQueries,
-) -> Result<(), sqlx::Error> {
+async fn pg_notify(conn: &mut sqlx::PgConnection, q: &OutboxQueries) -> Result<(), sqlx::Error> {
     // Delivered when the transaction commits; one per transaction and channel (PostgreSQL
     // folds identical notifications of one transaction).
     sqlx::query("SELECT pg_notify($1, '')")
