@@ -79,7 +79,7 @@ pub(crate) fn pick(key: &str, every: u64) -> bool {
     for b in key.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
-    every > 0 && h % every == 0
+    every > 0 && h.is_multiple_of(every)
 }
 
 impl Provider {

@@ -336,11 +336,13 @@ async fn e2e_latency(env: &Env<Postgres>) -> anyhow::Result<Outcome> {
     // Drain: every event reaches B, or 30 s pass.
     let drain = Instant::now() + Duration::from_secs(30);
     loop {
-        let seen = committed_b.lock().expect("latency map");
-        if committed_a.iter().all(|(id, _)| seen.contains_key(id)) || Instant::now() > drain {
+        let all = {
+            let seen = committed_b.lock().expect("latency map");
+            committed_a.iter().all(|(id, _)| seen.contains_key(id))
+        };
+        if all || Instant::now() > drain {
             break;
         }
-        drop(seen);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let secs = started.elapsed().as_secs_f64();

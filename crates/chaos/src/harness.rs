@@ -351,21 +351,10 @@ pub(crate) fn spawn(
     args: &[&str],
     env: &[(&str, String)],
 ) -> anyhow::Result<Child> {
-    spawn_as(exe, "consumer", log, args, env)
-}
-
-/// Starts `chaos <mode> <args>` (`consumer` or `relay`) with its output in `log`.
-pub(crate) fn spawn_as(
-    exe: &Path,
-    mode: &str,
-    log: &Path,
-    args: &[&str],
-    env: &[(&str, String)],
-) -> anyhow::Result<Child> {
     let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(exe);
-    cmd.arg(mode).args(args);
+    cmd.arg("consumer").args(args);
     for var in [
         "DATABASE_URL",
         "KAFKA_BROKERS",
@@ -384,7 +373,7 @@ pub(crate) fn spawn_as(
         .stdout(out)
         .stderr(err)
         .spawn()
-        .with_context(|| format!("starting {} {mode}", exe.display()))
+        .with_context(|| format!("starting {} consumer", exe.display()))
 }
 
 /// Runs `chaos consumer <args>` to completion: its status and the tail of its output.

@@ -10,8 +10,8 @@
 //! cargo run --release --bin chaos -- --trials 20 --seed 42
 //! ```
 //!
-//! The same binary is the consumer program: `chaos consumer run …`, and in `--pipeline` mode
-//! the relay: `chaos relay …` (both hidden; the harness starts them).
+//! The same binary is the consumer program: `chaos consumer run …` (and in `--pipeline` mode
+//! `chaos consumer relay …`; hidden, the harness starts them).
 
 mod consumer;
 mod harness;
@@ -132,10 +132,6 @@ fn main() -> ExitCode {
     if rest.first().is_some_and(|a| a == "consumer") {
         rest.remove(0);
         return consumer::main(rest);
-    }
-    if rest.first().is_some_and(|a| a == "relay") {
-        rest.remove(0);
-        return consumer::relay_main(rest);
     }
     if rest.first().is_some_and(|a| a == "mock-broker") {
         rest.remove(0);

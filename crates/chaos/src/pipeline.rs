@@ -31,7 +31,7 @@ use crate::Options;
 use crate::consumer::{ENV_DELAY_US, ENV_MID_TOPIC, ENV_ROLE, ENV_SCHEMA};
 use crate::harness::{
     HEARTBEAT, INTERRUPTED, Proc, Rec, SESSION_TIMEOUT, WAVE_GAP, WAVES, World, last_lines,
-    produce, seed_of, spawn_as,
+    produce, seed_of, spawn,
 };
 use crate::rng::{Rng, mix};
 use testkit::mock_broker::{BrokerCommand, MockBroker};
@@ -669,14 +669,12 @@ impl<'w> PTrial<'w> {
                 return false;
             }
         }
-        let b_done = w
-            .stored_offsets(&self.group_b, &self.mid_topic)
+        w.stored_offsets(&self.group_b, &self.mid_topic)
             .is_some_and(|s| {
                 mid_ends
                     .iter()
                     .all(|(p, end)| *end == 0 || s.get(p) == Some(end))
-            });
-        b_done
+            })
     }
 
     /// The outbox rows not yet published (`None` while the database does not answer).
@@ -702,7 +700,7 @@ impl<'w> PTrial<'w> {
         let log = self.dir.join(format!("{}-{number}.log", part.name()));
         let client_id = format!("client.id=pipe-{}-{}-{number}", self.trial, part.name());
         let session = format!("session.timeout.ms={}", SESSION_TIMEOUT.as_millis());
-        let lease = RELAY_LEASE.as_millis().to_string();
+        let lease = format!("{}ms", RELAY_LEASE.as_millis());
         let lanes = LANES.to_string();
         let batch_size = self.rng.pick(&[1u32, 10, 50, 200]).to_string();
         let (group, topic, role) = match part {
@@ -719,7 +717,17 @@ impl<'w> PTrial<'w> {
             &w.schema,
         ];
         if part == Part::Relay {
-            args.extend(["--lanes", &lanes, "--lease-ms", &lease]);
+            args.insert(0, "relay");
+            args.extend([
+                "--lanes",
+                &lanes,
+                "--lease",
+                &lease,
+                "--poll-interval",
+                "200ms",
+                "-X",
+                &client_id,
+            ]);
         } else {
             args.insert(0, "run");
             args.extend([
@@ -749,12 +757,7 @@ impl<'w> PTrial<'w> {
             (ENV_ROLE, role.to_owned()),
             (ENV_MID_TOPIC, self.mid_topic.clone()),
         ];
-        let mode = if part == Part::Relay {
-            "relay"
-        } else {
-            "consumer"
-        };
-        let child = spawn_as(&w.exe, mode, &log, &args, &env)?;
+        let child = spawn(&w.exe, &log, &args, &env)?;
         let what = if part == Part::Relay {
             String::new()
         } else {
@@ -1113,7 +1116,10 @@ mod tests {
             ],
         };
         let v = mid.verdict();
-        assert_eq!((v.records, v.duplicates, v.order_violations, v.sources), (6, 2, 0, 4));
+        assert_eq!(
+            (v.records, v.duplicates, v.order_violations, v.sources),
+            (6, 2, 0, 4)
+        );
     }
 
     #[test]
