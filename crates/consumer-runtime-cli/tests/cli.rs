@@ -137,7 +137,19 @@ fn read(path: &Path) -> String {
 
 /// An `orders` command with none of the program's environment variables inherited.
 fn orders<S: AsRef<str>>(args: &[S]) -> Command {
-    let mut cmd = Command::new(orders_bin());
+    program(orders_bin(), args)
+}
+
+/// The same for the `orders-batch` example (`examples/orders_batch/main.rs`): the `orders`
+/// program with a batch handler.
+fn orders_batch<S: AsRef<str>>(args: &[S]) -> Command {
+    program(Path::new(env!("CARGO_BIN_EXE_orders-batch")), args)
+}
+
+/// A command of one of the example programs with none of their environment variables
+/// inherited.
+fn program<S: AsRef<str>>(bin: &Path, args: &[S]) -> Command {
+    let mut cmd = Command::new(bin);
     cmd.args(args.iter().map(AsRef::as_ref))
         .env_remove("DATABASE_URL")
         .env_remove("KAFKA_BROKERS")
@@ -1433,6 +1445,110 @@ async fn parked_records_are_listed_shown_redriven_once_and_purged() {
         "{}",
         out.stderr
     );
+    s.drop_schema().await;
+}
+
+/// The generated program around a batch handler (`orders-batch`, one `unnest` statement per
+/// batch): every order event applied exactly once (the non-idempotent counter), the bad event
+/// rejected by index and parked, its redrive (a batch of one) applied once after a fix, and a
+/// replay from the earliest offset applying nothing again.
+#[tokio::test]
+async fn a_program_around_a_batch_handler_applies_parks_redrives_and_replays_exactly_once() {
+    let s = Setup::new(2).await;
+    let (mut records, ids) = order_events(&s.topic, 100, 2, 30);
+    let bad_order = format!("{}-bad", s.topic);
+    let bad_id = format!("{bad_order}-v0");
+    let bad = format!(r#"{{"type":"placed","order_id":"{bad_order}","version":0}}"#);
+    records.insert(150, (1, bad_id.clone(), bad.clone()));
+    s.kafka.produce(&s.topic, &records);
+    let ends = ends_of(&records);
+    let run_args = |s: &Setup| {
+        let mut args = s.db_args(&["run"]);
+        let flags = [
+            "--brokers",
+            &s.kafka.bootstrap,
+            "--group",
+            &s.group,
+            "--topic",
+            &s.topic,
+        ];
+        args.extend(flags.map(String::from));
+        args.extend(QUICK_SESSION.map(String::from));
+        args
+    };
+    let mut run = spawn("run-batch", orders_batch(&run_args(&s)));
+    s.wait_caught_up(&ends).await;
+    run.terminate();
+    run.wait(WAIT)
+        .assert_success("orders-batch run stopped by SIGTERM");
+    assert_exactly_once(&s.applied().await, &ids);
+    s.assert_all_shipped(100).await;
+
+    let dl = |name: &str, args: &[&str]| {
+        let mut all = vec!["dead-letters"];
+        all.extend_from_slice(args);
+        output(name, orders_batch(&s.db_args(&all)))
+    };
+    let out = dl("list", &["list", "--group", &s.group]);
+    out.assert_success("dead-letters list");
+    let rows = table(&out.stdout, "id");
+    assert_eq!(rows.len(), 1, "{}", out.stdout);
+    assert_eq!(rows[0]["event_id"], bad_id);
+    assert_eq!(rows[0]["kind"], "rejected");
+    assert!(
+        rows[0]["error"].starts_with(&format!("order {bad_order} has version 0")),
+        "{}",
+        out.stdout
+    );
+    let letter = rows[0]["id"].clone();
+    let out = dl("redrive-bad", &["redrive", &letter]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE {}.dead_letters SET payload = $1 WHERE event_id = $2",
+        s.schema
+    )))
+    .bind(bad.replace(r#""version":0"#, r#""version":1"#).as_bytes())
+    .bind(&bad_id)
+    .execute(&s.pool)
+    .await
+    .unwrap();
+    let out = dl("redrive-fixed", &["redrive", &letter]);
+    out.assert_success("dead-letters redrive of the fixed record");
+    assert!(
+        out.stdout
+            .starts_with(&format!("dead letter {letter}: applied, event id {bad_id}")),
+        "{}",
+        out.stdout
+    );
+    let mut all = ids.clone();
+    all.push(bad_id.clone());
+    assert_exactly_once(&s.applied().await, &all);
+
+    // A replay from the earliest offset re-reads everything and applies nothing again.
+    let replay = s.db_args(&[
+        "replay",
+        "--group",
+        &s.group,
+        "--topic",
+        &s.topic,
+        "--from",
+        "earliest",
+        "--brokers",
+        &s.kafka.bootstrap,
+    ]);
+    output("replay", orders_batch(&replay)).assert_success("orders-batch replay");
+    let rewound: BTreeMap<i32, i64> = ends.keys().map(|p| (*p, 0)).collect();
+    assert_eq!(
+        s.positions().await,
+        rewound,
+        "the replay rewinds to offset 0"
+    );
+    let mut run = spawn("run-batch-2", orders_batch(&run_args(&s)));
+    s.wait_caught_up(&ends).await;
+    run.terminate();
+    run.wait(WAIT)
+        .assert_success("orders-batch run stopped by SIGTERM");
+    assert_exactly_once(&s.applied().await, &all);
     s.drop_schema().await;
 }
 

@@ -47,6 +47,11 @@
 //! the handler itself may run more than once (see [`Handler`]). The event's format is explicit
 //! ([`Json`], [`Text`], [`Raw`] or your own [`Decode`]), and [`testing`] runs a handler against
 //! a real database without Kafka.
+//!
+//! To write a whole batch with one statement, implement [`BatchHandler`] instead: one call per
+//! partition batch with every newly claimed record, poison records isolated inside the
+//! transaction ([`Batch::reject`], or by splitting a failed batch), and
+//! [`Runtime::batch_builder`] (or [`Batched`] wherever a [`Handler`] is expected).
 
 pub mod config;
 pub mod dead_letters;
@@ -79,7 +84,10 @@ pub use config::{
 pub use dead_letters::{DeadLetter, DeadLetters, HeaderList, Redriven};
 pub use error::{BoxError, Coordinates, Error, FailureKind, Result};
 pub use event_id::{EventId, EventIdFn};
-pub use handler::{Context, Decode, Handler, HandlerError, Json, Raw, Record, ResultExt, Text};
+pub use handler::{
+    Batch, BatchHandler, Batched, Context, Decode, Handler, HandlerError, Json, Raw, Record,
+    ResultExt, Text,
+};
 pub use replay::{PartitionReplay, ReplayFrom, ReplayMode, ReplayProgress, ReplayRequest};
 pub use runtime::{Runtime, RuntimeBuilder, ShutdownHandle, Stats, StatsSnapshot};
 pub use store::{Backend, DatabaseKind, Store, StoredOffset, connect, migrate};

@@ -51,15 +51,23 @@
 //!
 //! To keep a test's writes out of the database, run the handler in a transaction of your own
 //! with [`handle_in`] and roll it back after the assertions.
+//!
+//! A [`BatchHandler`] is tested the same way with [`handle_batch`]: one call with several
+//! records, which returns the indices the handler rejected.
 
 use rdkafka::Message as _;
 use rdkafka::Timestamp;
 use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use sqlx::Pool;
 
-use crate::handler::{Decode, Handler, HandlerError, Record};
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt as _;
+
+use crate::error::BoxError;
+use crate::handler::{Batch, BatchHandler, Decode, Handler, HandlerError, Record, TimedOut};
 use crate::store::{Backend, CRATE};
-use crate::unit::run_handler;
+use crate::unit::{panic_message, run_handler};
 
 /// A record to hand to a handler in a test: a payload plus the metadata the handler may read
 /// through [`Context::record`](crate::Context::record). Built with chained setters; the defaults
@@ -239,5 +247,61 @@ pub async fn handle_in<H: Handler<DB>, DB: Backend>(
     {
         Ok(result) => result,
         Err(panic) => Err(HandlerError::reject(panic)),
+    }
+}
+
+/// Runs a [`BatchHandler`] once for `records` (one batch, in the order given) in a transaction
+/// of its own on `pool`, as the runtime would (attempt 1, its session settings, panics caught,
+/// [`BatchHandler::timeout`] enforced), and commits it if the call returned `Ok`; on an error
+/// the transaction rolls back.
+///
+/// `Ok` holds the records the call rejected with [`Batch::reject`], as `(index, error)` sorted
+/// by index: the runtime would park them and commit the rest. An `Err` is what the runtime would
+/// make of the whole call: [`HandlerError::Retry`] (the batch is retried; also for a time-out or
+/// a database error opening or committing), or [`HandlerError::Reject`] (the batch is split to
+/// find the culprit; also for a panic, and for a record whose payload does not decode, which
+/// the runtime would have parked before the call).
+pub async fn handle_batch<B: BatchHandler<DB>, DB: Backend>(
+    handler: &B,
+    pool: &Pool<DB>,
+    records: Vec<TestRecord>,
+) -> Result<Vec<(usize, BoxError)>, HandlerError> {
+    let messages: Vec<OwnedMessage> = records.iter().map(TestRecord::message).collect();
+    let ids: Vec<String> = records.iter().map(TestRecord::resolved_event_id).collect();
+    let mut events = Vec::with_capacity(records.len());
+    for (i, m) in messages.iter().enumerate() {
+        events.push(B::Event::decode(m.payload()).map_err(|e| {
+            HandlerError::reject(format!(
+                "the payload of record {i} does not decode: {}",
+                crate::error::error_chain(e.as_ref())
+            ))
+        })?);
+    }
+    let batch = Batch::new(
+        messages
+            .iter()
+            .zip(&ids)
+            .map(|(m, id)| Record::new(m, id))
+            .collect(),
+        events,
+        1,
+    );
+    let mut tx = DB::begin(pool, CRATE).await.map_err(HandlerError::retry)?;
+    let limit = handler.timeout();
+    let call = AssertUnwindSafe(handler.handle_batch(&mut tx, &batch)).catch_unwind();
+    let result = match tokio::time::timeout(limit, call).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => Err(HandlerError::reject(panic_message(panic.as_ref()))),
+        Err(_) => Err(HandlerError::retry(TimedOut(limit))),
+    };
+    match result {
+        Ok(()) => {
+            tx.commit().await.map_err(HandlerError::retry)?;
+            Ok(batch.into_parts().1)
+        }
+        Err(e) => {
+            let _ = tx.rollback().await;
+            Err(e)
+        }
     }
 }

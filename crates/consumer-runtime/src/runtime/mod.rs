@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use crate::config::{ConsumerOptions, OffsetReset};
 use crate::error::{Error, Result};
 use crate::event_id::EventId;
-use crate::handler::Handler;
+use crate::handler::{BatchHandler, Batched, Handler};
 use crate::store::{Backend, check_schema};
 use crate::telemetry;
 use crate::unit::WriterConfig;
@@ -130,6 +130,14 @@ pub struct Runtime<H: Handler<DB>, DB: Backend> {
     concurrency: usize,
     shutdown: Arc<watch::Sender<bool>>,
     stats: Arc<Stats>,
+}
+
+impl<B: BatchHandler<DB>, DB: Backend> Runtime<Batched<B>, DB> {
+    /// Starts building a runtime around a [`BatchHandler`], called once per partition batch:
+    /// the same as `Runtime::builder(Batched(handler))`.
+    pub fn batch_builder(handler: B) -> RuntimeBuilder<Batched<B>, DB> {
+        RuntimeBuilder::new(Batched(handler))
+    }
 }
 
 impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {

@@ -11,7 +11,10 @@
 //! COMMIT
 //! ```
 //!
-//! The other guarantees split this transaction in two (see [`Guarantee`]).
+//! The other guarantees split this transaction in two (see [`Guarantee`]). A batch handler
+//! ([`Batched`](crate::handler::Batched)) is called once with all the newly claimed records
+//! instead of once per record, and isolates its failures by splitting the batch: see
+//! `unit/batch.rs`.
 //!
 //! The file reads top-down: [`PartitionWriter::write`], the three guarantees, the handler
 //! transaction (`run`, with its fast and slow paths and the steps they share: opening the
@@ -90,6 +93,7 @@ use crate::event_id::EventId;
 use crate::handler::{Context, Decode, Handler, HandlerError, Record, TimedOut, header};
 use crate::store::{Backend, CRATE, Claim, Parking, PartitionKey, Queries};
 
+mod batch;
 #[cfg(test)]
 mod tests;
 
@@ -153,13 +157,13 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         let next = last.offset() + 1;
         let mut prepared = self.prepare(batch)?;
         let outcome = match self.config.guarantee {
-            Guarantee::EffectivelyOnce => self.effectively_once(&mut prepared, next).await?,
-            Guarantee::AtLeastOnce => self.at_least_once(&mut prepared, next).await?,
-            Guarantee::AtMostOnce => self.at_most_once(&mut prepared, next).await?,
+            Guarantee::EffectivelyOnce => self.effectively_once(&mut prepared, next).await,
+            Guarantee::AtLeastOnce => self.at_least_once(&mut prepared, next).await,
+            Guarantee::AtMostOnce => self.at_most_once(&mut prepared, next).await,
         };
-        if let BatchOutcome::Committed { next_offset, .. } = outcome {
-            self.position = Some(next_offset);
-            self.given_up.clear();
+        // A batch handler's split batch may have committed (and parked) part of the batch
+        // before an error: those records are logged as well.
+        if matches!(outcome, Ok(BatchOutcome::Committed { .. })) || !self.parked.is_empty() {
             for p in &self.parked {
                 tracing::warn!(
                     topic = %p.at.topic,
@@ -172,6 +176,11 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
                     "record failed permanently; parked in dead_letters"
                 );
             }
+        }
+        let outcome = outcome?;
+        if let BatchOutcome::Committed { next_offset, .. } = outcome {
+            self.position = Some(next_offset);
+            self.given_up.clear();
         }
         Ok(outcome)
     }
@@ -264,11 +273,14 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
     /// permanently. `fence`: the offset to advance to inside it (effectively-once); `ledger`:
     /// whether to claim event ids. `None`: fenced.
     async fn run(
-        &self,
+        &mut self,
         prepared: &mut [Prepared<'_, H::Event>],
         fence: Option<i64>,
         ledger: bool,
     ) -> Result<Option<Applied>, BatchError> {
+        if self.config.handler.__is_batch() {
+            return self.run_batch(prepared, fence, ledger).await;
+        }
         match self.fast_attempt(prepared, fence, ledger).await {
             Ok(done) => Ok(done),
             Err(Abort::Batch(e)) => Err(e),
@@ -596,7 +608,8 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
             };
             out.push(prepared);
         }
-        if self.park && !self.given_up.is_empty() {
+        // A batch handler's given-up batch is searched for its culprit instead (`unit::batch`).
+        if self.park && !self.given_up.is_empty() && !self.config.handler.__is_batch() {
             for p in &mut out {
                 if let Some((_, f)) = self.given_up.iter().find(|(o, _)| *o == p.message.offset())
                     && p.failure.is_none()
@@ -822,7 +835,7 @@ pub(crate) async fn run_handler<H: Handler<DB>, DB: Backend>(
     }
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         format!("the handler panicked: {s}")
     } else if let Some(s) = payload.downcast_ref::<String>() {

@@ -11,6 +11,10 @@ use serde::de::DeserializeOwned;
 use crate::error::BoxError;
 use crate::store::Backend;
 
+mod batch;
+
+pub use batch::{Batch, BatchHandler, Batched};
+
 /// Turns a record's payload into the handler's event type.
 ///
 /// The format is always explicit: [`Json<T>`] for JSON through `serde`, [`Text`] for UTF-8 text,
@@ -321,6 +325,30 @@ pub trait Handler<DB: Backend = sqlx::Postgres>: Send + Sync + 'static {
     /// those with the database's own `statement_timeout` / busy timeout.
     fn timeout(&self) -> Duration {
         Duration::from_secs(60)
+    }
+
+    /// Whether the runtime calls [`__handle_batch`](Handler::__handle_batch) once per batch
+    /// instead of [`handle`](Handler::handle) per record: only for [`Batched`]. Not part of the
+    /// API; do not override it.
+    #[doc(hidden)]
+    fn __is_batch(&self) -> bool {
+        false
+    }
+
+    /// The batch call of a [`Batched`] handler; the future owns the batch and gives it back.
+    /// Not part of the API; do not override it.
+    #[doc(hidden)]
+    fn __handle_batch<'b>(
+        &self,
+        _conn: &mut DB::Connection,
+        batch: Batch<'b, Self::Event>,
+    ) -> impl Future<Output = (Result<(), HandlerError>, Batch<'b, Self::Event>)> + Send {
+        std::future::ready((
+            Err(HandlerError::reject(
+                "a per-record handler was called with a batch",
+            )),
+            batch,
+        ))
     }
 }
 
