@@ -758,7 +758,9 @@ mod tests {
         };
         let report = run::<Sqlite>(&args).await.expect("the pipeline runs");
         report.print();
-        let _ = std::fs::remove_file(&file);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+        }
         assert_eq!(report.failures(), None);
         // The retries happened: without them the test would prove nothing.
         assert!(report.provider.dropped_answers > 0, "no answer was dropped");
