@@ -23,6 +23,7 @@
 //! (PostgreSQL) or table prefix (SQLite) `bench_<random>` dropped at the end.
 
 mod db;
+mod relay;
 mod report;
 mod retention;
 mod server;
@@ -155,7 +156,7 @@ struct Cli {
         long,
         value_name = "A,B,…",
         value_delimiter = ',',
-        value_parser = clap::builder::PossibleValuesParser::new(SCENARIOS)
+        value_parser = clap::builder::PossibleValuesParser::new(SCENARIOS.iter().chain(&relay::SCENARIOS))
     )]
     scenarios: Vec<String>,
     /// Run every scenario K times, interleaved (all scenarios, then all again, …), and report
@@ -287,10 +288,11 @@ impl<DB: BenchDb> Env<DB> {
     }
 }
 
-async fn run<DB: retention::RetentionDb>(args: &Args) -> anyhow::Result<()>
+async fn run<DB: retention::RetentionDb + relay::RelayDb>(args: &Args) -> anyhow::Result<()>
 where
     Sink: Handler<DB>,
     Batched<BatchSink>: Handler<DB>,
+    DB::Connection: consumer_runtime::outbox::OutboxConnection,
 {
     let wall = Instant::now();
     let schema = format!("bench_{:08x}", workload::random_u64() as u32);
@@ -377,17 +379,19 @@ where
             notes: &env.notes.lock().expect("notes lock"),
         },
     )?;
+    relay::targets(&outcomes);
     println!("wall time {:.1} s", wall.elapsed().as_secs_f64());
     Ok(())
 }
 
-async fn scenarios<DB: retention::RetentionDb>(
+async fn scenarios<DB: retention::RetentionDb + relay::RelayDb>(
     env: &Env<DB>,
     args: &Args,
 ) -> anyhow::Result<Vec<Outcome>>
 where
     Sink: Handler<DB>,
     Batched<BatchSink>: Handler<DB>,
+    DB::Connection: consumer_runtime::outbox::OutboxConnection,
 {
     if args.retention.retention {
         return retention::scenarios(env, &args.retention).await;
@@ -458,6 +462,7 @@ where
             out.extend(runs);
         }
     }
+    out.extend(relay::scenarios(env, |s| args.wants(s)).await?);
     Ok(out)
 }
 

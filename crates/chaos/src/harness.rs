@@ -24,26 +24,20 @@ use testkit::private_pg::{PrivatePostgres, Stop};
 /// The consumers' session timeout: a SIGSTOP longer than this makes a zombie. (librdkafka's
 /// mock cluster enforces it: a member silent for this long is removed from the group, and the
 /// others are assigned its partitions about `session timeout - 1 s` later.)
-const SESSION_TIMEOUT: Duration = Duration::from_millis(3000);
+pub(crate) const SESSION_TIMEOUT: Duration = Duration::from_millis(3000);
 /// The consumers' heartbeat interval.
-const HEARTBEAT: &str = "heartbeat.interval.ms=300";
+pub(crate) const HEARTBEAT: &str = "heartbeat.interval.ms=300";
 /// Set by Ctrl-C.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// Produce waves per trial.
-const WAVES: usize = 8;
+pub(crate) const WAVES: usize = 8;
 /// Seconds between waves.
-const WAVE_GAP: f64 = 1.1;
+pub(crate) const WAVE_GAP: f64 = 1.1;
 
 /// Runs the trials; `Ok(false)` if any event was lost or duplicated.
 pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
-    let seed = opts.seed.unwrap_or_else(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        mix(nanos ^ u64::from(std::process::id())) % 1_000_000_000
-    });
+    let seed = seed_of(&opts);
     let world = World::new(&opts, seed)?;
     println!(
         "chaos: seed={seed} trials={} events={} partitions={} consumers={} faults={} guarantee={} database={}{}",
@@ -159,21 +153,32 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
+/// The run's seed: --seed, or one from the clock.
+pub(crate) fn seed_of(opts: &Options) -> u64 {
+    opts.seed.unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        mix(nanos ^ u64::from(std::process::id())) % 1_000_000_000
+    })
+}
+
 /// What a whole run shares: the database and the paths.
-struct World {
-    exe: PathBuf,
-    dir: PathBuf,
-    url: String,
-    schema: String,
+pub(crate) struct World {
+    pub(crate) exe: PathBuf,
+    pub(crate) dir: PathBuf,
+    pub(crate) url: String,
+    pub(crate) schema: String,
     // Dropped before the async runtime it needs.
-    pool: Pool<Postgres>,
-    rt: tokio::runtime::Runtime,
+    pub(crate) pool: Pool<Postgres>,
+    pub(crate) rt: tokio::runtime::Runtime,
     /// `None` with --database-url.
-    pg: Option<PrivatePostgres>,
+    pub(crate) pg: Option<PrivatePostgres>,
 }
 
 impl World {
-    fn new(opts: &Options, seed: u64) -> anyhow::Result<World> {
+    pub(crate) fn new(opts: &Options, seed: u64) -> anyhow::Result<World> {
         let exe = std::env::current_exe().context("finding this program's path")?;
         let dir = std::env::temp_dir().join(format!("chaos-{}-{seed}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -219,8 +224,12 @@ impl World {
         let pool = rt
             .block_on(consumer_runtime::connect::<Postgres>(&url, 4))
             .with_context(|| format!("connecting to {url}"))?;
-        rt.block_on(sqlx::query(sqlx::AssertSqlSafe(effects_table_sql(&schema))).execute(&pool))
-            .context("creating the chaos_effects table")?;
+        for table in ["chaos_effects", "chaos_effects_b"] {
+            rt.block_on(
+                sqlx::query(sqlx::AssertSqlSafe(effects_table_sql(&schema, table))).execute(&pool),
+            )
+            .with_context(|| format!("creating the {table} table"))?;
+        }
         Ok(World {
             exe,
             dir,
@@ -234,7 +243,7 @@ impl World {
 
     /// Drops a shared database's schema after a passing run and removes the private server's
     /// files.
-    fn finish(self, ok: bool) {
+    pub(crate) fn finish(self, ok: bool) {
         if self.pg.is_none() && ok {
             let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema);
             let _ = self
@@ -253,7 +262,7 @@ impl World {
     }
 
     /// The pids of the processes that own partitions of `topic` for `group` (empty on error).
-    fn owner_pids(&self, group: &str, topic: &str) -> HashSet<u32> {
+    pub(crate) fn owner_pids(&self, group: &str, topic: &str) -> HashSet<u32> {
         let sql = format!(
             "SELECT owner FROM {}.consumer_offsets WHERE consumer_group = $1 AND topic = $2",
             self.schema
@@ -277,7 +286,7 @@ impl World {
     }
 
     /// Polls a query, treating errors (the server restarting) as "not yet".
-    fn stored_offsets(&self, group: &str, topic: &str) -> Option<HashMap<i32, i64>> {
+    pub(crate) fn stored_offsets(&self, group: &str, topic: &str) -> Option<HashMap<i32, i64>> {
         let sql = format!(
             "SELECT partition, next_offset FROM {}.consumer_offsets WHERE consumer_group = $1 AND topic = $2",
             self.schema
@@ -304,19 +313,19 @@ impl World {
 
 /// A child process whose output goes to a log file. Dropping it kills it (SIGKILL also ends a
 /// stopped process) and reaps it.
-struct Proc {
-    number: u32,
-    child: Child,
-    log: PathBuf,
-    stopped: bool,
+pub(crate) struct Proc {
+    pub(crate) number: u32,
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
+    pub(crate) stopped: bool,
 }
 
 impl Proc {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    fn signal(&self, signal: &str) -> anyhow::Result<()> {
+    pub(crate) fn signal(&self, signal: &str) -> anyhow::Result<()> {
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(self.pid().to_string())
@@ -329,7 +338,7 @@ impl Proc {
     }
 
     /// `Some(status)` once the process has exited.
-    fn exited(&mut self) -> Option<ExitStatus> {
+    pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
 }
@@ -344,7 +353,12 @@ impl Drop for Proc {
 }
 
 /// Starts `chaos consumer <args>` with its output in `log`.
-fn spawn(exe: &Path, log: &Path, args: &[&str], env: &[(&str, String)]) -> anyhow::Result<Child> {
+pub(crate) fn spawn(
+    exe: &Path,
+    log: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> anyhow::Result<Child> {
     let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(exe);
@@ -403,10 +417,12 @@ fn run_tool(
 }
 
 /// One record to produce.
-struct Rec {
-    partition: i32,
-    id: String,
-    payload: String,
+pub(crate) struct Rec {
+    pub(crate) partition: i32,
+    pub(crate) id: String,
+    /// The record's key (default: its id).
+    pub(crate) key: Option<String>,
+    pub(crate) payload: String,
 }
 
 /// A fault or a wave, at a moment of the trial.
@@ -611,6 +627,7 @@ impl<'w> Trial<'w> {
                     Rec {
                         partition,
                         id: id.clone(),
+                        key: None,
                         payload: payload.clone(),
                     },
                 ));
@@ -620,6 +637,7 @@ impl<'w> Trial<'w> {
                 Rec {
                     partition,
                     id,
+                    key: None,
                     payload,
                 },
             ));
@@ -1254,15 +1272,16 @@ impl<'w> Trial<'w> {
 }
 
 /// The last `n` lines of a log, joined.
-fn last_lines(path: &Path, n: usize) -> String {
+pub(crate) fn last_lines(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
-/// Produces `records` with their id in the `event-id` header and as the key, and waits until
+/// Produces `records` with their id in the `event-id` header and as the key (unless they have
+/// a key of their own), and waits until
 /// all are acknowledged.
-fn produce(producer: &BaseProducer, topic: &str, records: &[Rec]) -> anyhow::Result<()> {
+pub(crate) fn produce(producer: &BaseProducer, topic: &str, records: &[Rec]) -> anyhow::Result<()> {
     for r in records {
         let headers = OwnedHeaders::new().insert(Header {
             key: "event-id",
@@ -1271,7 +1290,7 @@ fn produce(producer: &BaseProducer, topic: &str, records: &[Rec]) -> anyhow::Res
         loop {
             let record = BaseRecord::to(topic)
                 .partition(r.partition)
-                .key(r.id.as_str())
+                .key(r.key.as_deref().unwrap_or(&r.id))
                 .payload(r.payload.as_str())
                 .headers(headers.clone());
             match producer.send(record) {

@@ -10,11 +10,12 @@
 //! cargo run --release --bin chaos -- --trials 20 --seed 42
 //! ```
 //!
-//! The same binary is the consumer program: `chaos consumer run …` (hidden; the harness
-//! starts it).
+//! The same binary is the consumer program: `chaos consumer run …` (and in `--pipeline` mode
+//! `chaos consumer relay …`; hidden, the harness starts them).
 
 mod consumer;
 mod harness;
+mod pipeline;
 mod prune;
 mod rng;
 
@@ -93,9 +94,25 @@ pub(crate) struct Options {
     /// consumers run), prune (every consumer prunes the ledger with a 4 s retention, and the
     /// harness once more from outside, as cron would; a replay below a ledger floor must be
     /// refused, and an event applied twice counts as duplicated only if both applications
-    /// lie within the retention).
-    #[arg(long, value_delimiter = ',', default_value = "kill,zombie,pg,replay", value_parser = ["kill", "zombie", "pg", "replay", "prune"])]
+    /// lie within the retention); with --pipeline also broker (the broker down for 2 to 4 s), and kill
+    /// and zombie hit relays too (a relay frozen past its lane lease). Default:
+    /// kill,zombie,pg,replay, or kill,zombie,pg,broker with --pipeline.
+    #[arg(long, value_delimiter = ',', value_parser = ["kill", "zombie", "pg", "replay", "prune", "broker"])]
     faults: Vec<String>,
+
+    /// The transactional outbox end to end: events enter topic `in`; consumer service A
+    /// applies each (a non-idempotent effect) and writes an outbox row in the same
+    /// transaction; --relays relay processes publish the outbox to topic `mid`; consumer
+    /// service B applies each `mid` event (a non-idempotent effect). Checks that every `in`
+    /// event has exactly one effect in A and one in B and that per-key order holds in `mid`,
+    /// and reports the relays' duplicates in `mid` (expected; B's ledger suppresses them).
+    /// --consumers is then the count of each service's consumers.
+    #[arg(long)]
+    pipeline: bool,
+
+    /// Relay processes in --pipeline mode.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
+    relays: u32,
 
     /// The consumers' delivery guarantee, passed to `run --guarantee`. Only for showing that
     /// the check can fail: at-least-once applies producer duplicates, replayed records and a
@@ -130,8 +147,27 @@ fn main() -> ExitCode {
             }
         };
     }
-    let options = Options::parse();
-    match harness::run(options) {
+    let mut options = Options::parse();
+    if options.faults.is_empty() {
+        let default: &[&str] = if options.pipeline {
+            &["kill", "zombie", "pg", "broker"]
+        } else {
+            &["kill", "zombie", "pg", "replay"]
+        };
+        options.faults = default.iter().map(|f| (*f).to_owned()).collect();
+    }
+    if !options.pipeline && options.faults.iter().any(|f| f == "broker") {
+        eprintln!(
+            "error: the broker fault is injected only with --pipeline; drop it from --faults or add --pipeline"
+        );
+        return ExitCode::from(2);
+    }
+    let result = if options.pipeline {
+        pipeline::run(options)
+    } else {
+        harness::run(options)
+    };
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
