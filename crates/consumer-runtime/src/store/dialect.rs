@@ -222,6 +222,11 @@ macro_rules! impl_backend {
                 conditional: bool,
                 lock_timeout: std::time::Duration,
             ) -> Result<Option<Claim>, sqlx::Error> {
+                // The group's short ledger key exists before its first claim (as in `claim`).
+                sqlx::query(q.ensure_group.clone())
+                    .bind(&key.group)
+                    .execute(pool)
+                    .await?;
                 let mut tx = Self::begin(pool, crate::store::CRATE).await?;
                 Self::set_lock_timeout(&mut tx, lock_timeout, crate::store::CRATE).await?;
                 let sql = if conditional { q.reclaim.clone() } else { q.claim.clone() };
