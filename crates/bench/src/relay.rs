@@ -214,7 +214,7 @@ where
         Err(_) => bail!("the relay did not stop within 60 s"),
     }
     drop(broker);
-    Ok(memory.finish(name, n, secs, cpu))
+    Ok(memory.finish(name, env.round(), n, secs, cpu))
 }
 
 /// B's handler: a `NOTIFY` with the record's event id, delivered when B's transaction
@@ -410,7 +410,7 @@ async fn e2e_latency(env: &Env<Postgres>) -> anyhow::Result<Outcome> {
         relay_p99_ms: relay_part.1.unwrap_or(f64::NAN),
         ..latency
     });
-    Ok(memory.finish(name, ms.len() as u64, secs, cpu))
+    Ok(memory.finish(name, env.round(), ms.len() as u64, secs, cpu))
 }
 
 /// The relay's targets, after the main table.
