@@ -349,6 +349,13 @@ async fn two_relays_share_the_lanes_and_keep_order_per_key() {
     };
     let (stop_a, stats_a, task_a) = start(relay("relay-a"));
     let (stop_b, stats_b, task_b) = start(relay("relay-b"));
+    // The relays share the lanes before the rows come, so that each has some to publish (the
+    // one that starts first holds all eight until the other announces itself).
+    wait_until(WAIT, "both relays to hold lanes", || {
+        let (a, b) = (stats_a.get().lanes, stats_b.get().lanes);
+        async move { a > 0 && b > 0 && a + b == 8 }
+    })
+    .await;
     // Four writers, each committing one row at a time for keys shared by all writers (all
     // four write the same key at about the same time): rows of one key come from several
     // transactions that race.
@@ -361,7 +368,7 @@ async fn two_relays_share_the_lanes_and_keep_order_per_key() {
         writers.push(tokio::spawn(async move {
             for i in 0..75 {
                 let mut tx = pool.begin().await.unwrap();
-                let key = format!("key-{}", i % 6);
+                let key = format!("key-{}", i % 24);
                 ob.publish(
                     &mut tx,
                     &Message::new(&topic).key(key).payload(format!("{w}-{i}")),

@@ -204,7 +204,16 @@ macro_rules! for_database {
                     ("dead_letters", ORDERS_GROUP),
                     ("dead_letters", BILLING_GROUP),
                 ] {
-                    let sql = format!("DELETE FROM {}{table} WHERE consumer_group = $1", $tables);
+                    // The ledger keys its rows by a short group id, not the group's name.
+                    let sql = if table == "processed" {
+                        format!(
+                            "DELETE FROM {t}processed WHERE group_id = \
+                             (SELECT group_id FROM {t}ledger_groups WHERE name = $1)",
+                            t = $tables
+                        )
+                    } else {
+                        format!("DELETE FROM {}{table} WHERE consumer_group = $1", $tables)
+                    };
                     sqlx::query(sqlx::AssertSqlSafe(sql))
                         .bind(group)
                         .execute(pool)
