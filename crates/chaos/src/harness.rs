@@ -21,6 +21,41 @@ use crate::rng::{Rng, mix};
 use testkit::mock_broker::{self, MockBroker};
 use testkit::private_pg::{PrivatePostgres, Stop};
 
+/// What a trial leaves behind for [`finish_trial`].
+pub(crate) struct TrialLogs<'a> {
+    pub(crate) notes: &'a [String],
+    pub(crate) dir: &'a Path,
+    pub(crate) failed: bool,
+    pub(crate) exits: u32,
+    /// What the directory holds, for the failure line ("consumer logs", "logs").
+    pub(crate) kind: &'a str,
+}
+
+/// Prints a trial's notes, then keeps its log directory (a failed trial, one whose processes
+/// exited, or `--keep-logs`) or removes it; failed trials' directories go to `failed_dirs`.
+pub(crate) fn finish_trial(
+    trial: u32,
+    logs: &TrialLogs<'_>,
+    keep_logs: bool,
+    failed_dirs: &mut Vec<PathBuf>,
+) {
+    for note in logs.notes {
+        println!("  {note}");
+    }
+    if logs.failed {
+        println!(
+            "  trial {trial} FAILED; {} kept in {}",
+            logs.kind,
+            logs.dir.display()
+        );
+        failed_dirs.push(logs.dir.to_path_buf());
+    } else if keep_logs || logs.exits > 0 {
+        println!("  logs: {}", logs.dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(logs.dir);
+    }
+}
+
 /// The consumers' session timeout: a SIGSTOP longer than this makes a zombie. (librdkafka's
 /// mock cluster enforces it: a member silent for this long is removed from the group, and the
 /// others are assigned its partitions about `session timeout - 1 s` later.)
@@ -116,20 +151,18 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
             );
         }
         let bad = result.lost > 0 || result.duplicated > 0 || result.timed_out;
-        for note in &result.notes {
-            println!("  {note}");
-        }
-        if bad {
-            println!(
-                "  trial {trial} FAILED; consumer logs kept in {}",
-                result.dir.display()
-            );
-            failed_dirs.push(result.dir.clone());
-        } else if opts.keep_logs || result.exits > 0 {
-            println!("  logs: {}", result.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&result.dir);
-        }
+        finish_trial(
+            trial,
+            &TrialLogs {
+                notes: &result.notes,
+                dir: &result.dir,
+                failed: bad,
+                exits: result.exits,
+                kind: "consumer logs",
+            },
+            opts.keep_logs,
+            &mut failed_dirs,
+        );
     }
     if broker_crashes > 0 {
         println!("mock broker crashes (trials repeated): {broker_crashes}");

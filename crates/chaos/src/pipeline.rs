@@ -123,20 +123,18 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
             result.duplicated,
             result.wall.as_secs_f64()
         );
-        for note in &result.notes {
-            println!("  {note}");
-        }
-        if result.failed() {
-            println!(
-                "  trial {trial} FAILED; logs kept in {}",
-                result.dir.display()
-            );
-            failed_dirs.push(result.dir.clone());
-        } else if opts.keep_logs || result.exits > 0 {
-            println!("  logs: {}", result.dir.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&result.dir);
-        }
+        crate::harness::finish_trial(
+            trial,
+            &crate::harness::TrialLogs {
+                notes: &result.notes,
+                dir: &result.dir,
+                failed: result.failed(),
+                exits: result.exits,
+                kind: "logs",
+            },
+            opts.keep_logs,
+            &mut failed_dirs,
+        );
     }
     if broker_crashes > 0 {
         println!("mock broker crashes (trials repeated): {broker_crashes}");
