@@ -35,6 +35,16 @@ fn an_aborted_mock_broker_is_an_error_naming_the_signal_not_the_end_of_the_test_
     assert!(broker.exit_status().is_none(), "the broker runs");
 
     abort(broker.pid());
+    // `kill` returns once the signal is sent, not once it is handled: a command written in
+    // between could still be carried out. Wait, with a deadline, for the child to be gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while broker.exit_status().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker outlived SIGABRT by 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let err = broker
         .command(&BrokerCommand::BrokerDown)
         .expect_err("a dead broker cannot take commands");
