@@ -15,20 +15,23 @@
 //! ```
 //!
 //! **Publishing.** An idempotent producer (`enable.idempotence=true`, `acks=all`). A row is
-//! marked published (with the partition and offset the broker returned) in a transaction
-//! after its acknowledgement; a crash between the two publishes it again, and a consumer that
+//! marked published (with the partition and offset the broker returned) after its
+//! acknowledgement; a crash between the two publishes it again, and a consumer that
 //! dedupes on the `event-id` header (every consumer of this runtime does by default) applies
 //! it once. The relay is at-least-once; effects are exactly-once only where a consumer
 //! dedupes.
 //!
 //! **Order.** Rows of one key are published in commit order (see [`crate::outbox`]). The relay
-//! reads every unpublished row of a lane in `seq` order, never "rows after the last seq seen",
-//! so a row that commits late is published late, never skipped.
+//! reads every unpublished row of its lanes in `seq` order, never "rows after the last seq
+//! seen", so a row that commits late is published late, never skipped. One pass covers every
+//! lane held: one statement reads (and counts the send of) the oldest rows, and after the
+//! broker's acknowledgements one statement (PostgreSQL; a transaction on SQLite) renews the
+//! leases and marks the rows.
 //!
 //! **Lanes.** The outbox is split into lanes by `key_hash % lanes` (the lane count is the
 //! outbox's, fixed when the first relay starts). Each lane is leased by one relay instance under
 //! an epoch; the relays alive share the lanes evenly. A relay marks a lane's rows only in a
-//! transaction that first checks the lane's epoch, so a relay frozen past its lease (a long GC
+//! statement or transaction that also renews the lane's lease under its epoch, so a relay frozen past its lease (a long GC
 //! pause, `SIGSTOP`) that resumes after another relay took its lane cannot mark or park any of
 //! the lane's rows: it drops the lane. What it had sent meanwhile are duplicates, which the
 //! consumers' ledgers suppress.
@@ -349,7 +352,6 @@ enum Pass {
     Idle,
     Some,
     Full,
-    Fenced,
 }
 
 impl<DB: Backend> Relay<DB> {
@@ -423,20 +425,14 @@ impl<DB: Backend> Relay<DB> {
                     }
                 }
             }
-            for (lane, epoch) in owned.clone() {
-                if *stop.borrow() {
-                    break;
-                }
-                match self.pass(lane, epoch, &owned).await {
-                    Ok(Pass::Idle) => {}
-                    Ok(Pass::Some) => {}
+            // One pass covers every lane held: a row waits for one read, one send and one
+            // mark, not for a sweep of each lane's in turn.
+            if !owned.is_empty() {
+                match self.pass(&mut owned).await {
+                    Ok(Pass::Idle | Pass::Some) => {}
                     Ok(Pass::Full) => busy = true,
-                    Ok(Pass::Fenced) => {
-                        owned.remove(&lane);
-                        self.lost(lane, epoch);
-                    }
                     Err(e) => {
-                        tracing::warn!(lane, error = %e, "relay: publishing a lane failed; retrying");
+                        tracing::warn!(error = %e, "relay: publishing failed; retrying");
                         failed = true;
                     }
                 }
@@ -549,12 +545,14 @@ impl<DB: Backend> Relay<DB> {
             .await
             .map_err(Error::db(context))?
             .max(1);
-        for (lane, epoch) in owned.clone() {
-            let mut conn = pool.acquire().await.map_err(Error::db(context))?;
-            let kept = DB::outbox_renew(&mut conn, &self.q, lane, &self.instance, epoch, secs)
-                .await
-                .map_err(Error::db(context))?;
-            if !kept {
+        let before: Vec<(i32, i64)> = owned.iter().map(|(&l, &e)| (l, e)).collect();
+        let mut conn = pool.acquire().await.map_err(Error::db(context))?;
+        let kept = DB::outbox_renew(&mut conn, &self.q, &self.instance, &before, secs)
+            .await
+            .map_err(Error::db(context))?;
+        drop(conn);
+        for (lane, epoch) in before {
+            if !kept.contains(&lane) {
                 owned.remove(&lane);
                 self.lost(lane, epoch);
             }
@@ -592,39 +590,23 @@ impl<DB: Backend> Relay<DB> {
         Ok(())
     }
 
-    /// Publishes one batch of a lane; `owned` (every lane held) is renewed while the batch
-    /// waits for the broker, so that a slow broker does not cost the relay its lanes.
-    async fn pass(&self, lane: i32, epoch: i64, owned: &BTreeMap<i32, i64>) -> Result<Pass> {
+    /// Publishes one batch of the lanes held, oldest rows first; `owned` is renewed while the
+    /// batch waits for the broker, so that a slow broker does not cost the relay its lanes,
+    /// and loses the lanes found to be another relay's.
+    async fn pass(&self, owned: &mut BTreeMap<i32, i64>) -> Result<Pass> {
         let pool = self.store.pool();
         let context = "publishing outbox rows";
         let secs = self.lease.as_secs_f64();
-        let rows = DB::outbox_fetch(
-            pool,
-            &self.q,
-            i64::from(self.lanes),
-            i64::from(lane),
-            self.batch as i64,
-        )
-        .await
-        .map_err(Error::db(context))?;
+        let lanes = i64::from(self.lanes);
+        // One statement reads the next rows of the lanes this relay holds and counts their
+        // sends (so that `trace` says how many times a row went out).
+        let rows = DB::outbox_take(pool, &self.q, lanes, &self.instance, self.batch as i64)
+            .await
+            .map_err(Error::db(context))?;
         if rows.is_empty() {
             return Ok(Pass::Idle);
         }
         let read_at = Instant::now();
-        // Count the sends first (fenced): `trace` says how many times a row went out.
-        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        let mut tx = DB::begin(pool, CRATE).await.map_err(Error::db(context))?;
-        if !DB::outbox_renew(&mut tx, &self.q, lane, &self.instance, epoch, secs)
-            .await
-            .map_err(Error::db(context))?
-        {
-            let _ = tx.rollback().await;
-            return Ok(Pass::Fenced);
-        }
-        DB::outbox_bump_sent(&mut tx, &self.q, &seqs)
-            .await
-            .map_err(Error::db(context))?;
-        tx.commit().await.map_err(Error::db(context))?;
 
         let outcomes = {
             let send = self.send(&rows);
@@ -651,43 +633,82 @@ impl<DB: Backend> Relay<DB> {
         let mut transient = None;
         for (row, outcome) in rows.iter().zip(outcomes) {
             match outcome {
-                Outcome::Acked { partition, offset } => acked.push(Acked {
-                    s: row.seq,
-                    p: partition,
-                    o: offset,
-                }),
+                Outcome::Acked { partition, offset } => acked.push((
+                    row,
+                    Acked {
+                        s: row.seq,
+                        p: partition,
+                        o: offset,
+                    },
+                )),
                 Outcome::Permanent(e) => parked.push((row, e)),
                 Outcome::Transient(e) => transient = Some(e),
             }
         }
-        let mut tx = DB::begin(pool, CRATE).await.map_err(Error::db(context))?;
-        if !DB::outbox_renew(&mut tx, &self.q, lane, &self.instance, epoch, secs)
+        // Every lane's lease is renewed and the rows of the lanes still held are marked in
+        // one statement where the database has one (PostgreSQL), else in one transaction;
+        // either way no row of a lane that is now another relay's is marked or parked.
+        let held_before: Vec<(i32, i64)> = owned.iter().map(|(&l, &e)| (l, e)).collect();
+        let all: Vec<Acked> = acked.iter().map(|(_, a)| *a).collect();
+        let fused = if parked.is_empty() {
+            DB::outbox_mark_fenced(
+                pool,
+                &self.q,
+                &self.instance,
+                secs,
+                &held_before,
+                lanes,
+                &all,
+            )
             .await
             .map_err(Error::db(context))?
-        {
-            let _ = tx.rollback().await;
-            return Ok(Pass::Fenced);
+        } else {
+            None
+        };
+        let held: Vec<i32> = match fused {
+            Some(held) => held,
+            None => {
+                let mut tx = DB::begin(pool, CRATE).await.map_err(Error::db(context))?;
+                let held = DB::outbox_renew(&mut tx, &self.q, &self.instance, &held_before, secs)
+                    .await
+                    .map_err(Error::db(context))?;
+                let ours = |row: &PendingRow| held.contains(&row.lane(self.lanes));
+                let marks: Vec<Acked> = acked
+                    .iter()
+                    .filter(|(row, _)| ours(row))
+                    .map(|(_, a)| *a)
+                    .collect();
+                if !marks.is_empty() {
+                    DB::outbox_mark(&mut tx, &self.q, &marks, &self.instance)
+                        .await
+                        .map_err(Error::db(context))?;
+                }
+                for (row, error) in parked.iter().filter(|(row, _)| ours(row)) {
+                    DB::outbox_park(&mut tx, &self.q, row.seq, error)
+                        .await
+                        .map_err(Error::db(context))?;
+                }
+                tx.commit().await.map_err(Error::db(context))?;
+                held
+            }
+        };
+        for (lane, epoch) in held_before {
+            if !held.contains(&lane) {
+                owned.remove(&lane);
+                self.lost(lane, epoch);
+            }
         }
-        if !acked.is_empty() {
-            DB::outbox_mark(&mut tx, &self.q, &acked, &self.instance)
-                .await
-                .map_err(Error::db(context))?;
-        }
-        for (row, error) in &parked {
-            DB::outbox_park(&mut tx, &self.q, row.seq, error)
-                .await
-                .map_err(Error::db(context))?;
-        }
-        tx.commit().await.map_err(Error::db(context))?;
+        let ours = |row: &PendingRow| held.contains(&row.lane(self.lanes));
         let waited = read_at.elapsed().as_secs_f64();
         let latency = metrics::histogram!(LATENCY);
-        for row in rows.iter().filter(|r| acked.iter().any(|a| a.s == r.seq)) {
+        let mut published = 0u64;
+        for (row, _) in acked.iter().filter(|(row, _)| ours(row)) {
             latency.record(row.age + waited);
+            published += 1;
         }
-        self.stats
-            .published
-            .fetch_add(acked.len() as u64, Ordering::Relaxed);
-        metrics::counter!(PUBLISHED).increment(acked.len() as u64);
+        self.stats.published.fetch_add(published, Ordering::Relaxed);
+        metrics::counter!(PUBLISHED).increment(published);
+        let parked: Vec<_> = parked.into_iter().filter(|(row, _)| ours(row)).collect();
         for (row, error) in &parked {
             tracing::error!(id = %row.id, topic = %row.aggregatetype, %error, "relay: parked an outbox row that cannot be published");
         }
@@ -711,14 +732,13 @@ impl<DB: Backend> Relay<DB> {
     /// the next mark or maintenance.
     async fn renew_all(&self, owned: &BTreeMap<i32, i64>) {
         let secs = self.lease.as_secs_f64();
-        for (&lane, &epoch) in owned {
-            let renewed = async {
-                let mut conn = self.store.pool().acquire().await?;
-                DB::outbox_renew(&mut conn, &self.q, lane, &self.instance, epoch, secs).await
-            };
-            if let Err(e) = renewed.await {
-                tracing::debug!(lane, error = %e, "relay: renewing a lane's lease failed");
-            }
+        let held: Vec<(i32, i64)> = owned.iter().map(|(&l, &e)| (l, e)).collect();
+        let renewed = async {
+            let mut conn = self.store.pool().acquire().await?;
+            DB::outbox_renew(&mut conn, &self.q, &self.instance, &held, secs).await
+        };
+        if let Err(e) = renewed.await {
+            tracing::debug!(error = %e, "relay: renewing the lanes' leases failed");
         }
     }
 

@@ -20,8 +20,17 @@ pub struct PendingRow {
     pub kind: String,
     pub payload: Option<Vec<u8>>,
     pub headers: String,
+    /// The key's hash: the row's lane is `key_hash % lanes`.
+    pub key_hash: i64,
     /// Seconds since the row was written.
     pub age: f64,
+}
+
+impl PendingRow {
+    /// The row's lane in an outbox of `lanes` lanes.
+    pub fn lane(&self, lanes: u32) -> i32 {
+        (self.key_hash.rem_euclid(i64::from(lanes))) as i32
+    }
 }
 
 /// One row as `trace` and `parked` show it.
@@ -108,9 +117,9 @@ struct Templates {
     live_relays: &'static str,
     leave: &'static str,
     leases: &'static str,
-    fetch: &'static str,
-    bump_sent: &'static str,
+    take: &'static str,
     mark: &'static str,
+    mark_fenced: Option<&'static str>,
     park: &'static str,
     unpark: &'static str,
     cleanup: &'static str,
@@ -139,9 +148,9 @@ pub struct OutboxQueries {
     live_relays: SqlStr,
     leave: SqlStr,
     leases: SqlStr,
-    fetch: SqlStr,
-    bump_sent: SqlStr,
+    take: SqlStr,
     mark: SqlStr,
+    mark_fenced: Option<SqlStr>,
     park: SqlStr,
     unpark: SqlStr,
     cleanup: SqlStr,
@@ -169,9 +178,9 @@ impl OutboxQueries {
             live_relays: q(t.live_relays),
             leave: q(t.leave),
             leases: q(t.leases),
-            fetch: q(t.fetch),
-            bump_sent: q(t.bump_sent),
+            take: q(t.take),
             mark: q(t.mark),
+            mark_fenced: t.mark_fenced.map(q),
             park: q(t.park),
             unpark: q(t.unpark),
             cleanup: q(t.cleanup),
@@ -228,14 +237,14 @@ pub trait OutboxSql: sqlx::Database {
         owner: &str,
         lease_secs: f64,
     ) -> Result<Option<i64>, sqlx::Error>;
+    /// Renews the leases of `held` (lane, epoch) in one statement: the lanes still held.
     async fn outbox_renew(
         conn: &mut Self::Connection,
         q: &OutboxQueries,
-        lane: i32,
         owner: &str,
-        epoch: i64,
+        held: &[(i32, i64)],
         lease_secs: f64,
-    ) -> Result<bool, sqlx::Error>;
+    ) -> Result<Vec<i32>, sqlx::Error>;
     async fn outbox_release(
         pool: &Pool<Self>,
         q: &OutboxQueries,
@@ -259,18 +268,28 @@ pub trait OutboxSql: sqlx::Database {
         pool: &Pool<Self>,
         q: &OutboxQueries,
     ) -> Result<Vec<LaneLease>, sqlx::Error>;
-    async fn outbox_fetch(
+    /// The next pending rows of the lanes `owner` holds, oldest first, their sends counted
+    /// (`sent_count`).
+    async fn outbox_take(
         pool: &Pool<Self>,
         q: &OutboxQueries,
         lanes: i64,
-        lane: i64,
+        owner: &str,
         limit: i64,
     ) -> Result<Vec<PendingRow>, sqlx::Error>;
-    async fn outbox_bump_sent(
-        conn: &mut Self::Connection,
+    /// Renews the leases of `held` (lane, epoch) and marks the rows of `acked` whose lanes
+    /// are still held in one statement, where the database has one (PostgreSQL): the lanes
+    /// still held. `None` when the database needs a transaction of `outbox_renew` and
+    /// `outbox_mark`.
+    async fn outbox_mark_fenced(
+        pool: &Pool<Self>,
         q: &OutboxQueries,
-        seqs: &[i64],
-    ) -> Result<(), sqlx::Error>;
+        owner: &str,
+        lease_secs: f64,
+        held: &[(i32, i64)],
+        lanes: i64,
+        acked: &[Acked],
+    ) -> Result<Option<Vec<i32>>, sqlx::Error>;
     async fn outbox_mark(
         conn: &mut Self::Connection,
         q: &OutboxQueries,
@@ -405,19 +424,20 @@ macro_rules! impl_outbox {
             async fn outbox_renew(
                 conn: &mut Self::Connection,
                 q: &OutboxQueries,
-                lane: i32,
                 owner: &str,
-                epoch: i64,
+                held: &[(i32, i64)],
                 lease_secs: f64,
-            ) -> Result<bool, sqlx::Error> {
-                let done = sqlx::query(q.renew.clone())
-                    .bind(lane)
+            ) -> Result<Vec<i32>, sqlx::Error> {
+                if held.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let list = serde_json::to_string(held).expect("numbers serialize");
+                sqlx::query_scalar(q.renew.clone())
                     .bind(owner)
-                    .bind(epoch)
+                    .bind(list)
                     .bind(lease_secs)
-                    .execute(conn)
-                    .await?;
-                Ok(done.rows_affected() == 1)
+                    .fetch_all(conn)
+                    .await
             }
 
             async fn outbox_release(
@@ -471,32 +491,49 @@ macro_rules! impl_outbox {
                 sqlx::query_as(q.leases.clone()).fetch_all(pool).await
             }
 
-            async fn outbox_fetch(
+            async fn outbox_take(
                 pool: &Pool<Self>,
                 q: &OutboxQueries,
                 lanes: i64,
-                lane: i64,
+                owner: &str,
                 limit: i64,
             ) -> Result<Vec<PendingRow>, sqlx::Error> {
-                sqlx::query_as(q.fetch.clone())
+                let mut rows: Vec<PendingRow> = sqlx::query_as(q.take.clone())
                     .bind(lanes)
-                    .bind(lane)
+                    .bind(owner)
                     .bind(limit)
                     .fetch_all(pool)
-                    .await
+                    .await?;
+                // `UPDATE … RETURNING` returns rows in no particular order.
+                rows.sort_unstable_by_key(|r| r.seq);
+                Ok(rows)
             }
 
-            async fn outbox_bump_sent(
-                conn: &mut Self::Connection,
+            async fn outbox_mark_fenced(
+                pool: &Pool<Self>,
                 q: &OutboxQueries,
-                seqs: &[i64],
-            ) -> Result<(), sqlx::Error> {
-                let list = serde_json::to_string(seqs).expect("numbers serialize");
-                sqlx::query(q.bump_sent.clone())
-                    .bind(list)
-                    .execute(conn)
-                    .await
-                    .map(drop)
+                owner: &str,
+                lease_secs: f64,
+                held: &[(i32, i64)],
+                lanes: i64,
+                acked: &[Acked],
+            ) -> Result<Option<Vec<i32>>, sqlx::Error> {
+                let Some(sql) = q.mark_fenced.clone() else {
+                    return Ok(None);
+                };
+                let acked = serde_json::to_string(acked).expect("numbers serialize");
+                let held = serde_json::to_string(held).expect("numbers serialize");
+                let (held, _marked): (String, i64) = sqlx::query_as(sql)
+                    .bind(acked)
+                    .bind(owner)
+                    .bind(lease_secs)
+                    .bind(held)
+                    .bind(lanes)
+                    .fetch_one(pool)
+                    .await?;
+                let held =
+                    serde_json::from_str(&held).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+                Ok(Some(held))
             }
 
             async fn outbox_mark(
@@ -637,8 +674,9 @@ const PG: Templates = Templates {
     acquire: "UPDATE {s}outbox_lanes SET owner = $2, epoch = epoch + 1,
         lease_until = now() + make_interval(secs => $3), updated_at = now()
         WHERE lane = $1 AND (owner IS NULL OR lease_until IS NULL OR lease_until < now()) RETURNING epoch",
-    renew: "UPDATE {s}outbox_lanes SET lease_until = now() + make_interval(secs => $4), updated_at = now()
-        WHERE lane = $1 AND owner = $2 AND epoch = $3",
+    renew: "UPDATE {s}outbox_lanes AS x SET lease_until = now() + make_interval(secs => $3), updated_at = now()
+        FROM jsonb_array_elements($2::jsonb) AS h
+        WHERE x.owner = $1 AND x.lane = (h->>0)::int AND x.epoch = (h->>1)::bigint RETURNING x.lane",
     release: "UPDATE {s}outbox_lanes SET owner = NULL, lease_until = NULL, updated_at = now()
         WHERE lane = $1 AND owner = $2 AND epoch = $3",
     heartbeat: "INSERT INTO {s}outbox_relays (instance, seen_until) VALUES ($1, now() + make_interval(secs => $2))
@@ -650,14 +688,31 @@ const PG: Templates = Templates {
         pg_ts!("lease_until"),
         " AS lease_until FROM {s}outbox_lanes ORDER BY lane"
     ),
-    fetch: "SELECT seq, id, aggregatetype, aggregateid, type, payload, headers,
-        extract(epoch FROM now() - created_at)::float8 AS age FROM {s}outbox
-        WHERE published_at IS NULL AND parked_at IS NULL AND key_hash % $1 = $2 ORDER BY seq LIMIT $3",
-    bump_sent: "UPDATE {s}outbox SET sent_count = sent_count + 1
-        WHERE seq IN (SELECT jsonb_array_elements_text($1::jsonb)::bigint)",
+    take: "UPDATE {s}outbox SET sent_count = sent_count + 1
+        WHERE seq IN (SELECT seq FROM {s}outbox
+            WHERE published_at IS NULL AND parked_at IS NULL
+            AND key_hash % $1 IN (SELECT lane FROM {s}outbox_lanes WHERE owner = $2)
+            ORDER BY seq LIMIT $3)
+        RETURNING seq, id, aggregatetype, aggregateid, type, payload, headers, key_hash,
+        extract(epoch FROM now() - created_at)::float8 AS age",
     mark: "UPDATE {s}outbox AS o SET published_at = now(), published_partition = (j->>'p')::int,
         published_offset = (j->>'o')::bigint, published_by = $2
         FROM jsonb_array_elements($1::jsonb) AS j WHERE o.seq = (j->>'s')::bigint",
+    mark_fenced: Some(
+        "WITH l AS (
+            UPDATE {s}outbox_lanes AS x SET lease_until = now() + make_interval(secs => $3), updated_at = now()
+            FROM jsonb_array_elements($4::jsonb) AS h
+            WHERE x.owner = $2 AND x.lane = (h->>0)::int AND x.epoch = (h->>1)::bigint
+            RETURNING x.lane
+        ), m AS (
+            UPDATE {s}outbox AS o SET published_at = now(), published_partition = (j->>'p')::int,
+                published_offset = (j->>'o')::bigint, published_by = $2
+            FROM jsonb_array_elements($1::jsonb) AS j
+            WHERE o.seq = (j->>'s')::bigint AND o.key_hash % $5 IN (SELECT lane FROM l)
+            RETURNING 1
+        )
+        SELECT (SELECT coalesce(json_agg(lane), '[]')::text FROM l) AS held, (SELECT count(*) FROM m) AS marked",
+    ),
     park: "UPDATE {s}outbox SET parked_at = now(), error = $2 WHERE seq = $1",
     unpark: "UPDATE {s}outbox SET parked_at = NULL, error = NULL WHERE id = $1 AND parked_at IS NOT NULL",
     cleanup: "DELETE FROM {s}outbox WHERE seq IN (SELECT seq FROM {s}outbox
@@ -696,13 +751,15 @@ macro_rules! sqlite_entry {
 
 const SQLITE: Templates = Templates {
     lock_key: None,
-    insert: "INSERT INTO {s}outbox (id, aggregatetype, aggregateid, type, payload, headers, key_hash)
+    insert:
+        "INSERT INTO {s}outbox (id, aggregatetype, aggregateid, type, payload, headers, key_hash)
         VALUES (COALESCE($1, lower(hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' ||
             substr(hex(randomblob(2)), 2) || '-' || substr('89ab', 1 + (abs(random()) % 4), 1) ||
             substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6)))), $2, $3, $4, $5, $6, $7)
         RETURNING id",
     lanes_count: "SELECT count(*) FROM {s}outbox_lanes",
-    lane_init: "WITH RECURSIVE n(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM n WHERE x + 1 < $1)
+    lane_init:
+        "WITH RECURSIVE n(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM n WHERE x + 1 < $1)
         INSERT INTO {s}outbox_lanes (lane) SELECT x FROM n WHERE true ON CONFLICT (lane) DO NOTHING",
     acquire: concat!(
         "UPDATE {s}outbox_lanes SET owner = $2, epoch = epoch + 1, lease_until = ",
@@ -715,10 +772,12 @@ const SQLITE: Templates = Templates {
     ),
     renew: concat!(
         "UPDATE {s}outbox_lanes SET lease_until = ",
-        sqlite_now!("'+' || $4 || ' seconds'"),
+        sqlite_now!("'+' || $3 || ' seconds'"),
         ", updated_at = ",
         sqlite_now!(),
-        " WHERE lane = $1 AND owner = $2 AND epoch = $3"
+        " WHERE owner = $1 AND EXISTS (SELECT 1 FROM json_each($2) AS h
+            WHERE json_extract(h.value, '$[0]') = lane AND json_extract(h.value, '$[1]') = epoch)
+        RETURNING lane"
     ),
     release: concat!(
         "UPDATE {s}outbox_lanes SET owner = NULL, lease_until = NULL, updated_at = ",
@@ -739,11 +798,13 @@ const SQLITE: Templates = Templates {
         sqlite_now!("'-3600 seconds'")
     ),
     leases: "SELECT lane, owner, epoch, lease_until FROM {s}outbox_lanes ORDER BY lane",
-    fetch: "SELECT seq, id, aggregatetype, aggregateid, type, payload, headers,
-        (julianday('now') - julianday(created_at)) * 86400.0 AS age FROM {s}outbox
-        WHERE published_at IS NULL AND parked_at IS NULL AND key_hash % $1 = $2 ORDER BY seq LIMIT $3",
-    bump_sent: "UPDATE {s}outbox SET sent_count = sent_count + 1
-        WHERE seq IN (SELECT value FROM json_each($1))",
+    take: "UPDATE {s}outbox SET sent_count = sent_count + 1
+        WHERE seq IN (SELECT seq FROM {s}outbox
+            WHERE published_at IS NULL AND parked_at IS NULL
+            AND key_hash % $1 IN (SELECT lane FROM {s}outbox_lanes WHERE owner = $2)
+            ORDER BY seq LIMIT $3)
+        RETURNING seq, id, aggregatetype, aggregateid, type, payload, headers, key_hash,
+        (julianday('now') - julianday(created_at)) * 86400.0 AS age",
     mark: concat!(
         "UPDATE {s}outbox SET published_at = ",
         sqlite_now!(),
@@ -752,6 +813,7 @@ const SQLITE: Templates = Templates {
               json_extract(value, '$.o') AS o FROM json_each($1)) AS j
         WHERE {s}outbox.seq = j.s"
     ),
+    mark_fenced: None,
     park: concat!(
         "UPDATE {s}outbox SET parked_at = ",
         sqlite_now!(),
@@ -768,7 +830,11 @@ const SQLITE: Templates = Templates {
         max((julianday('now') - julianday(created_at)) * 86400.0) AS oldest FROM {s}outbox
         WHERE published_at IS NULL AND parked_at IS NULL GROUP BY 1 ORDER BY 1",
     parked_count: "SELECT count(*) FROM {s}outbox WHERE parked_at IS NOT NULL",
-    parked: concat!("SELECT ", sqlite_entry!(), " WHERE parked_at IS NOT NULL ORDER BY seq"),
+    parked: concat!(
+        "SELECT ",
+        sqlite_entry!(),
+        " WHERE parked_at IS NOT NULL ORDER BY seq"
+    ),
     trace: concat!("SELECT ", sqlite_entry!(), " WHERE id = $1"),
     ledger: r#"SELECT g.name AS consumer_group, o.topic, o.partition, p."offset", p.processed_at
         FROM {s}processed p JOIN {s}ledger_groups g ON g.group_id = p.group_id
