@@ -314,6 +314,9 @@ impl<H: Handler<DB>, DB: Backend> Runtime<H, DB> {
     }
 }
 
+/// librdkafka's `queued.max.messages.kbytes` unless the user sets it.
+const QUEUED_MAX_KBYTES: &str = "16384";
+
 /// The librdkafka client configuration: the runtime's settings, the user's properties over
 /// them, and offsets never auto-committed.
 fn client_config(options: &ConsumerOptions) -> ClientConfig {
@@ -322,6 +325,10 @@ fn client_config(options: &ConsumerOptions) -> ClientConfig {
         .set("group.id", &options.group)
         .set("partition.assignment.strategy", options.assignor.as_kafka())
         .set("enable.partition.eof", "false")
+        // librdkafka prefetches up to 64 MB by default, far ahead of a consumer bound by its
+        // database; the runtime queues its own batches besides. 16 MB keeps the fetches ahead
+        // of the workers (a user's `kafka` setting overrides it).
+        .set("queued.max.messages.kbytes", QUEUED_MAX_KBYTES)
         .set(
             "auto.offset.reset",
             match options.offset_reset {
