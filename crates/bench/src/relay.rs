@@ -78,10 +78,13 @@ where
 
 impl RelayDb for Sqlite {
     async fn empty_outbox(env: &Env<Self>) -> anyhow::Result<()> {
-        sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {}_outbox", env.schema)))
-            .execute(&env.pool)
-            .await
-            .context("emptying the outbox")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {}_outbox",
+            env.schema
+        )))
+        .execute(&env.pool)
+        .await
+        .context("emptying the outbox")?;
         Ok(())
     }
 
@@ -453,7 +456,9 @@ pub(crate) fn targets(outcomes: &[Outcome]) {
     if rate("relay").is_none() && runs.is_empty() {
         return;
     }
-    println!("targets of the outbox relay (this run; medians when --repeat runs them more than once):");
+    println!(
+        "targets of the outbox relay (this run; medians when --repeat runs them more than once):"
+    );
     let line = "relay >= 0.8 x effectively_once";
     match (rate("relay"), rate("effectively_once")) {
         (Some(r), Some(e)) => {
@@ -470,7 +475,9 @@ pub(crate) fn targets(outcomes: &[Outcome]) {
         let p99_range = runs
             .iter()
             .map(|l| l.p99_ms)
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(v), hi.max(v))
+            });
         let missing: usize = runs.iter().map(|l| l.missing).sum();
         let events: usize = runs.iter().map(|l| l.events).sum();
         let max = runs.iter().map(|l| l.max_ms).fold(f64::NAN, f64::max);
