@@ -665,6 +665,23 @@ macro_rules! pg_entry {
     };
 }
 
+/// The relay's read of its lanes' next rows, which counts their sends; `$age` is the
+/// database's expression for the seconds since `created_at`.
+macro_rules! take {
+    ($age:literal) => {
+        concat!(
+            "UPDATE {s}outbox SET sent_count = sent_count + 1
+        WHERE seq IN (SELECT seq FROM {s}outbox
+            WHERE published_at IS NULL AND parked_at IS NULL
+            AND key_hash % $1 IN (SELECT lane FROM {s}outbox_lanes WHERE owner = $2)
+            ORDER BY seq LIMIT $3)
+        RETURNING seq, id, aggregatetype, aggregateid, type, payload, headers, key_hash, ",
+            $age,
+            " AS age"
+        )
+    };
+}
+
 const PG: Templates = Templates {
     lock_key: Some("SELECT pg_advisory_xact_lock($1, $2)"),
     insert: "INSERT INTO {s}outbox (id, aggregatetype, aggregateid, type, payload, headers, key_hash)
@@ -688,13 +705,7 @@ const PG: Templates = Templates {
         pg_ts!("lease_until"),
         " AS lease_until FROM {s}outbox_lanes ORDER BY lane"
     ),
-    take: "UPDATE {s}outbox SET sent_count = sent_count + 1
-        WHERE seq IN (SELECT seq FROM {s}outbox
-            WHERE published_at IS NULL AND parked_at IS NULL
-            AND key_hash % $1 IN (SELECT lane FROM {s}outbox_lanes WHERE owner = $2)
-            ORDER BY seq LIMIT $3)
-        RETURNING seq, id, aggregatetype, aggregateid, type, payload, headers, key_hash,
-        extract(epoch FROM now() - created_at)::float8 AS age",
+    take: take!("extract(epoch FROM now() - created_at)::float8"),
     mark: "UPDATE {s}outbox AS o SET published_at = now(), published_partition = (j->>'p')::int,
         published_offset = (j->>'o')::bigint, published_by = $2
         FROM jsonb_array_elements($1::jsonb) AS j WHERE o.seq = (j->>'s')::bigint",
@@ -798,13 +809,7 @@ const SQLITE: Templates = Templates {
         sqlite_now!("'-3600 seconds'")
     ),
     leases: "SELECT lane, owner, epoch, lease_until FROM {s}outbox_lanes ORDER BY lane",
-    take: "UPDATE {s}outbox SET sent_count = sent_count + 1
-        WHERE seq IN (SELECT seq FROM {s}outbox
-            WHERE published_at IS NULL AND parked_at IS NULL
-            AND key_hash % $1 IN (SELECT lane FROM {s}outbox_lanes WHERE owner = $2)
-            ORDER BY seq LIMIT $3)
-        RETURNING seq, id, aggregatetype, aggregateid, type, payload, headers, key_hash,
-        (julianday('now') - julianday(created_at)) * 86400.0 AS age",
+    take: take!("(julianday('now') - julianday(created_at)) * 86400.0"),
     mark: concat!(
         "UPDATE {s}outbox SET published_at = ",
         sqlite_now!(),
