@@ -50,11 +50,11 @@ tansu-install:
 tansu-up storage="memory://tansu/": tansu-install
     test ! -e target/tansu.pid || ! kill -0 $(cat target/tansu.pid) 2>/dev/null || { echo "tansu already runs (pid $(cat target/tansu.pid)); just tansu-down first" >&2; exit 1; }
     nohup {{tansu_root}}/bin/tansu broker --listener-url tcp://{{tansu_addr}} --advertised-listener-url tcp://{{tansu_addr}} --storage-engine '{{storage}}' > target/tansu.log 2>&1 & echo $! > target/tansu.pid
-    for i in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/19092) 2>/dev/null && exit 0; sleep 0.1; done; echo "tansu did not listen on {{tansu_addr}}; see target/tansu.log" >&2; exit 1
+    for i in $(seq 100); do grep -q '^ready in' target/tansu.log && exit 0; kill -0 $(cat target/tansu.pid) 2>/dev/null || break; sleep 0.1; done; echo "tansu did not start on {{tansu_addr}}; target/tansu.log:" >&2; cat target/tansu.log >&2; rm -f target/tansu.pid; exit 1
 
 # Stops the tansu that tansu-up started.
 tansu-down:
-    test ! -e target/tansu.pid || kill $(cat target/tansu.pid) || true
+    test ! -e target/tansu.pid || { pid=$(cat target/tansu.pid); kill $pid 2>/dev/null; for i in $(seq 50); do kill -0 $pid 2>/dev/null || break; sleep 0.1; done; }
     rm -f target/tansu.pid
 
 # Installs and starts tansu, runs the behaviour suites against it, and stops it.
