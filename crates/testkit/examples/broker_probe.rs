@@ -10,6 +10,8 @@
 //!    timestamps): 10.
 //! 3. A fetch from offset 5 (inside the first batch): offsets 5–19.
 //! 4. A fetch from offset 15 (inside the last batch): offsets 15–19.
+//! 5. A consumer that starts at the end, then a third batch of 3 records: offsets 20, 21, 22,
+//!    each once.
 //!
 //! Without `KAFKA_BROKERS` it asks librdkafka's in-process mock cluster, which differs in 2 (it has
 //! no lookup by time and answers the end). Exits non-zero if an
@@ -122,6 +124,35 @@ fn main() -> anyhow::Result<()> {
             &format!("offsets {from}–19 ({} records)", 20 - from),
         );
     }
+
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::End)?;
+    consumer.assign(&tpl)?;
+    let quiet = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < quiet {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            m?;
+        }
+    }
+    for i in 20..23 {
+        let key = i.to_string();
+        producer
+            .send(BaseRecord::to(&topic).partition(0).key(&key).payload(&key))
+            .map_err(|(e, _)| e)?;
+    }
+    producer.flush(WAIT)?;
+    let mut offsets = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            offsets.push(m?.offset().to_string());
+        }
+    }
+    check(
+        "from the end, then 3 records in one batch",
+        format!("offsets {}", offsets.join(", ")),
+        "offsets 20, 21, 22",
+    );
     drop(consumer);
     drop(producer);
     drop(kafka); // deletes the topic on an external broker
