@@ -63,7 +63,7 @@ tansu-down:
 # Installs and starts tansu, runs the behaviour suites against it, and stops it.
 test-tansu storage="memory://tansu/": (tansu-up storage)
     export KAFKA_BROKERS={{tansu_addr}} KAFKA_ONE_RECORD_PER_BATCH=1; \
-    cargo test -p consumer-runtime --test runtime --test replay --test failures --test handler --test otel -- --test-threads=2; status=$?; \
+    cargo test --no-fail-fast -p consumer-runtime --test runtime --test replay --test failures --test handler --test otel -- --test-threads=2; status=$?; \
     cargo test -p consumer-runtime-cli --test cli -- --test-threads=2 || status=1; \
     {{just_executable()}} tansu-down; exit $status
 
