@@ -90,6 +90,14 @@ async fn records_without_a_key_with_an_empty_key_or_oversized_are_applied_once<D
         consumer_runtime::rdkafka::config::ClientConfig::new()
             .set("bootstrap.servers", &kafka.bootstrap)
             .set("message.max.bytes", "10000000")
+            .set(
+                "batch.num.messages",
+                if std::env::var_os(testkit::ONE_RECORD_PER_BATCH_ENV).is_some() {
+                    "1"
+                } else {
+                    "10000"
+                },
+            )
             .create()
             .unwrap();
     let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(3_000_000));

@@ -19,6 +19,13 @@ use crate::rand_name;
 /// such as `127.0.0.1:19092`). Unset or empty: every test starts its own mock cluster.
 pub const BROKERS_ENV: &str = "KAFKA_BROKERS";
 
+/// With this environment variable set (to anything), the suites' producers send one record
+/// per producer batch (`batch.num.messages=1`): for a broker that cannot fetch from an offset
+/// inside a stored batch or reports a batch's base offset + 1 as the high watermark (tansu
+/// 0.6.0's memory storage; `cargo run -p consumer-runtime-testkit --example broker_probe`
+/// shows both). Kafka needs none of it, so it is off unless asked for.
+pub const ONE_RECORD_PER_BATCH_ENV: &str = "KAFKA_ONE_RECORD_PER_BATCH";
+
 /// The external broker the suites run against ([`BROKERS_ENV`]), if one is given.
 pub fn external_brokers() -> Option<String> {
     std::env::var(BROKERS_ENV)
@@ -179,13 +186,16 @@ impl Kafka {
         self.broker("pid").pid()
     }
 
-    /// A producer to the cluster.
+    /// A producer to the cluster (one record per batch with [`ONE_RECORD_PER_BATCH_ENV`]).
     pub fn producer(&self) -> BaseProducer {
-        ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", &self.bootstrap)
-            .set("linger.ms", "5")
-            .create()
-            .expect("producer")
+            .set("linger.ms", "5");
+        if std::env::var_os(ONE_RECORD_PER_BATCH_ENV).is_some() {
+            config.set("batch.num.messages", "1");
+        }
+        config.create().expect("producer")
     }
 
     /// Produces `(partition, event_id, payload)` records with the id in the `event-id` header

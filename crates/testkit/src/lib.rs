@@ -32,8 +32,8 @@ pub use db::{
     store, stored_offsets, wait_caught_up, wait_caught_up_within,
 };
 pub use kafka::{
-    BROKERS_ENV, Kafka, Record, ends_of, events_with_duplicates, external_brokers, mock_only,
-    produced,
+    BROKERS_ENV, Kafka, ONE_RECORD_PER_BATCH_ENV, Record, ends_of, events_with_duplicates,
+    external_brokers, mock_only, produced,
 };
 
 /// The runtime's schema in the tests.

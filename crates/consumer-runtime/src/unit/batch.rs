@@ -159,7 +159,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
                 );
                 continue;
             }
-            if ledger && claimed.binary_search(&p.message.offset()).is_err() {
+            if ledger && claimed.binary_search(&index).is_err() {
                 continue; // a duplicate
             }
             if p.event.is_none() {

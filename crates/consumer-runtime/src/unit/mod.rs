@@ -314,7 +314,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
                 continue;
             }
             let offset = p.message.offset();
-            if ledger && claimed.binary_search(&offset).is_err() {
+            if ledger && claimed.binary_search(&index).is_err() {
                 continue; // a duplicate
             }
             match self.handle(&mut tx, p).await {
@@ -357,7 +357,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         // Ids whose claim this transaction undid (their record was parked): a later record
         // with the same id gets its own chance.
         let mut released: HashSet<String> = HashSet::new();
-        for p in prepared.iter_mut() {
+        for (index, p) in prepared.iter_mut().enumerate() {
             if let Some(failure) = &p.failure {
                 parked.push(
                     self.park(&mut tx, p.message, p.id.as_deref(), failure.clone())
@@ -366,7 +366,7 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
                 continue;
             }
             let offset = p.message.offset();
-            let first_claim = !ledger || claimed.binary_search(&offset).is_ok();
+            let first_claim = !ledger || claimed.binary_search(&index).is_ok();
             let id = p.id.clone().unwrap_or_default();
             if !first_claim && !released.contains(&id) {
                 continue; // a duplicate
@@ -411,13 +411,15 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
 
     /// Opens the handler transaction both paths share: `BEGIN`, the fence (when `fence` is
     /// set; `None` if it refused), and one ledger claim of the first occurrence of each id
-    /// (when `ledger`), returning the claimed offsets, sorted.
+    /// (when `ledger`), returning the claimed records' indices in `prepared`, sorted. Indices,
+    /// not offsets: a batch can hold the same record twice at its offset (a broker that sends
+    /// a stored batch more than once in a fetch response), and only its first copy is claimed.
     async fn open(
         &self,
         prepared: &mut [Prepared<'_, H::Event>],
         fence: Option<i64>,
         ledger: bool,
-    ) -> Result<Option<(sqlx::Transaction<'static, DB>, Vec<i64>)>, BatchError> {
+    ) -> Result<Option<(sqlx::Transaction<'static, DB>, Vec<usize>)>, BatchError> {
         let cfg = &*self.config;
         let mut tx = DB::begin(&cfg.pool, CRATE).await.map_err(db_error)?;
         if !ledger || fence.is_none() {
@@ -435,12 +437,14 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
         let mut seen = HashSet::with_capacity(prepared.len());
         let mut ids = Vec::with_capacity(prepared.len());
         let mut offsets = Vec::with_capacity(prepared.len());
-        for p in prepared.iter() {
+        let mut firsts = Vec::with_capacity(prepared.len());
+        for (index, p) in prepared.iter().enumerate() {
             if let (Some(id), None) = (&p.id, &p.failure)
                 && seen.insert(id.as_str())
             {
                 ids.push(id.as_str());
                 offsets.push(p.message.offset());
+                firsts.push(index);
             }
         }
         let claimed = if let Some(next) = fence {
@@ -469,6 +473,13 @@ impl<H: Handler<DB>, DB: Backend> PartitionWriter<H, DB> {
                 .await
                 .map_err(db_error)?
         };
+        // The claim answers offsets (sorted); each belongs to the first occurrence of one id.
+        let claimed = firsts
+            .into_iter()
+            .zip(offsets)
+            .filter(|(_, offset)| claimed.binary_search(offset).is_ok())
+            .map(|(index, _)| index)
+            .collect();
         Ok(Some((tx, claimed)))
     }
 

@@ -251,6 +251,50 @@ async fn duplicate_ids_within_one_batch_run_the_handler_once<DB: TestDb>() {
     assert_exactly_once(&effect_counts(&pool, &group).await, &expected);
 }
 
+/// A batch that holds the same records more than once, at the same offsets (tansu 0.6.0 sends a
+/// stored batch up to three times in one fetch response when the fetch starts before it, and
+/// librdkafka passes every copy on): each effect is applied once and the ledger claims each id
+/// once, on the fast path and, with a record that is rejected and parked, on the slow path.
+async fn records_repeated_at_their_offsets_within_one_batch_run_the_handler_once<DB: TestDb>() {
+    for reject in [None, Some(47)] {
+        let (pool, group, key, claim) = unit_setup::<DB>("repeated").await;
+        let mut handler = Counter::new(&group);
+        handler.fail_on = reject.map(|o| (format!("{group}-{o}"), true));
+        let mut writer = parking_writer(&pool, handler, Guarantee::EffectivelyOnce, &key, claim);
+        let copy: Vec<_> = (45..50)
+            .map(|o| message(&key.topic, o, &format!("{group}-{o}")))
+            .collect();
+        let batch: Vec<_> = copy.iter().chain(&copy).chain(&copy).cloned().collect();
+        let outcome = writer.write(&batch).await.unwrap();
+        let parked_now = parked(&pool, &group).await.len();
+        let applied_ids: Vec<String> = (45..50)
+            .filter(|o| Some(*o) != reject)
+            .map(|o| format!("{group}-{o}"))
+            .collect();
+        assert_eq!(
+            outcome,
+            BatchOutcome::Committed {
+                applied: applied_ids.len(),
+                duplicates: 15 - applied_ids.len() - writer.parked().len(),
+                lost: 0,
+                next_offset: 50
+            },
+            "rejecting {reject:?}"
+        );
+        assert_eq!(
+            parked_now,
+            usize::from(reject.is_some()),
+            "rejecting {reject:?}"
+        );
+        assert_exactly_once(&effect_counts(&pool, &group).await, &applied_ids);
+        assert_eq!(
+            ledger_rows(&pool, &group).await as usize,
+            applied_ids.len(),
+            "rejecting {reject:?}"
+        );
+    }
+}
+
 async fn event_id_from_the_event_or_the_coordinates<DB: TestDb>() {
     let (pool, group, key, q) = fresh::<DB>("ids").await;
     // Payloads are {"id": …}; offsets 0 and 2 carry the same business id.
@@ -728,6 +772,7 @@ suite!(
     stale_epoch_cannot_commit_and_leaves_nothing_visible,
     handler_error_rolls_back_the_whole_batch,
     duplicate_ids_within_one_batch_run_the_handler_once,
+    records_repeated_at_their_offsets_within_one_batch_run_the_handler_once,
     event_id_from_the_event_or_the_coordinates,
     rejected_record_is_parked_and_the_rest_of_its_batch_commits,
     undecodable_and_id_less_records_are_parked_without_running_the_handler,
