@@ -484,6 +484,70 @@ async fn notify_wakes_the_relay_before_its_poll() {
     task.await.unwrap();
 }
 
+/// A row whose transaction commits after rows with higher `seq` were published is published
+/// too, and at once: the relay's reads start from a floor that rises past a `seq` only once
+/// every transaction that could have drawn a lower one has ended (the floor's fallback to 0
+/// comes only every 5 s, well after the deadline below).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_row_that_commits_after_later_rows_were_published_is_published_at_once() {
+    let (pool, schema) = setup::<Postgres>().await;
+    let kafka = Kafka::new();
+    let topic = rand_name("late");
+    kafka.create_topic(&topic, 1);
+    let relay = Relay::builder(pool.clone())
+        .schema(&schema)
+        .brokers(&kafka.bootstrap)
+        .lanes(1)
+        .keep_published(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let (stop, stats, task) = start(relay);
+    wait_until(WAIT, "the relay to lease its lane", || async {
+        stats.get().lanes == 1
+    })
+    .await;
+    let ob = Outbox::new(&schema).unwrap();
+    let store = Store::new(pool.clone(), &schema).unwrap();
+    // The late row draws its seq first, and its transaction stays open.
+    let mut late_tx = pool.begin().await.unwrap();
+    let late = ob
+        .publish(
+            &mut late_tx,
+            &Message::new(&topic).key("late").payload("late"),
+        )
+        .await
+        .unwrap();
+    // Rows with higher seqs commit and are published, pass after pass.
+    for round in 0..5 {
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let mut tx = pool.begin().await.unwrap();
+            let message = Message::new(&topic)
+                .key(format!("k{round}-{i}"))
+                .payload("on time");
+            ids.push(ob.publish(&mut tx, &message).await.unwrap());
+            tx.commit().await.unwrap();
+        }
+        wait_until(WAIT, "the rows committed on time to be published", || {
+            published(&store, &ids)
+        })
+        .await;
+    }
+    assert!(
+        !published(&store, std::slice::from_ref(&late)).await,
+        "an uncommitted row cannot be published"
+    );
+    late_tx.commit().await.unwrap();
+    wait_until(
+        Duration::from_secs(3),
+        "the late row to be published (not skipped by the read floor until its reset)",
+        || published(&store, std::slice::from_ref(&late)),
+    )
+    .await;
+    stop.shutdown();
+    task.await.unwrap();
+}
+
 /// A relay frozen after the broker acknowledged its batch, but before it marked it, loses its
 /// lane when its lease runs out; another relay takes the lane (new epoch) and publishes the
 /// rows. When the frozen relay resumes, the epoch fences it: it cannot mark the rows (they

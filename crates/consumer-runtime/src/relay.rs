@@ -348,6 +348,66 @@ impl<DB: Backend> std::fmt::Debug for Relay<DB> {
     }
 }
 
+/// Where the relay's reads start (`seq >= lo`). Every row published leaves dead entries at the
+/// head of the index of unpublished rows until VACUUM removes them, and a read from the start
+/// walks all of them: a backlog of 200,000 rows written in one burst made each read of 500 rows
+/// take 20 ms at first and 108 ms after 150,000. The floor skips them, and is safe against rows
+/// that commit late with a lower `seq`: it rises to a read's first `seq` only once a later read
+/// shows that every transaction that could have drawn a lower one has ended (its
+/// `horizon_xmin` has reached the first read's `horizon_xmax`; see
+/// [`PendingRow::horizon_xmin`]), and then no higher than that later read's own first row. It
+/// falls back to 0 when the lanes held change and every [`Floor::RESET`], which also picks up
+/// rows put back with `outbox retry`.
+#[derive(Debug)]
+struct Floor {
+    lo: i64,
+    /// A read's first `seq` and its `horizon_xmax`, waiting for the horizon to pass.
+    candidate: Option<(i64, i64)>,
+    lanes: Vec<i32>,
+    reset_at: Instant,
+}
+
+impl Floor {
+    const RESET: Duration = Duration::from_secs(5);
+
+    fn new() -> Floor {
+        Floor {
+            lo: 0,
+            candidate: None,
+            lanes: Vec::new(),
+            reset_at: Instant::now(),
+        }
+    }
+
+    /// The floor of the next read of the lanes of `owned`.
+    fn start(&mut self, owned: &BTreeMap<i32, i64>) -> i64 {
+        let lanes: Vec<i32> = owned.keys().copied().collect();
+        if lanes != self.lanes || self.reset_at.elapsed() >= Self::RESET {
+            self.lanes = lanes;
+            self.lo = 0;
+            self.candidate = None;
+            self.reset_at = Instant::now();
+        }
+        self.lo
+    }
+
+    /// After a read from the floor that returned `rows` (in `seq` order).
+    fn advance(&mut self, rows: &[PendingRow]) {
+        let Some(first) = rows.first() else {
+            return;
+        };
+        if let Some((seq, xmax)) = self.candidate
+            && first.horizon_xmin >= xmax
+        {
+            self.lo = self.lo.max(seq.min(first.seq));
+            self.candidate = None;
+        }
+        if self.candidate.is_none() && first.seq > self.lo {
+            self.candidate = Some((first.seq, first.horizon_xmax));
+        }
+    }
+}
+
 enum Pass {
     Idle,
     Some,
@@ -411,6 +471,7 @@ impl<DB: Backend> Relay<DB> {
         let mut last_leases: Option<Instant> = None;
         let mut last_cleanup: Option<Instant> = None;
         let mut cleanup_behind = false;
+        let mut floor = Floor::new();
         let mut last_metrics: Option<Instant> = None;
         let mut failures: u32 = 0;
         tracing::info!(instance = %self.instance, lanes = self.lanes, schema = %self.q.schema, "relay started");
@@ -429,7 +490,7 @@ impl<DB: Backend> Relay<DB> {
             // One pass covers every lane held: a row waits for one read, one send and one
             // mark, not for a sweep of each lane's in turn.
             if !owned.is_empty() {
-                match self.pass(&mut owned).await {
+                match self.pass(&mut owned, &mut floor).await {
                     Ok(Pass::Idle | Pass::Some) => {}
                     Ok(Pass::Full) => busy = true,
                     Err(e) => {
@@ -600,19 +661,28 @@ impl<DB: Backend> Relay<DB> {
     /// Publishes one batch of the lanes held, oldest rows first; `owned` is renewed while the
     /// batch waits for the broker, so that a slow broker does not cost the relay its lanes,
     /// and loses the lanes found to be another relay's.
-    async fn pass(&self, owned: &mut BTreeMap<i32, i64>) -> Result<Pass> {
+    async fn pass(&self, owned: &mut BTreeMap<i32, i64>, floor: &mut Floor) -> Result<Pass> {
         let pool = self.store.pool();
         let context = "publishing outbox rows";
         let secs = self.lease.as_secs_f64();
         let lanes = i64::from(self.lanes);
         // One statement reads the next rows of the lanes this relay holds and counts their
         // sends (so that `trace` says how many times a row went out).
-        let rows = DB::outbox_take(pool, &self.q, lanes, &self.instance, self.batch as i64)
-            .await
-            .map_err(Error::db(context))?;
+        let from = floor.start(owned);
+        let rows = DB::outbox_take(
+            pool,
+            &self.q,
+            lanes,
+            &self.instance,
+            self.batch as i64,
+            from,
+        )
+        .await
+        .map_err(Error::db(context))?;
         if rows.is_empty() {
             return Ok(Pass::Idle);
         }
+        floor.advance(&rows);
         let read_at = Instant::now();
 
         let outcomes = {

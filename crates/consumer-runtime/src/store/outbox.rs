@@ -24,6 +24,14 @@ pub struct PendingRow {
     pub key_hash: i64,
     /// Seconds since the row was written.
     pub age: f64,
+    /// The read's snapshot: the oldest transaction id still running (PostgreSQL's
+    /// `pg_snapshot_xmin`), and the first id not yet assigned (`pg_snapshot_xmax`). Every
+    /// writer draws its row's `seq` after it has an id (`publish` makes sure), so once a
+    /// later read's `horizon_xmin` reaches this read's `horizon_xmax`, every row with a lower
+    /// `seq` than this read's first one has committed (and shows) or rolled back.
+    pub horizon_xmin: i64,
+    /// See [`PendingRow::horizon_xmin`].
+    pub horizon_xmax: i64,
 }
 
 impl PendingRow {
@@ -268,14 +276,15 @@ pub trait OutboxSql: sqlx::Database {
         pool: &Pool<Self>,
         q: &OutboxQueries,
     ) -> Result<Vec<LaneLease>, sqlx::Error>;
-    /// The next pending rows of the lanes `owner` holds, oldest first, their sends counted
-    /// (`sent_count`).
+    /// The next pending rows of the lanes `owner` holds from `seq >= floor`, oldest first,
+    /// their sends counted (`sent_count`).
     async fn outbox_take(
         pool: &Pool<Self>,
         q: &OutboxQueries,
         lanes: i64,
         owner: &str,
         limit: i64,
+        floor: i64,
     ) -> Result<Vec<PendingRow>, sqlx::Error>;
     /// Renews the leases of `held` (lane, epoch) and marks the rows of `acked` whose lanes
     /// are still held in one statement, where the database has one (PostgreSQL): the lanes
@@ -497,11 +506,13 @@ macro_rules! impl_outbox {
                 lanes: i64,
                 owner: &str,
                 limit: i64,
+                floor: i64,
             ) -> Result<Vec<PendingRow>, sqlx::Error> {
                 let mut rows: Vec<PendingRow> = sqlx::query_as(q.take.clone())
                     .bind(lanes)
                     .bind(owner)
                     .bind(limit)
+                    .bind(floor)
                     .fetch_all(pool)
                     .await?;
                 // `UPDATE … RETURNING` returns rows in no particular order.
@@ -667,25 +678,32 @@ macro_rules! pg_entry {
 
 /// The relay's read of its lanes' next rows, which counts their sends; `$age` is the
 /// database's expression for the seconds since `created_at`.
+/// The relay's read of its lanes' next rows from `seq >= $4` (its floor), which counts their
+/// sends; `$age` is the database's expression for the seconds since `created_at`, `$horizon`
+/// its `horizon_xmin, horizon_xmax` (see [`PendingRow::horizon_xmin`]).
 macro_rules! take {
-    ($age:literal) => {
+    ($age:literal, $horizon:literal) => {
         concat!(
             "UPDATE {s}outbox SET sent_count = sent_count + 1
         WHERE seq IN (SELECT seq FROM {s}outbox
-            WHERE published_at IS NULL AND parked_at IS NULL
+            WHERE published_at IS NULL AND parked_at IS NULL AND seq >= $4
             AND key_hash % $1 IN (SELECT lane FROM {s}outbox_lanes WHERE owner = $2)
             ORDER BY seq LIMIT $3)
         RETURNING seq, id, aggregatetype, aggregateid, type, payload, headers, key_hash, ",
             $age,
-            " AS age"
+            " AS age, ",
+            $horizon
         )
     };
 }
 
 const PG: Templates = Templates {
     lock_key: Some("SELECT pg_advisory_xact_lock($1, $2)"),
-    insert: "INSERT INTO {s}outbox (id, aggregatetype, aggregateid, type, payload, headers, key_hash)
-        VALUES (COALESCE($1, gen_random_uuid()::text), $2, $3, $4, $5, $6, $7) RETURNING id",
+    // The transaction has its id before the row draws its `seq` (the one-time filter runs
+    // first): the relay's read floor relies on it (see `take`).
+    insert: "INSERT INTO {s}outbox (seq, id, aggregatetype, aggregateid, type, payload, headers, key_hash)
+        SELECT nextval('{s}outbox_seq_seq'), COALESCE($1, gen_random_uuid()::text), $2, $3, $4, $5, $6, $7
+        WHERE pg_current_xact_id() IS NOT NULL RETURNING id",
     lanes_count: "SELECT count(*) FROM {s}outbox_lanes",
     lane_init: "INSERT INTO {s}outbox_lanes (lane) SELECT generate_series(0, $1 - 1) ON CONFLICT (lane) DO NOTHING",
     acquire: "UPDATE {s}outbox_lanes SET owner = $2, epoch = epoch + 1,
@@ -705,7 +723,11 @@ const PG: Templates = Templates {
         pg_ts!("lease_until"),
         " AS lease_until FROM {s}outbox_lanes ORDER BY lane"
     ),
-    take: take!("extract(epoch FROM now() - created_at)::float8"),
+    take: take!(
+        "extract(epoch FROM now() - created_at)::float8",
+        "pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon_xmin,
+        pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS horizon_xmax"
+    ),
     mark: "UPDATE {s}outbox AS o SET published_at = now(), published_partition = (j->>'p')::int,
         published_offset = (j->>'o')::bigint, published_by = $2
         FROM jsonb_array_elements($1::jsonb) AS j WHERE o.seq = (j->>'s')::bigint",
@@ -809,7 +831,12 @@ const SQLITE: Templates = Templates {
         sqlite_now!("'-3600 seconds'")
     ),
     leases: "SELECT lane, owner, epoch, lease_until FROM {s}outbox_lanes ORDER BY lane",
-    take: take!("(julianday('now') - julianday(created_at)) * 86400.0"),
+    // One writer at a time: while the relay's `UPDATE` runs no other write is open, so every
+    // row below the first one it sees is visible (a horizon that is always past).
+    take: take!(
+        "(julianday('now') - julianday(created_at)) * 86400.0",
+        "1 AS horizon_xmin, 0 AS horizon_xmax"
+    ),
     mark: concat!(
         "UPDATE {s}outbox SET published_at = ",
         sqlite_now!(),
