@@ -354,14 +354,14 @@ impl<DB: Backend> std::fmt::Debug for Relay<DB> {
 /// take 20 ms at first and 108 ms after 150,000. The floor skips them, and is safe against rows
 /// that commit late with a lower `seq`: it rises to a read's first `seq` only once a later read
 /// shows that every transaction that could have drawn a lower one has ended (its
-/// `horizon_xmin` has reached the first read's `horizon_xmax`; see
-/// [`PendingRow::horizon_xmin`]), and then no higher than that later read's own first row. It
+/// `horizon_xmin` has reached the first read's own transaction id; see
+/// [`PendingRow::horizon_xmax`]), and then no higher than that later read's own first row. It
 /// falls back to 0 when the lanes held change and every [`Floor::RESET`], which also picks up
 /// rows put back with `outbox retry`.
 #[derive(Debug)]
 struct Floor {
     lo: i64,
-    /// A read's first `seq` and its `horizon_xmax`, waiting for the horizon to pass.
+    /// A read's first `seq` and its own transaction id, waiting for the horizon to pass.
     candidate: Option<(i64, i64)>,
     lanes: Vec<i32>,
     reset_at: Instant,

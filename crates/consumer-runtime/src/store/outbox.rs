@@ -24,13 +24,16 @@ pub struct PendingRow {
     pub key_hash: i64,
     /// Seconds since the row was written.
     pub age: f64,
-    /// The read's snapshot: the oldest transaction id still running (PostgreSQL's
-    /// `pg_snapshot_xmin`), and the first id not yet assigned (`pg_snapshot_xmax`). Every
-    /// writer draws its row's `seq` after it has an id (`publish` makes sure), so once a
-    /// later read's `horizon_xmin` reaches this read's `horizon_xmax`, every row with a lower
-    /// `seq` than this read's first one has committed (and shows) or rolled back.
+    /// The oldest transaction id still running in the read's snapshot (PostgreSQL's
+    /// `pg_snapshot_xmin`).
     pub horizon_xmin: i64,
-    /// See [`PendingRow::horizon_xmin`].
+    /// The read's own transaction id (PostgreSQL: it has one, it updated the rows), assigned
+    /// after its snapshot was taken, so above the id of every writer that drew a `seq`
+    /// before: a writer draws its row's `seq` only after it has an id (`publish` makes sure).
+    /// Once a later read's `horizon_xmin` reaches it, every row with a lower `seq` than this
+    /// read's first one has committed (and shows) or rolled back. (The snapshot's own
+    /// `pg_snapshot_xmax` would not do: it is the latest completed id + 1, and ids above it
+    /// may already be running.)
     pub horizon_xmax: i64,
 }
 
@@ -726,7 +729,7 @@ const PG: Templates = Templates {
     take: take!(
         "extract(epoch FROM now() - created_at)::float8",
         "pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon_xmin,
-        pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS horizon_xmax"
+        pg_current_xact_id()::text::bigint AS horizon_xmax"
     ),
     mark: "UPDATE {s}outbox AS o SET published_at = now(), published_partition = (j->>'p')::int,
         published_offset = (j->>'o')::bigint, published_by = $2
