@@ -429,29 +429,60 @@ async fn two_relays_share_the_lanes_and_keep_order_per_key() {
     task_b.await.unwrap();
 }
 
+/// A relay of one lane on PostgreSQL, started, with a topic of one partition; published rows
+/// are kept, for `trace`.
+struct OneLane {
+    pool: Pool<Postgres>,
+    topic: String,
+    ob: Outbox,
+    store: Store<Postgres>,
+    stop: RelayShutdown,
+    task: tokio::task::JoinHandle<()>,
+    _kafka: Kafka,
+}
+
+impl OneLane {
+    async fn start(prefix: &str, poll_interval: Option<Duration>) -> OneLane {
+        let (pool, schema) = setup::<Postgres>().await;
+        let kafka = Kafka::new();
+        let topic = rand_name(prefix);
+        kafka.create_topic(&topic, 1);
+        let mut relay = Relay::builder(pool.clone())
+            .schema(&schema)
+            .brokers(&kafka.bootstrap)
+            .lanes(1)
+            .keep_published(Duration::from_secs(3600));
+        if let Some(every) = poll_interval {
+            relay = relay.poll_interval(every);
+        }
+        let (stop, stats, task) = start(relay.build().unwrap());
+        wait_until(WAIT, "the relay to lease its lane", || async {
+            stats.get().lanes == 1
+        })
+        .await;
+        OneLane {
+            ob: Outbox::new(&schema).unwrap(),
+            store: Store::new(pool.clone(), &schema).unwrap(),
+            pool,
+            topic,
+            stop,
+            task,
+            _kafka: kafka,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.shutdown();
+        self.task.await.unwrap();
+    }
+}
+
 /// A relay that polls only once a minute still publishes a new row at once: the writer's
 /// `NOTIFY` wakes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn notify_wakes_the_relay_before_its_poll() {
-    let (pool, schema) = setup::<Postgres>().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("woken");
-    kafka.create_topic(&topic, 1);
-    let relay = Relay::builder(pool.clone())
-        .schema(&schema)
-        .brokers(&kafka.bootstrap)
-        .lanes(1)
-        .poll_interval(Duration::from_secs(600))
-        .keep_published(Duration::from_secs(3600))
-        .build()
-        .unwrap();
-    let (stop, stats, task) = start(relay);
-    wait_until(WAIT, "the relay to lease its lane", || async {
-        stats.get().lanes == 1
-    })
-    .await;
-    let ob = Outbox::new(&schema).unwrap();
-    let store = Store::new(pool.clone(), &schema).unwrap();
+    let relay = OneLane::start("woken", Some(Duration::from_secs(600))).await;
+    let (pool, ob, store, topic) = (&relay.pool, &relay.ob, &relay.store, &relay.topic);
     let write = |payload: &'static str| {
         let (pool, ob, topic) = (pool.clone(), ob.clone(), topic.clone());
         async move {
@@ -468,7 +499,7 @@ async fn notify_wakes_the_relay_before_its_poll() {
     // is published (and any wake-up left over is spent), the relay sleeps for 600 s.
     let first = write("first").await;
     wait_until(WAIT, "the first row to be published", || {
-        published(&store, std::slice::from_ref(&first))
+        published(store, std::slice::from_ref(&first))
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -477,11 +508,10 @@ async fn notify_wakes_the_relay_before_its_poll() {
     wait_until(
         Duration::from_secs(30),
         "the notified row to be published",
-        || published(&store, std::slice::from_ref(&second)),
+        || published(store, std::slice::from_ref(&second)),
     )
     .await;
-    stop.shutdown();
-    task.await.unwrap();
+    relay.stop().await;
 }
 
 /// A row whose transaction commits after rows with higher `seq` were published is published
@@ -490,30 +520,14 @@ async fn notify_wakes_the_relay_before_its_poll() {
 /// comes only every 5 s, well after the deadline below).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_row_that_commits_after_later_rows_were_published_is_published_at_once() {
-    let (pool, schema) = setup::<Postgres>().await;
-    let kafka = Kafka::new();
-    let topic = rand_name("late");
-    kafka.create_topic(&topic, 1);
-    let relay = Relay::builder(pool.clone())
-        .schema(&schema)
-        .brokers(&kafka.bootstrap)
-        .lanes(1)
-        .keep_published(Duration::from_secs(3600))
-        .build()
-        .unwrap();
-    let (stop, stats, task) = start(relay);
-    wait_until(WAIT, "the relay to lease its lane", || async {
-        stats.get().lanes == 1
-    })
-    .await;
-    let ob = Outbox::new(&schema).unwrap();
-    let store = Store::new(pool.clone(), &schema).unwrap();
+    let relay = OneLane::start("late", None).await;
+    let (pool, ob, store, topic) = (&relay.pool, &relay.ob, &relay.store, &relay.topic);
     // The late row draws its seq first, and its transaction stays open.
     let mut late_tx = pool.begin().await.unwrap();
     let late = ob
         .publish(
             &mut late_tx,
-            &Message::new(&topic).key("late").payload("late"),
+            &Message::new(topic).key("late").payload("late"),
         )
         .await
         .unwrap();
@@ -522,30 +536,29 @@ async fn a_row_that_commits_after_later_rows_were_published_is_published_at_once
         let mut ids = Vec::new();
         for i in 0..3 {
             let mut tx = pool.begin().await.unwrap();
-            let message = Message::new(&topic)
+            let message = Message::new(topic)
                 .key(format!("k{round}-{i}"))
                 .payload("on time");
             ids.push(ob.publish(&mut tx, &message).await.unwrap());
             tx.commit().await.unwrap();
         }
         wait_until(WAIT, "the rows committed on time to be published", || {
-            published(&store, &ids)
+            published(store, &ids)
         })
         .await;
     }
     assert!(
-        !published(&store, std::slice::from_ref(&late)).await,
+        !published(store, std::slice::from_ref(&late)).await,
         "an uncommitted row cannot be published"
     );
     late_tx.commit().await.unwrap();
     wait_until(
         Duration::from_secs(3),
         "the late row to be published (not skipped by the read floor until its reset)",
-        || published(&store, std::slice::from_ref(&late)),
+        || published(store, std::slice::from_ref(&late)),
     )
     .await;
-    stop.shutdown();
-    task.await.unwrap();
+    relay.stop().await;
 }
 
 /// A relay frozen after the broker acknowledged its batch, but before it marked it, loses its
