@@ -408,6 +408,11 @@ impl Floor {
     }
 }
 
+/// The (lane, epoch) pairs of the lanes held, as the lease statements take them.
+fn leases(owned: &BTreeMap<i32, i64>) -> Vec<(i32, i64)> {
+    owned.iter().map(|(&lane, &epoch)| (lane, epoch)).collect()
+}
+
 enum Pass {
     Idle,
     Some,
@@ -613,18 +618,8 @@ impl<DB: Backend> Relay<DB> {
             .await
             .map_err(Error::db(context))?
             .max(1);
-        let before: Vec<(i32, i64)> = owned.iter().map(|(&l, &e)| (l, e)).collect();
-        let mut conn = pool.acquire().await.map_err(Error::db(context))?;
-        let kept = DB::outbox_renew(&mut conn, &self.q, &self.instance, &before, secs)
-            .await
-            .map_err(Error::db(context))?;
-        drop(conn);
-        for (lane, epoch) in before {
-            if !kept.contains(&lane) {
-                owned.remove(&lane);
-                self.lost(lane, epoch);
-            }
-        }
+        let kept = self.renew(owned).await.map_err(Error::db(context))?;
+        self.drop_lost(owned, &kept);
         let target = (self.lanes as usize).div_ceil(live as usize);
         while owned.len() > target {
             let (&lane, &epoch) = owned.iter().next_back().expect("not empty");
@@ -725,7 +720,7 @@ impl<DB: Backend> Relay<DB> {
         // Every lane's lease is renewed and the rows of the lanes still held are marked in
         // one statement where the database has one (PostgreSQL), else in one transaction;
         // either way no row of a lane that is now another relay's is marked or parked.
-        let held_before: Vec<(i32, i64)> = owned.iter().map(|(&l, &e)| (l, e)).collect();
+        let held_before = leases(owned);
         let all: Vec<Acked> = acked.iter().map(|(_, a)| *a).collect();
         let fused = if parked.is_empty() {
             DB::outbox_mark_fenced(
@@ -769,12 +764,7 @@ impl<DB: Backend> Relay<DB> {
                 held
             }
         };
-        for (lane, epoch) in held_before {
-            if !held.contains(&lane) {
-                owned.remove(&lane);
-                self.lost(lane, epoch);
-            }
-        }
+        self.drop_lost(owned, &held);
         let ours = |row: &PendingRow| held.contains(&row.lane(self.lanes));
         let waited = read_at.elapsed().as_secs_f64();
         let latency = metrics::histogram!(LATENCY);
@@ -808,15 +798,30 @@ impl<DB: Backend> Relay<DB> {
     /// Renews every lane of `owned`, logging (not acting on) failures: a lane lost shows at
     /// the next mark or maintenance.
     async fn renew_all(&self, owned: &BTreeMap<i32, i64>) {
-        let secs = self.lease.as_secs_f64();
-        let held: Vec<(i32, i64)> = owned.iter().map(|(&l, &e)| (l, e)).collect();
-        let renewed = async {
-            let mut conn = self.store.pool().acquire().await?;
-            DB::outbox_renew(&mut conn, &self.q, &self.instance, &held, secs).await
-        };
-        if let Err(e) = renewed.await {
+        if let Err(e) = self.renew(owned).await {
             tracing::debug!(error = %e, "relay: renewing the lanes' leases failed");
         }
+    }
+
+    /// Renews the leases of every lane of `owned` in one statement: the lanes still held.
+    async fn renew(
+        &self,
+        owned: &BTreeMap<i32, i64>,
+    ) -> std::result::Result<Vec<i32>, sqlx::Error> {
+        let mut conn = self.store.pool().acquire().await?;
+        let secs = self.lease.as_secs_f64();
+        DB::outbox_renew(&mut conn, &self.q, &self.instance, &leases(owned), secs).await
+    }
+
+    /// Forgets (and counts as lost) the lanes of `owned` that are not in `held`.
+    fn drop_lost(&self, owned: &mut BTreeMap<i32, i64>, held: &[i32]) {
+        owned.retain(|&lane, &mut epoch| {
+            let kept = held.contains(&lane);
+            if !kept {
+                self.lost(lane, epoch);
+            }
+            kept
+        });
     }
 
     /// Sends the rows in order and waits for every acknowledgement.
