@@ -537,7 +537,7 @@ macro_rules! impl_outbox {
                 };
                 let acked = serde_json::to_string(acked).expect("numbers serialize");
                 let held = serde_json::to_string(held).expect("numbers serialize");
-                let (held, _marked): (String, i64) = sqlx::query_as(sql)
+                let held: String = sqlx::query_scalar(sql)
                     .bind(acked)
                     .bind(owner)
                     .bind(lease_secs)
@@ -679,8 +679,6 @@ macro_rules! pg_entry {
     };
 }
 
-/// The relay's read of its lanes' next rows, which counts their sends; `$age` is the
-/// database's expression for the seconds since `created_at`.
 /// The relay's read of its lanes' next rows from `seq >= $4` (its floor), which counts their
 /// sends; `$age` is the database's expression for the seconds since `created_at`, `$horizon`
 /// its `horizon_xmin, horizon_xmax` (see [`PendingRow::horizon_xmin`]).
@@ -745,9 +743,8 @@ const PG: Templates = Templates {
                 published_offset = (j->>'o')::bigint, published_by = $2
             FROM jsonb_array_elements($1::jsonb) AS j
             WHERE o.seq = (j->>'s')::bigint AND o.key_hash % $5 IN (SELECT lane FROM l)
-            RETURNING 1
         )
-        SELECT (SELECT coalesce(json_agg(lane), '[]')::text FROM l) AS held, (SELECT count(*) FROM m) AS marked",
+        SELECT coalesce(json_agg(lane), '[]')::text AS held FROM l",
     ),
     park: "UPDATE {s}outbox SET parked_at = now(), error = $2 WHERE seq = $1",
     unpark: "UPDATE {s}outbox SET parked_at = NULL, error = NULL WHERE id = $1 AND parked_at IS NOT NULL",
