@@ -444,13 +444,12 @@ async fn e2e_latency(env: &Env<Postgres>) -> anyhow::Result<Outcome> {
 
 /// The relay's targets, after the main table: from the medians of the runs (`--repeat`).
 pub(crate) fn targets(outcomes: &[Outcome]) {
+    let summaries = crate::report::summarise(outcomes);
     let rate = |name: &str| {
-        let rates: Vec<f64> = outcomes
+        summaries
             .iter()
-            .filter(|o| o.scenario == name)
-            .map(Outcome::rate)
-            .collect();
-        (!rates.is_empty()).then(|| crate::report::median(rates))
+            .find(|s| s.scenario == name)
+            .map(|s| s.rate_median)
     };
     let runs = LATENCY.lock().expect("latency").clone();
     if rate("relay").is_none() && runs.is_empty() {
