@@ -70,6 +70,60 @@ pub(crate) const WAVES: usize = 8;
 /// Seconds between waves.
 pub(crate) const WAVE_GAP: f64 = 1.1;
 
+/// The mock broker's crashes over a run, and the keys of the trials repeated after them.
+pub(crate) struct BrokerRetries {
+    /// Trials repeated because the mock broker died.
+    pub(crate) crashes: u32,
+    /// A repeated trial gets a key of its own (its event ids and effect rows carry it).
+    last_key: u32,
+}
+
+impl BrokerRetries {
+    pub(crate) fn new(trials: u32) -> BrokerRetries {
+        BrokerRetries {
+            crashes: 0,
+            last_key: trials,
+        }
+    }
+}
+
+/// Runs trial `trial` of `trials` (`start` starts its mock broker and runs it, for a key and
+/// a trial seed) until its broker lives through it: its result and the trial seed it ran
+/// under. A crash is not a consumer failure: a broker must answer whatever a client sends, but
+/// librdkafka's mock cluster aborts on an internal assertion now and then (seen:
+/// `rd_kafka_mock_cgrp_classic_member_add: Assertion '!member->resp' failed`). The trial is
+/// then not counted: its logs (`dir`) are removed and it runs again on a new broker and new
+/// `what` (its topics and groups), under a new key; more than 2 + trials/10 crashes end the
+/// run.
+pub(crate) fn on_a_broker_that_lives<T>(
+    (trial, trials, seed): (u32, u32, u64),
+    (mut key, mut trial_seed): (u32, u64),
+    retries: &mut BrokerRetries,
+    (dir, what): (impl Fn(u32) -> PathBuf, &str),
+    mut start: impl FnMut(u32, u64) -> anyhow::Result<(MockBroker, anyhow::Result<T>)>,
+) -> anyhow::Result<(T, u64)> {
+    loop {
+        let (broker, outcome) = start(key, trial_seed)?;
+        let Some(status) = broker.died() else {
+            let result = outcome.with_context(|| format!("trial {trial} (seed {seed})"))?;
+            return Ok((result, trial_seed));
+        };
+        retries.crashes += 1;
+        println!(
+            "trial {trial}/{trials}: the mock broker's process died ({status}); the trial is not counted and runs again on a new broker, {what}"
+        );
+        let _ = std::fs::remove_dir_all(dir(key));
+        if retries.crashes > 2 + trials / 10 {
+            bail!(
+                "the mock broker died {} times; see the messages above",
+                retries.crashes
+            );
+        }
+        retries.last_key += 1;
+        (key, trial_seed) = (retries.last_key, mix(trial_seed ^ 0x00b4_0ce4));
+    }
+}
+
 /// Runs the trials; `Ok(false)` if any event was lost or duplicated.
 pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
     let seed = seed_of(&opts);
@@ -95,33 +149,25 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
     );
     let (mut lost, mut duplicated, mut parked) = (0u64, 0u64, 0u64);
     let mut failed_dirs = Vec::new();
-    let mut broker_crashes = 0u32;
-    // A repeated trial gets a key of its own (its event ids and effect rows carry it).
-    let mut last_key = opts.trials;
+    let mut retries = BrokerRetries::new(opts.trials);
     for trial in 1..=opts.trials {
-        let (mut key, mut trial_seed) = (trial, mix(seed ^ mix(u64::from(trial))));
-        let result = loop {
-            let topic = trial_topic(key, trial_seed);
-            let broker = MockBroker::start(&["mock-broker", &topic, &opts.partitions.to_string()])?;
-            let outcome = Trial::run(&world, &opts, key, trial_seed, &broker.bootstrap);
-            let Some(status) = broker.died() else {
-                break outcome.with_context(|| format!("trial {trial} (seed {seed})"))?;
-            };
-            // Not a consumer failure: a broker must answer whatever a client sends, but
-            // librdkafka's mock cluster aborts on an internal assertion now and then (seen:
-            // `rd_kafka_mock_cgrp_classic_member_add: Assertion '!member->resp' failed`).
-            broker_crashes += 1;
-            println!(
-                "trial {trial}/{}: the mock broker's process died ({status}); the trial is not counted and runs again on a new broker, topic and group",
-                opts.trials
-            );
-            let _ = std::fs::remove_dir_all(world.dir.join(format!("trial-{key}")));
-            if broker_crashes > 2 + opts.trials / 10 {
-                bail!("the mock broker died {broker_crashes} times; see the messages above");
-            }
-            last_key += 1;
-            (key, trial_seed) = (last_key, mix(trial_seed ^ 0x00b4_0ce4));
-        };
+        let (key, trial_seed) = (trial, mix(seed ^ mix(u64::from(trial))));
+        let (result, trial_seed) = on_a_broker_that_lives(
+            (trial, opts.trials, seed),
+            (key, trial_seed),
+            &mut retries,
+            (
+                |key| world.dir.join(format!("trial-{key}")),
+                "topic and group",
+            ),
+            |key, trial_seed| {
+                let topic = trial_topic(key, trial_seed);
+                let broker =
+                    MockBroker::start(&["mock-broker", &topic, &opts.partitions.to_string()])?;
+                let outcome = Trial::run(&world, &opts, key, trial_seed, &broker.bootstrap);
+                Ok((broker, outcome))
+            },
+        )?;
         lost += result.lost;
         duplicated += result.duplicated;
         parked += result.parked;
@@ -164,8 +210,8 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
             &mut failed_dirs,
         );
     }
-    if broker_crashes > 0 {
-        println!("mock broker crashes (trials repeated): {broker_crashes}");
+    if retries.crashes > 0 {
+        println!("mock broker crashes (trials repeated): {}", retries.crashes);
     }
     println!(
         "trials={} lost={lost} duplicated={duplicated} parked={parked}",

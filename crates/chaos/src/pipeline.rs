@@ -30,8 +30,8 @@ use consumer_runtime::sqlx::{self, Row};
 use crate::Options;
 use crate::consumer::{ENV_DELAY_US, ENV_MID_TOPIC, ENV_ROLE, ENV_SCHEMA};
 use crate::harness::{
-    HEARTBEAT, INTERRUPTED, Proc, Rec, SESSION_TIMEOUT, WAVE_GAP, WAVES, World, last_lines,
-    produce, seed_of, spawn,
+    BrokerRetries, HEARTBEAT, INTERRUPTED, Proc, Rec, SESSION_TIMEOUT, WAVE_GAP, WAVES, World,
+    last_lines, on_a_broker_that_lives, produce, seed_of, spawn,
 };
 use crate::rng::{Rng, mix};
 use testkit::mock_broker::{BrokerCommand, MockBroker};
@@ -78,30 +78,25 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
     }
     let mut total = Totals::default();
     let mut failed_dirs = Vec::new();
-    let mut broker_crashes = 0u32;
-    let mut last_key = opts.trials;
+    let mut retries = BrokerRetries::new(opts.trials);
     for trial in 1..=opts.trials {
-        let (mut key, mut trial_seed) = (trial, mix(seed ^ mix(u64::from(trial)) ^ 0x0b1e));
-        let result = loop {
-            let in_topic = format!("pipe-{key}-{trial_seed}-in");
-            let mut broker =
-                MockBroker::start(&["mock-broker", &in_topic, &opts.partitions.to_string()])?;
-            let outcome = PTrial::run(&world, &opts, key, trial_seed, &mut broker);
-            let Some(status) = broker.died() else {
-                break outcome.with_context(|| format!("trial {trial} (seed {seed})"))?;
-            };
-            broker_crashes += 1;
-            println!(
-                "trial {trial}/{}: the mock broker's process died ({status}); the trial is not counted and runs again on a new broker, topics and groups",
-                opts.trials
-            );
-            let _ = std::fs::remove_dir_all(world.dir.join(format!("pipeline-{key}")));
-            if broker_crashes > 2 + opts.trials / 10 {
-                bail!("the mock broker died {broker_crashes} times; see the messages above");
-            }
-            last_key += 1;
-            (key, trial_seed) = (last_key, mix(trial_seed ^ 0x00b4_0ce4));
-        };
+        let (key, trial_seed) = (trial, mix(seed ^ mix(u64::from(trial)) ^ 0x0b1e));
+        let (result, trial_seed) = on_a_broker_that_lives(
+            (trial, opts.trials, seed),
+            (key, trial_seed),
+            &mut retries,
+            (
+                |key| world.dir.join(format!("pipeline-{key}")),
+                "topics and groups",
+            ),
+            |key, trial_seed| {
+                let in_topic = format!("pipe-{key}-{trial_seed}-in");
+                let mut broker =
+                    MockBroker::start(&["mock-broker", &in_topic, &opts.partitions.to_string()])?;
+                let outcome = PTrial::run(&world, &opts, key, trial_seed, &mut broker);
+                Ok((broker, outcome))
+            },
+        )?;
         total.add(&result);
         println!(
             "trial {trial}/{} seed={trial_seed} events={} producer_dups={} kills={} frozen_relays={} frozen_consumers={} pg_restarts={} broker_outages={} relay_lanes_fenced={} consumer_commits_fenced={} exits={} mid_records={} mid_duplicates={} order_violations={} lost={} duplicated={} wall={:.1}s",
@@ -136,8 +131,8 @@ pub(crate) fn run(opts: Options) -> anyhow::Result<bool> {
             &mut failed_dirs,
         );
     }
-    if broker_crashes > 0 {
-        println!("mock broker crashes (trials repeated): {broker_crashes}");
+    if retries.crashes > 0 {
+        println!("mock broker crashes (trials repeated): {}", retries.crashes);
     }
     println!(
         "trials={} lost={} duplicated={} order_violations={} mid_duplicates={} (relay duplicates in mid, suppressed by B's ledger)",
